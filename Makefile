@@ -1,0 +1,26 @@
+# Two commands for users: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Real data: DATA_DIR if set, else ../shared/data when it exists (tests skip real-data cases without it).
+DATA_DIR ?= $(if $(wildcard ../shared/data/cifar100),$(abspath ../shared/data),)
+export DATA_DIR
+
+.PHONY: demo test install clean-runs
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(PY) -m trainables.train --config configs/demo_train.yaml
+
+clean-runs:
+	rm -rf runs mlflow.db mlartifacts

@@ -1,0 +1,155 @@
+"""A device-resident batch loader: the split lives as one uint8 tensor on the training device and
+each batch is augmented with whole-batch tensor ops (no per-image Python work in the step)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Augment:
+    """Training augmentation. ``translate`` is the max shift in pixels (zero padding);
+    ``crop_scale`` enables random-resized-crop with that area range; ``mixup``/``cutmix`` are the
+    Beta alphas (0 disables); when both are on, each batch picks one with equal probability."""
+
+    flip: bool = True
+    translate: int = 4
+    crop_scale: tuple[float, float] | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+def to_model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC (or NCHW float in 0..255) on any device -> normalised float NCHW."""
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float()
+    return (images / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+class DeviceLoader:
+    """Iterates (inputs, targets) batches of one split held on ``device``.
+
+    Targets are int64 labels, or soft (B, C) targets when mixup/cutmix is on. Shuffling and
+    augmentation draw from a private generator whose state is part of a training checkpoint.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        device: torch.device,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        num_classes: int,
+        augment: Augment | None = None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        self.batch_size = batch_size
+        self.mean = torch.tensor(mean, device=self.device)
+        self.std = torch.tensor(std, device=self.device)
+        self.num_classes = num_classes
+        self.augment = augment
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = (
+            torch.randperm(n, device=self.device, generator=self.generator)
+            if self.shuffle
+            else torch.arange(n, device=self.device)
+        )
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self.images[idx].permute(0, 3, 1, 2).float()
+            y = self.labels[idx]
+            if self.augment is not None:
+                x, y = self._augment(x, y)
+            x = (x / 255.0 - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
+
+    def _rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=self.device, generator=self.generator)
+
+    def _augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        aug = self.augment
+        if aug.crop_scale is not None:
+            x = self._random_resized_crop(x, aug.crop_scale)
+        if aug.translate > 0:
+            x = self._translate(x, aug.translate)
+        if aug.flip:
+            flip = self._rand(x.shape[0]) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if aug.mixes:
+            return self._mix(x, y)
+        return x, y
+
+    def _translate(self, x: torch.Tensor, pad: int) -> torch.Tensor:
+        b, _, h, w = x.shape
+        padded = F.pad(x, (pad, pad, pad, pad))
+        shift = (self._rand(b, 2) * (2 * pad + 1)).long()
+        rows = shift[:, 0:1] + torch.arange(h, device=x.device)
+        cols = shift[:, 1:2] + torch.arange(w, device=x.device)
+        batch = torch.arange(b, device=x.device).view(b, 1, 1)
+        out = padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)]
+        return out.permute(0, 3, 1, 2)
+
+    def _random_resized_crop(self, x: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+        b = x.shape[0]
+        area = scale[0] + (scale[1] - scale[0]) * self._rand(b)
+        log_ratio = (self._rand(b) * 2 - 1) * float(np.log(4 / 3))
+        ratio = torch.exp(log_ratio)
+        sx = torch.sqrt(area * ratio).clamp(max=1.0)
+        sy = torch.sqrt(area / ratio).clamp(max=1.0)
+        tx = (self._rand(b) * 2 - 1) * (1 - sx)
+        ty = (self._rand(b) * 2 - 1) * (1 - sy)
+        theta = torch.zeros(b, 2, 3, device=x.device)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        aug = self.augment
+        use_cutmix = aug.cutmix > 0 and (aug.mixup <= 0 or bool(self._rand(1) < 0.5))
+        alpha = aug.cutmix if use_cutmix else aug.mixup
+        beta_seed = int(torch.randint(2**31, (1,), device=self.device, generator=self.generator))
+        lam = float(np.random.default_rng(beta_seed).beta(alpha, alpha))
+        perm = torch.randperm(x.shape[0], device=x.device, generator=self.generator)
+        if use_cutmix:
+            h, w = x.shape[2:]
+            cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+            cy, cx = (self._rand(2) * torch.tensor([h, w], device=x.device)).long().tolist()
+            y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+            x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            x = lam * x + (1 - lam) * x[perm]
+        onehot = F.one_hot(y, self.num_classes).float()
+        return x, lam * onehot + (1 - lam) * onehot[perm]

@@ -1,0 +1,341 @@
+"""Train one model from a plain config: ``python -m trainables.train --config FILE.yaml``.
+
+``run_job`` is the single entry point the orchestrator wraps; it needs only torch (no Ray, no
+MLflow). Per epoch it writes a resumable checkpoint and calls ``on_epoch(metrics, ckpt_dir)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from trainables.config import ConfigError, load_yaml, resolve_config, set_dotted
+from trainables.data import DataError, Splits, dataset_shape, load_splits
+from trainables.loader import Augment, DeviceLoader
+from trainables.models import SpecError, build_model, count_macs, count_params, resolve_spec
+from trainables.probs import write_probs
+
+EpochCallback = Callable[[dict, Path], None]
+CHECKPOINT_FILE = "state.pt"
+
+
+def prepare(user_cfg: dict) -> tuple[dict, dict]:
+    """Validate a job config and its model spec without loading data; returns (config, spec)."""
+    cfg = resolve_config(user_cfg)
+    num_classes, image_size = dataset_shape(cfg["data"])
+    spec = dict(cfg["model"])
+    spec.setdefault("num_classes", num_classes)
+    spec.setdefault("image_size", image_size)
+    spec = resolve_spec(spec)
+    if spec["num_classes"] != num_classes:
+        raise SpecError(f"model.num_classes: {spec['num_classes']} differs from the data's {num_classes} classes")
+    if spec["image_size"] != image_size:
+        raise SpecError(f"model.image_size: {spec['image_size']} differs from the data's {image_size} px images")
+    cfg["model"] = spec
+    return cfg, spec
+
+
+def select_device(cfg: dict) -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config.device: cuda requested but no CUDA device is visible")
+    if cfg["device"] == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _flag(value, device: torch.device) -> bool:
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
+def _norm_stats(splits: Splits, cfg: dict) -> tuple[tuple, tuple]:
+    if cfg["data"]["normalize"] == "unit":  # pixels scaled to [-1, 1], as in the Kanter-group CNN recipe
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return splits.mean, splits.std
+
+
+def make_loaders(splits: Splits, cfg: dict, device: torch.device, channels_last: bool) -> dict[str, DeviceLoader]:
+    """Device-resident loaders for train (augmented, shuffled), val and test."""
+    mean, std = _norm_stats(splits, cfg)
+    aug_cfg = dict(cfg["data"]["augment"])
+    if aug_cfg["crop_scale"] is not None:
+        aug_cfg["crop_scale"] = tuple(aug_cfg["crop_scale"])
+    common = dict(device=device, mean=mean, std=std, num_classes=splits.num_classes, channels_last=channels_last)
+    loaders = {
+        "train": DeviceLoader(
+            splits.train.images, splits.train.labels, batch_size=cfg["batch_size"], augment=Augment(**aug_cfg),
+            shuffle=True, drop_last=len(splits.train) > cfg["batch_size"], seed=cfg["seed"], **common,
+        )
+    }
+    for name in ("val", "test"):
+        split = getattr(splits, name)
+        loaders[name] = DeviceLoader(split.images, split.labels, batch_size=cfg["eval_batch_size"], **common)
+    return loaders
+
+
+def lr_lambda(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
+    """Learning-rate multiplier per optimiser step for the configured recipe."""
+    recipe, epochs = cfg["recipe"], cfg["epochs"]
+    warmup = min(recipe["warmup_epochs"], max(epochs - 1, 0)) * steps_per_epoch
+    total = epochs * steps_per_epoch
+    floor = recipe["min_lr"] / recipe["lr"]
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def step_decay(step: int) -> float:
+        return recipe["step_gamma"] ** ((step // steps_per_epoch) // recipe["step_epochs"])
+
+    return cosine if recipe["name"] == "adamw_cosine" else step_decay
+
+
+def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    """AdamW (no decay on norms, biases and embeddings) or SGD with Nesterov momentum."""
+    recipe = cfg["recipe"]
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 or "pos_emb" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe["name"] == "adamw_cosine":
+        return torch.optim.AdamW(groups, lr=recipe["lr"])
+    return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True)
+
+
+def train_epoch(model, loader, optimizer, scheduler, cfg: dict, autocast: bool) -> dict:
+    """One pass over the training loader; returns loss, accuracy and throughput."""
+    model.train()
+    device_type = loader.device.type
+    total_loss = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), device=loader.device)
+    seen = 0
+    start = time.perf_counter()
+    for x, y in loader:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        hard = y.argmax(1) if y.ndim == 2 else y
+        total_loss += loss.detach() * len(hard)
+        correct += (logits.argmax(1) == hard).sum()
+        seen += len(hard)
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": float(total_loss) / seen,
+        "train_acc": float(correct) / seen,
+        "epoch_seconds": seconds,
+        "images_per_sec": seen / seconds,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, loader, autocast: bool) -> tuple[float, float, np.ndarray]:
+    """(mean cross-entropy, accuracy, softmax probabilities) over a split, in order."""
+    model.eval()
+    probs, losses, correct = [], 0.0, 0
+    for x, y in loader:
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        logits = logits.float()
+        losses += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        probs.append(torch.softmax(logits, 1).cpu())
+    n = len(loader.labels)
+    return losses / n, correct / n, torch.cat(probs).numpy()
+
+
+@torch.no_grad()
+def measure_latency(model, image_size: int, device: torch.device, large_batch: int, repeats: int) -> dict:
+    """Inference latency after warm-up: ms per image at batch 1 and at a large batch (medians)."""
+    model.eval()
+
+    def timed(batch: int, n: int) -> float:
+        x = torch.randn(batch, 3, image_size, image_size, device=device)
+        for _ in range(2):
+            model(x)
+        times = []
+        for _ in range(n):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)) * 1000 / batch
+
+    return {
+        "latency_ms_b1": timed(1, repeats),
+        "latency_ms_per_image_large_batch": timed(large_batch, max(2, repeats // 4)),
+        "latency_large_batch": large_batch,
+    }
+
+
+def save_checkpoint(folder: Path, state: dict) -> Path:
+    """Write ``state`` atomically as ``folder/state.pt`` (the folder is replaced as a whole)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / CHECKPOINT_FILE)
+    (tmp / "meta.json").write_text(json.dumps({"epoch": state["epoch"], "history": state["history"]}))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """Read a checkpoint folder written by ``save_checkpoint`` (tensors only, weights_only=True)."""
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path}: not found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_job(
+    user_cfg: dict,
+    out_dir: str | Path,
+    on_epoch: EpochCallback | None = None,
+    resume_from: str | Path | None = None,
+    splits: Splits | None = None,
+) -> dict:
+    """Train, evaluate and write artifacts for one job; returns the summary dict.
+
+    Validation and data loading happen before anything is written to ``out_dir``.
+    """
+    cfg, spec = prepare(user_cfg)
+    splits = splits or load_splits(cfg["data"], cfg["seed"])
+    resume_state = load_checkpoint(Path(resume_from)) if resume_from else None
+    device = select_device(cfg)
+    autocast = _flag(cfg["bf16"], device)
+    channels_last = _flag(cfg["channels_last"], device)
+
+    torch.manual_seed(cfg["seed"])
+    model = build_model(spec).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loaders = make_loaders(splits, cfg, device, channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loaders["train"])))
+    history: list[dict] = []
+    start_epoch = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        loaders["train"].generator.set_state(resume_state["loader_rng"])
+        torch.set_rng_state(resume_state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in resume_state:
+            torch.cuda.set_rng_state(resume_state["cuda_rng"])
+        history = list(resume_state["history"])
+        start_epoch = resume_state["epoch"] + 1
+    step_model = torch.compile(model) if cfg["compile"] else model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    for epoch in range(start_epoch, cfg["epochs"]):
+        metrics = train_epoch(step_model, loaders["train"], optimizer, scheduler, cfg, autocast)
+        metrics["val_loss"], metrics["val_acc"], _ = evaluate(step_model, loaders["val"], autocast)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["epoch"] = epoch
+        history.append(metrics)
+        ckpt_dir = out_dir / "checkpoint"
+        if cfg["checkpoint"]:
+            state = {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "loader_rng": loaders["train"].generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+            }
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state()
+            save_checkpoint(ckpt_dir, state)
+        if on_epoch is not None:
+            on_epoch(dict(metrics), ckpt_dir)
+
+    return finish_job(model, cfg, spec, splits, loaders, history, out_dir, device, autocast)
+
+
+def finish_job(model, cfg, spec, splits, loaders, history, out_dir: Path, device, autocast) -> dict:
+    """Final evaluation, probabilities, latency, size; writes model.pt, probs_*.parquet, summary.json."""
+    summary = {"epochs": len(history), "dataset": splits.name, "num_classes": splits.num_classes}
+    for split in ("val", "test"):
+        loss, acc, probs = evaluate(model, loaders[split], autocast)
+        summary[f"{split}_loss"], summary[f"{split}_acc"] = loss, acc
+        source = getattr(splits, split)
+        write_probs(out_dir / f"probs_{split}.parquet", probs, source.labels, source.indices, splits.name, split)
+    summary.update(measure_latency(model, spec["image_size"], device, **cfg["latency"]))
+    summary["params"] = count_params(model)
+    summary["macs"] = count_macs(model)
+    summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    summary["train_images_per_sec"] = float(np.mean([h["images_per_sec"] for h in history])) if history else 0.0
+    summary["history"] = history
+    torch.save(model.state_dict(), out_dir / "model.pt")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainables.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="job config YAML")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    args = parser.parse_args(argv)
+    try:
+        user = load_yaml(args.config)
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item}: expected KEY=VALUE")
+            set_dotted(user, key, _parse_value(value))
+        prepare(user)
+        out = Path(args.out or Path("runs") / Path(args.config).stem)
+        summary = run_job(user, out, on_epoch=_print_epoch, resume_from=args.resume)
+    except (ConfigError, SpecError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"done: {summary['dataset']} val_acc={summary['val_acc']:.4f} test_acc={summary['test_acc']:.4f} "
+        f"params={summary['params']:,} macs={summary['macs']:,} "
+        f"latency_b1={summary['latency_ms_b1']:.2f}ms -> {out}"
+    )
+    return 0
+
+
+def _print_epoch(metrics: dict, _ckpt: Path) -> None:
+    print(
+        f"epoch {metrics['epoch'] + 1}: train_loss={metrics['train_loss']:.3f} train_acc={metrics['train_acc']:.3f} "
+        f"val_loss={metrics['val_loss']:.3f} val_acc={metrics['val_acc']:.3f} "
+        f"{metrics['images_per_sec']:.0f} img/s {metrics['epoch_seconds']:.1f}s",
+        flush=True,
+    )
+
+if __name__ == "__main__":
+    sys.exit(main())
