@@ -1,0 +1,1 @@
+"""Training-side code: models, data, training jobs (no orchestration imports)."""

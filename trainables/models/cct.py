@@ -1,0 +1,181 @@
+"""Compact Convolutional Transformer (Hassani et al., arXiv:2104.05704) with LS-MHA and conv blocks.
+
+image -> conv tokenizer -> [k conv blocks on the token map] -> tokens + positions
+      -> (blocks - k) pre-norm transformer blocks -> LayerNorm -> sequence pooling -> linear head.
+
+Attention width is heads * head_dim, independent of the embedding width (large-scale MHA), and is
+projected back to the width. Blocks are numbered by absolute depth in both module paths and taps:
+with k conv blocks, `conv_blocks` holds "0".."k-1" and `blocks` holds "k".."blocks-1".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
+
+from .spec import TapInfo, cct_grid, cct_hidden, cct_tokenizer_stages
+from .taps import TappedModel
+
+
+class Tokenizer(nn.Module):
+    """Bias-free conv + ReLU (+ 3x3 max-pool, stride 2) layers; returns the (B, C, H, W) map."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, convs_left = spec["in_channels"], spec["tokenizer_layers"]
+        for kind, kernel, stride, padding in cct_tokenizer_stages(spec):
+            if kind == "pool":
+                layers.append(nn.MaxPool2d(kernel, stride, padding))
+                continue
+            convs_left -= 1
+            c_out = spec["tokenizer_channels"] if convs_left else spec["width"]
+            layers += [nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), nn.ReLU()]
+            c_in = c_out
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class ConvBlock(nn.Sequential):
+    """A transformer block replaced by a 3x3 same-padding conv, BN and ReLU on the token map."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                         nn.ReLU())
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with inner size heads * head_dim, projected back to `width`."""
+
+    def __init__(self, width: int, heads: int, head_dim: int, attn_dropout: float,
+                 dropout: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.attn_dropout = heads, head_dim, attn_dropout
+        self.qkv = nn.Linear(width, 3 * heads * head_dim, bias=False)
+        self.heads_tap = nn.Identity()  # per-head outputs, head-major, before the projection
+        self.proj = nn.Linear(heads * head_dim, width)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        dropout = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        y = self.heads_tap(y.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
+        return self.proj_drop(self.proj(y))
+
+    def matmul_macs(self, x: Tensor) -> int:
+        """MACs of q @ k^T and attn @ v for input x of shape (B, N, width)."""
+        B, N, _ = x.shape
+        return 2 * B * self.heads * N * N * self.head_dim
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder block with stochastic depth on both residual branches."""
+
+    def __init__(self, spec: dict[str, Any], drop_path: float) -> None:
+        super().__init__()
+        width = spec["width"]
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, spec["heads"], spec["head_dim"], spec["attn_dropout"],
+                              spec["dropout"])
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, cct_hidden(spec), spec["dropout"])
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def sine_positions(n_tokens: int, width: int) -> Tensor:
+    """Fixed sinusoidal position table of shape (1, n_tokens, width), as in CCT."""
+    position = torch.arange(n_tokens, dtype=torch.float32)[:, None]
+    dim = torch.arange(width, dtype=torch.float32)[None, :]
+    angle = position / 10000 ** (2 * torch.div(dim, 2, rounding_mode="floor") / width)
+    table = torch.where(dim.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table[None]
+
+
+class CCT(TappedModel):
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        width, n_conv, depth = spec["width"], spec["n_conv_blocks"], spec["blocks"]
+        n_tokens = cct_grid(spec) ** 2
+        drop_paths = torch.linspace(0, spec["stochastic_depth"], depth).tolist()
+
+        self.tokenizer = Tokenizer(spec)
+        self.conv_blocks = nn.ModuleDict({str(i): ConvBlock(width) for i in range(n_conv)})
+        if spec["pos_embedding"] == "learnable":
+            self.pos_embedding = nn.Parameter(torch.zeros(1, n_tokens, width))
+            nn.init.trunc_normal_(self.pos_embedding, std=0.2)
+        elif spec["pos_embedding"] == "sine":
+            self.register_buffer("pos_embedding", sine_positions(n_tokens, width), persistent=False)
+        else:
+            self.pos_embedding = None
+        self.dropout = nn.Dropout(spec["dropout"])
+        self.blocks = nn.ModuleDict({str(i): Block(spec, drop_paths[i])
+                                     for i in range(n_conv, depth)})
+        self.norm = nn.LayerNorm(width)
+        self.attention_pool = nn.Linear(width, 1) if spec["seq_pool"] else None
+        self.head = nn.Linear(width, spec["num_classes"])
+        self.apply(_init_weights)
+
+        heads = TapInfo("token", spec["heads"], spec["head_dim"])
+        self.add_tap("tokenizer", "tokenizer", TapInfo("conv"))
+        for i in range(n_conv):
+            self.add_tap(f"conv_block.{i}", f"conv_blocks.{i}", TapInfo("conv"))
+        for i in range(n_conv, depth):
+            self.add_tap(f"block.{i}.heads", f"blocks.{i}.attn.heads_tap", heads)
+            self.add_tap(f"block.{i}.ff_hidden", f"blocks.{i}.mlp.act", TapInfo("token"))
+            self.add_tap(f"block.{i}.out", f"blocks.{i}", TapInfo("token"))
+        self.add_tap("final_norm", "norm", TapInfo("token"))
+
+    def pool(self, x: Tensor) -> Tensor:
+        """(B, N, D) -> (B, D): softmax-over-tokens attention pooling, or the mean if disabled."""
+        if self.attention_pool is None:
+            return x.mean(dim=1)
+        weights = self.attention_pool(x).softmax(dim=1)  # (B, N, 1)
+        return (weights * x).sum(dim=1)
+
+    def forward_logits(self, x: Tensor) -> Tensor:
+        x = self.tokenizer(x)
+        for block in self.conv_blocks.values():
+            x = block(x)
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, width)
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding
+        x = self.dropout(x)
+        for block in self.blocks.values():
+            x = block(x)
+        return self.head(self.pool(self.norm(x)))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """CCT's init: truncated-normal linears, zero biases, unit LayerNorms, Kaiming convs."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight)
