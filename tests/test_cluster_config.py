@@ -1,0 +1,36 @@
+"""cluster.yaml is a valid `ray up` config by Ray's own schema and defaults."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import jsonschema
+import yaml
+
+from conftest import REPO
+
+
+def load_cluster() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_matches_rays_schema():
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load_cluster()
+    schema_path = os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")
+    jsonschema.validate(config, json.loads(open(schema_path).read()))
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_cluster_runs_mlflow_on_the_head_and_scales_gpu_workers_from_zero():
+    config = load_cluster()
+    head_cmds = " ".join(config["head_start_ray_commands"])
+    assert "mlflow server" in head_cmds and "--serve-artifacts" in head_cmds and "sqlite:" in head_cmds
+    assert "MLFLOW_TRACKING_URI" in head_cmds
+    worker = config["available_node_types"]["gpu_worker"]
+    assert worker["min_workers"] == 0 and worker["max_workers"] >= 1
+    assert "py311" in config["docker"]["image"] and "2.60.0" in config["docker"]["image"]
+    assert any("pip install" in cmd and "unitlab" in cmd for cmd in config["setup_commands"])
