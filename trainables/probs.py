@@ -21,7 +21,7 @@ def write_probs(path: Path, probs: np.ndarray, labels: np.ndarray, indices: np.n
     )
     meta = {"dataset": dataset, "split": split, "num_classes": str(num_classes)}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    pq.write_table(table, path)
+    pq.write_table(table, path, use_dictionary=["index", "label"])
 
 
 def read_probs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:

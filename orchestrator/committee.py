@@ -1,0 +1,369 @@
+"""Soft committees from finished trial runs in MLflow (methods.md section 6, issue 6).
+
+``python -m orchestrator committee --experiment NAME [--filter F] [--size K] [--method M]`` reads
+the trial runs' stored ``probs/probs_{val,test}.parquet`` (no model is re-evaluated), selects
+members on validation only, evaluates on test, and logs a committee run in the same experiment:
+tags ``unitlab.role=committee``, ``unitlab.members``, ``unitlab.method``; metrics
+``committee_test_acc``, ``best_member_test_acc``, ``gain``, ``committee_val_acc``, ``size``; the
+``committee/`` artifacts ``members.csv``, ``excluded.csv``, ``curve.csv`` and
+``accuracy_vs_size.png``. The seed control (the best variant with >= 2 valid runs, as an
+equal-weight committee of its seeds) is added whenever available. ``--method diverse`` adds
+mechanism diversity from the runs' ``analysis/label_sets.json`` when every valid run has one
+(param ``mechanism_diversity`` says whether it was on, and why not).
+``python -m orchestrator committee show RUN_ID`` prints a committee run.
+Standalone: ``python -m orchestrator.committee ...`` takes the same arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from analysis.committee import METHODS, evaluate, label_set_profile, seed_control, select
+from analysis.committee_inputs import SPLITS, Candidate, partition, read_files, stack
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_SIZE = 5
+DEFAULT_PROFILE = "analysis/label_sets.json"
+ARTIFACT_DIR = "committee"
+MEMBER_FIELDS = ("run_id", "variant", "seed", "val_acc", "test_acc", "count", "weight")
+
+
+class CommitteeError(Exception):
+    """Bad input: reported as one line with exit code 2."""
+
+
+def open_client(arg: str | None) -> MlflowClient:
+    """Client for ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else SQLite in the working folder.
+
+    A SQLite URI whose file does not exist is bad input (MLflow would create an empty database).
+    """
+    uri = arg or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise CommitteeError(f"no MLflow database at {uri.removeprefix('sqlite:///')}")
+    return MlflowClient(tracking_uri=uri)
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, user_filter: str | None) -> list:
+    """All active trial runs of the experiment matching ``user_filter``, oldest first."""
+    query = "tags.`unitlab.role` = 'trial'" + (f" AND {user_filter}" if user_filter else "")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _read_profile(path: str) -> np.ndarray:
+    """Mechanism profile from an analysis ``label_sets.json`` (``analysis.results.label_sets``)."""
+    with open(path) as f:
+        data = json.load(f)
+    try:
+        return label_set_profile(data["taps"], int(data["num_classes"]))
+    except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"not a label_sets.json ({type(err).__name__}: {err})") from err
+
+
+def download_candidate(client: MlflowClient, run, dst: Path, profile_artifact: str | None
+                       ) -> tuple[Candidate, dict[str, Path | None], np.ndarray | None]:
+    """A run as a ``Candidate`` with the local paths of its probability files (None = missing).
+
+    Also returns its mechanism profile: None without the artifact; an unreadable one raises
+    ``CommitteeError``. Runs that are not FINISHED get a ``problem`` and nothing is downloaded.
+    """
+    run_id = run.info.run_id
+    cand = Candidate(run_id, tags=dict(run.data.tags))
+    if run.info.status != "FINISHED":
+        cand.problem = f"status {run.info.status}"
+        return cand, {}, None
+    listed = {a.path for a in client.list_artifacts(run_id, "probs")}
+    dst.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in SPLITS:
+        path = f"probs/probs_{split}.parquet"
+        paths[split] = Path(client.download_artifacts(run_id, path, str(dst))) if path in listed else None
+    profile = None
+    if profile_artifact:
+        folder = os.path.dirname(profile_artifact) or None
+        if profile_artifact in {a.path for a in client.list_artifacts(run_id, folder)}:
+            try:
+                profile = _read_profile(client.download_artifacts(run_id, profile_artifact, str(dst)))
+            except (OSError, ValueError) as err:
+                raise CommitteeError(f"run {run_id}: unreadable {profile_artifact}: {err}") from err
+    return cand, paths, profile
+
+
+def _profile_matrix(valid: list[Candidate], profiles: dict[str, np.ndarray | None],
+                    artifact: str | None) -> tuple[np.ndarray | None, str]:
+    """Stacked mechanism profiles of all valid runs, or None with the reason it is off."""
+    if not artifact:
+        return None, "off: no --profile-artifact"
+    found = [profiles.get(c.run_id) for c in valid]
+    lacking = sum(p is None for p in found)
+    if lacking:
+        return None, f"off: {lacking} of {len(valid)} runs lack {artifact}"
+    if len({p.shape for p in found}) > 1:
+        return None, f"off: {artifact} profiles differ in length"
+    return np.stack(found), f"on: {artifact}"
+
+
+def _write_csv(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _figure(path: Path, curve: list[dict], best_member: float, seed: dict | None, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    sizes = [r["size"] for r in curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(sizes, [r["test_acc"] for r in curve], "o-", label="committee, test")
+    ax.plot(sizes, [r["val_acc"] for r in curve], "s--", alpha=0.6, label="committee, val (selection)")
+    ax.axhline(best_member, color="gray", ls=":", label="best member, test")
+    if seed:
+        ax.plot([seed["size"]], [seed["committee_test_acc"]], "r*", ms=12,
+                label=f"seed committee ({seed['variant']}), test")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("committee size (selection steps)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class Record:
+    """Everything a committee run logs."""
+
+    tags: dict[str, str]
+    params: dict[str, object]
+    metrics: dict[str, float]
+    members: list[dict]
+    excluded: list[dict]
+    curve: list[dict]
+    seed: dict | None
+    title: str
+
+
+def _seed_groups(valid: list[Candidate]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(valid):
+        if "unitlab.variant" in c.tags:
+            groups.setdefault(c.tags["unitlab.variant"], []).append(i)
+    return groups
+
+
+def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filter: str | None, size: int,
+            method: str, require_seed_control: bool, profile_artifact: str | None, diversity_weight: float,
+            mechanism_weight: float) -> Record:
+    """Load and check the trial runs, select on validation, evaluate on test, seed control."""
+    runs = trial_runs(client, experiment_id, user_filter)
+    with tempfile.TemporaryDirectory() as tmp:
+        wanted = profile_artifact if method == "diverse" else None
+        loaded = [download_candidate(client, r, Path(tmp) / r.info.run_id, wanted) for r in runs]
+        read_files([c for c, _, _ in loaded], [paths for _, paths, _ in loaded])
+    valid, excluded = partition([c for c, _, _ in loaded])
+    if not valid:
+        reasons = "; ".join(f"{rid}: {why}" for rid, why in excluded) or "no trial runs"
+        raise CommitteeError(f"no valid runs in experiment {experiment!r} ({reasons})")
+    val, test = stack(valid)
+    params: dict[str, object] = {"method": method, "size_requested": size, "filter": user_filter or ""}
+    options = {}
+    if method == "diverse":
+        profiles, mechanism = _profile_matrix(valid, {c.run_id: p for c, _, p in loaded}, profile_artifact)
+        options = {"lam": diversity_weight, "mu": mechanism_weight, "profiles": profiles}
+        params.update(diversity_weight=diversity_weight, mechanism_weight=mechanism_weight,
+                      mechanism_diversity=mechanism)
+    selection = select(val, size, method, **options)
+    result = evaluate(selection, val, test)
+    seed = seed_control(val, test, _seed_groups(valid))
+    if seed is None and require_seed_control:
+        raise CommitteeError("seed control unavailable: no variant has >= 2 valid runs")
+
+    ids = [c.run_id for c in valid]
+    counts = selection.counts
+    members = [{"run_id": ids[m], "variant": valid[m].tags.get("unitlab.variant", ""),
+                "seed": valid[m].tags.get("unitlab.seed", ""), "val_acc": result.member_val_acc[m],
+                "test_acc": result.member_test_acc[m], "count": counts[m],
+                "weight": counts[m] / len(selection.order)} for m in selection.members]
+    curve = [{"size": i + 1, "added_run_id": ids[j], "val_acc": v, "test_acc": t}
+             for i, (j, v, t) in enumerate(zip(selection.order, result.val_curve, result.test_curve))]
+    tags = {"unitlab.role": "committee", "unitlab.method": method,
+            "unitlab.members": ",".join(ids[m] for m in selection.members)}
+    sweeps = {c.tags.get("unitlab.sweep") for c in valid}
+    if len(sweeps) == 1 and None not in sweeps:
+        tags["unitlab.sweep"] = sweeps.pop()
+    metrics = {"committee_test_acc": result.committee_test_acc, "best_member_test_acc": result.best_member_test_acc,
+               "gain": result.gain, "committee_val_acc": result.committee_val_acc,
+               "size": len(selection.order), "n_members": len(members),
+               "valid_runs": len(valid), "excluded_runs": len(excluded)}
+    if seed:
+        seed = {**seed, "size": len(seed["members"]), "members": [ids[i] for i in seed["members"]]}
+        tags.update({"unitlab.seed_variant": seed["variant"], "unitlab.seed_members": ",".join(seed["members"])})
+        metrics.update(seed_committee_test_acc=seed["committee_test_acc"], seed_gain=seed["gain"],
+                       seed_best_member_test_acc=seed["best_member_test_acc"], seed_size=seed["size"])
+    return Record(tags, params, metrics, members, [{"run_id": r, "reason": why} for r, why in excluded],
+                  curve, seed, f"{method} committee, {experiment}")
+
+
+def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> str:
+    """Log ``record`` as a FINISHED committee run (FAILED if logging breaks); returns its id."""
+    run = client.create_run(experiment_id, tags=record.tags,
+                            run_name=f"committee-{record.tags['unitlab.method']}-{record.params['size_requested']}")
+    run_id = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            _write_csv(out / "members.csv", MEMBER_FIELDS, record.members)
+            _write_csv(out / "excluded.csv", ("run_id", "reason"), record.excluded)
+            _write_csv(out / "curve.csv", ("size", "added_run_id", "val_acc", "test_acc"), record.curve)
+            _figure(out / "accuracy_vs_size.png", record.curve, record.metrics["best_member_test_acc"],
+                    record.seed, record.title)
+            client.log_artifacts(run_id, str(out), ARTIFACT_DIR)
+        stamp = run.info.start_time
+        metrics = [Metric(k, float(v), stamp, 0) for k, v in record.metrics.items()]
+        metrics += [Metric(f"{split}_acc_vs_size", r[f"{split}_acc"], stamp, r["size"])
+                    for r in record.curve for split in SPLITS]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in record.params.items()])
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def build(client: MlflowClient, experiment: str, user_filter: str | None = None, size: int = DEFAULT_SIZE,
+          method: str = "greedy", require_seed_control: bool = False, profile_artifact: str | None = DEFAULT_PROFILE,
+          diversity_weight: float = 0.05, mechanism_weight: float = 0.5) -> str:
+    """Check the input, then select, evaluate and log one committee; returns the committee run id."""
+    if method not in METHODS:
+        raise CommitteeError(f"unknown method {method!r} (choose {', '.join(METHODS)})")
+    if size < 1:
+        raise CommitteeError(f"--size must be >= 1, got {size}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise CommitteeError(f"unknown experiment {experiment!r}")
+    record = compose(client, exp.experiment_id, experiment, user_filter, size, method, require_seed_control,
+                     profile_artifact, diversity_weight, mechanism_weight)
+    return log_committee(client, exp.experiment_id, record)
+
+
+def _read_csv(client: MlflowClient, run_id: str, name: str, dst: str) -> list[dict]:
+    with open(client.download_artifacts(run_id, f"{ARTIFACT_DIR}/{name}", dst), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def show(client: MlflowClient, run_id: str) -> str:
+    """A committee run as text: metrics, seed control, member table, excluded runs."""
+    run = client.get_run(run_id)
+    tags, m = run.data.tags, run.data.metrics
+    if tags.get("unitlab.role") != "committee":
+        raise CommitteeError(f"run {run_id} is not a committee run (unitlab.role={tags.get('unitlab.role')})")
+    with tempfile.TemporaryDirectory() as tmp:
+        members = _read_csv(client, run_id, "members.csv", tmp)
+        excluded = _read_csv(client, run_id, "excluded.csv", tmp)
+    exp = client.get_experiment(run.info.experiment_id).name
+    lines = [
+        f"committee {run_id}  experiment {exp}  method {tags.get('unitlab.method')}  "
+        f"size {int(m['size'])}  members {len(members)}",
+        f"  test acc {m['committee_test_acc']:.4f}  best member {m['best_member_test_acc']:.4f}  "
+        f"gain {m['gain']:+.4f}  val acc {m['committee_val_acc']:.4f}",
+    ]
+    if "seed_committee_test_acc" in m:
+        lines.append(f"  seed control ({tags['unitlab.seed_variant']}, {int(m['seed_size'])} runs): "
+                     f"test acc {m['seed_committee_test_acc']:.4f}  best member "
+                     f"{m['seed_best_member_test_acc']:.4f}  gain {m['seed_gain']:+.4f}")
+    else:
+        lines.append("  seed control: unavailable (no variant with >= 2 valid runs)")
+    lines.append(f"  {'run_id':<32}  {'variant':<30}  {'seed':>4}  {'val_acc':>7}  {'test_acc':>8}  "
+                 f"{'count':>5}  {'weight':>6}")
+    for r in members:
+        lines.append(f"  {r['run_id']:<32}  {r['variant']:<30}  {r['seed']:>4}  {float(r['val_acc']):7.4f}  "
+                     f"{float(r['test_acc']):8.4f}  {r['count']:>5}  {float(r['weight']):6.3f}")
+    lines.append(f"  excluded runs: {len(excluded)}")
+    lines.extend(f"    {r['run_id']}  {r['reason']}" for r in excluded)
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle a parsed ``committee`` command; bad input gives one line on stderr and exit code 2."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        client = open_client(args.tracking_uri)
+        if args.committee_command == "show":
+            print(show(client, args.run_id))
+            return 0
+        if not args.experiment:
+            raise CommitteeError("--experiment is required")
+        run_id = build(client, args.experiment, args.filter, args.size, args.method, args.seed_control,
+                       args.profile_artifact, args.diversity_weight, args.mechanism_weight)
+        print(show(client, run_id))
+        return 0
+    except CommitteeError as err:
+        print(f"error: {err}", file=sys.stderr)
+    except MlflowException as err:
+        print(f"error: {str(err.message).splitlines()[0]}", file=sys.stderr)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the committee options and its nested ``show`` command to ``parser``."""
+    parser.add_argument("--experiment", help="experiment (sweep) name")
+    parser.add_argument("--filter", help="extra MLflow filter string, ANDed with tags.`unitlab.role` = 'trial'")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"committee size K (default {DEFAULT_SIZE})")
+    parser.add_argument("--method", default="greedy", help=f"one of {', '.join(METHODS)} (default greedy)")
+    parser.add_argument("--seed-control", action="store_true",
+                        help="fail unless the same-architecture seed committee can be formed (always reported when it can)")
+    parser.add_argument("--profile-artifact", default=DEFAULT_PROFILE,
+                        help="diverse: the runs' analysis label sets, for mechanism diversity when every "
+                        f"valid run has them (default {DEFAULT_PROFILE}; '' turns it off)")
+    parser.add_argument("--diversity-weight", type=float, default=0.05, help="diverse: lambda (default 0.05)")
+    parser.add_argument("--mechanism-weight", type=float, default=0.5,
+                        help="diverse: share of mechanism distance in the diversity (default 0.5)")
+    parser.add_argument("--tracking-uri", help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show}")
+    show_parser = sub.add_parser("show", help="print a committee run")
+    show_parser.add_argument("run_id")
+    show_parser.add_argument("--tracking-uri", default=argparse.SUPPRESS, help="MLflow URI")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_committee_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``committee`` (and ``committee show``) on a CLI's subparsers; sets ``func=run``."""
+    return configure(subparsers.add_parser("committee", help="soft committees from finished trial runs",
+                                           description=__doc__.split("\n\n")[0]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m orchestrator.committee [options] | show RUN_ID``."""
+    parser = configure(argparse.ArgumentParser(prog="python -m orchestrator.committee"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
