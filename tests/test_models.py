@@ -65,7 +65,7 @@ def test_cct_taps_shapes_kinds_and_order() -> None:
     model = build_model({"preset": "cct_narrow_lsmha"}).eval()  # 2 blocks, width 128, 16 x 8 heads
     names = ["tokenizer"]
     for i in range(2):
-        names += [f"block.{i}.heads", f"block.{i}.ff_hidden", f"block.{i}.out"]
+        names += [f"block.{i}.heads", f"block.{i}.ff_in", f"block.{i}.ff_hidden", f"block.{i}.out"]
     assert list(model.taps) == names + ["final_norm"]
     assert model.taps["block.1.heads"] == TapInfo("token", heads=16, head_dim=8)
     assert model.taps["tokenizer"].kind == "conv"
@@ -80,6 +80,9 @@ def test_cct_taps_shapes_kinds_and_order() -> None:
     assert feats["block.0.ff_hidden"].shape == (2, 256, 256)
     assert feats["block.1.out"].shape == (2, 256, 128)
     torch.testing.assert_close(model.norm(feats["block.1.out"]), feats["final_norm"])
+    block = model.blocks["1"]  # ff_in is the normed FF input: block.out = residual + mlp(ff_in)
+    residual = feats["block.1.out"] - block.mlp(feats["block.1.ff_in"])
+    torch.testing.assert_close(block.norm2(residual), feats["block.1.ff_in"])
 
 
 def test_heads_tap_is_head_major_attention_output() -> None:
@@ -100,7 +103,7 @@ def test_heads_tap_is_head_major_attention_output() -> None:
 def test_conv_blocks_replace_first_transformer_blocks() -> None:
     model = build_model({"preset": "cct_narrow", "blocks": 3, "n_conv_blocks": 2}).eval()
     assert list(model.taps) == ["tokenizer", "conv_block.0", "conv_block.1", "block.2.heads",
-                                "block.2.ff_hidden", "block.2.out", "final_norm"]
+                                "block.2.ff_in", "block.2.ff_hidden", "block.2.out", "final_norm"]
     with torch.no_grad():
         _, feats = model(_images(model), taps=["conv_block.0", "conv_block.1", "block.2.out"])
     assert model.taps["conv_block.1"].kind == "conv"

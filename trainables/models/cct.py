@@ -144,6 +144,7 @@ class CCT(TappedModel):
             self.add_tap(f"conv_block.{i}", f"conv_blocks.{i}", TapInfo("conv"))
         for i in range(n_conv, depth):
             self.add_tap(f"block.{i}.heads", f"blocks.{i}.attn.heads_tap", heads)
+            self.add_tap(f"block.{i}.ff_in", f"blocks.{i}.norm2", TapInfo("token"))  # FF input
             self.add_tap(f"block.{i}.ff_hidden", f"blocks.{i}.mlp.act", TapInfo("token"))
             self.add_tap(f"block.{i}.out", f"blocks.{i}", TapInfo("token"))
         self.add_tap("final_norm", "norm", TapInfo("token"))

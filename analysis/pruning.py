@@ -1,0 +1,294 @@
+"""Cluster-guided pruning masks (AFCC, ANDC, nodal) and their enforcement (methods.md 5).
+
+Masks are built in two steps:
+
+1. A **connection mask** ``keep`` of shape (output units, input units) from per-unit label sets:
+   ``connection_mask`` keeps ``(j, i)`` iff the label sets of input unit ``i`` and output unit
+   ``j`` intersect (AFCC between conv layers, ANDC / nodal pruning between FC layers);
+   ``output_mask`` keeps ``(j, i)`` iff output label ``j`` is in the set of input unit ``i``
+   (last conv layer -> classifier).
+2. ``expand`` turns it into a mask of the parameter's shape: a conv weight (O, I, kh, kw) gets the
+   connection broadcast over its kernel; a linear weight (O, F) with F = U * g gets each input
+   unit's ``g`` contiguous columns (g = H*W for a flattened conv map, 1 for nodes).
+
+``plan_layers`` says which parameters a method prunes and which taps' label sets sit on each side.
+Masks are enforced with ``torch.nn.utils.parametrize``: the effective weight is
+``original * mask`` in every forward pass, so it holds through optimiser steps, and the state_dict
+carries both the original and the mask (``rebuild_pruned`` restores the model exactly).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from trainables.models import build_model
+from trainables.models.taps import TappedModel
+from trainables.models.vgg import ConvBNReLU
+
+LabelSets = dict[str, list[set[int]]]
+Masks = dict[str, Tensor]
+CLUSTER_METHODS = {"vgg": "afcc", "cct": "andc"}
+
+
+class PruneError(ValueError):
+    """Bad pruning input; the message starts with the offending parameter or field."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One prunable weight: its parameter path and the taps whose units feed and read it.
+
+    ``outputs`` is None when the layer's outputs are the class labels (``output_mask`` rule).
+    """
+
+    param: str
+    inputs: str
+    outputs: str | None
+
+
+# ---------------------------------------------------------------- rules on label sets
+
+def check_fraction(name: str, value: float, high_open: bool) -> float:
+    """``value`` as a float in [0, 1) (``high_open``) or [0, 1]; else PruneError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PruneError(f"{name}: must be a number, got {value!r}")
+    if not (0 <= value < 1 if high_open else 0 <= value <= 1):
+        raise PruneError(f"{name}: must be in [0, 1{')' if high_open else ']'}, got {value}")
+    return float(value)
+
+
+def _incidence(sets: Sequence[set[int]], num_labels: int) -> Tensor:
+    """(units, labels) float matrix with a one where the unit's set holds the label."""
+    out = torch.zeros(len(sets), num_labels)
+    for u, labels in enumerate(sets):
+        out[u, sorted(labels)] = 1.0
+    return out
+
+
+def _num_labels(*groups: Sequence[set[int]]) -> int:
+    return 1 + max((max(s) for g in groups for s in g if s), default=0)
+
+
+def connection_mask(in_sets: Sequence[set[int]], out_sets: Sequence[set[int]]) -> Tensor:
+    """(len(out_sets), len(in_sets)) bool: keep (j, i) iff in_sets[i] & out_sets[j] is not empty."""
+    n = _num_labels(in_sets, out_sets)
+    return (_incidence(out_sets, n) @ _incidence(in_sets, n).T) > 0
+
+
+def output_mask(in_sets: Sequence[set[int]], num_outputs: int) -> Tensor:
+    """(num_outputs, len(in_sets)) bool: keep (j, i) iff output label j is in in_sets[i]."""
+    if _num_labels(in_sets) > num_outputs:
+        raise PruneError(f"label sets: label {_num_labels(in_sets) - 1} >= {num_outputs} outputs")
+    return _incidence(in_sets, num_outputs).T > 0
+
+
+def nodal_mask(in_sets: Sequence[set[int]], out_sets: Sequence[set[int]], shape: Sequence[int]) -> Tensor:
+    """Nodal pruning between two FC layers: the intersection rule expanded to weight ``shape``."""
+    return expand(connection_mask(in_sets, out_sets), shape, "weight")
+
+
+def expand(keep: Tensor, shape: Sequence[int], name: str) -> Tensor:
+    """Connection mask (O, U) -> mask of parameter ``shape`` (see the module docstring)."""
+    shape = tuple(shape)
+    out_units, in_units = keep.shape
+    if len(shape) == 4 and shape[:2] == (out_units, in_units):
+        return keep[:, :, None, None].expand(shape).clone()
+    if len(shape) == 2 and shape[0] == out_units and in_units and shape[1] % in_units == 0:
+        return keep.repeat_interleave(shape[1] // in_units, dim=1)
+    raise PruneError(f"{name}: {out_units} x {in_units} unit connections do not fit its shape {list(shape)}")
+
+
+def random_like(keep: Tensor, generator: torch.Generator) -> Tensor:
+    """A random bool mask of the same shape keeping exactly as many entries as ``keep``."""
+    flat = torch.zeros(keep.numel(), dtype=torch.bool)
+    flat[torch.randperm(keep.numel(), generator=generator)[: int(keep.sum())]] = True
+    return flat.view(keep.shape)
+
+
+def random_at_level(shape: Sequence[int], level: float, generator: torch.Generator) -> Tensor:
+    """A random bool mask of ``shape`` with dilution ``level`` (rounded to whole entries)."""
+    level = check_fraction("level", level, high_open=False)
+    total = int(torch.Size(shape).numel())
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[: total - round(level * total)] = True
+    return random_like(keep, generator).view(tuple(shape))
+
+
+def random_label_sets(units: dict[str, int], num_labels: int, k: int = 5, seed: int = 0) -> LabelSets:
+    """The authors' control: each of ``units[tap]`` units per tap gets ``k`` distinct random labels."""
+    if not 1 <= k <= num_labels:
+        raise PruneError(f"random_labels_k: must be in [1, {num_labels}], got {k}")
+    gen = torch.Generator().manual_seed(seed)
+    return {tap: [set(torch.randperm(num_labels, generator=gen)[:k].tolist()) for _ in range(n)]
+            for tap, n in units.items()}
+
+
+def dilution(mask: Tensor) -> float:
+    """1 - kept / total."""
+    return 1.0 - float(mask.sum()) / mask.numel()
+
+
+# ---------------------------------------------------------------- which layers a method prunes
+
+def plan_layers(model: TappedModel, method: str, start_tap: str | None = None) -> list[Layer]:
+    """The layers a cluster-guided method prunes, in depth order.
+
+    - ``afcc`` (VGG): each conv layer fed by a conv tap (conv.k -> conv.k+1; the first conv reads
+      pixels and is kept whole), then the classifier fed by the last conv tap (filter f owns the
+      H*W contiguous inputs of the flattened, pooled map).
+    - ``andc`` (CCT): in each transformer block, ``mlp.fc1`` (``block.i.ff_in`` -> ``ff_hidden``)
+      and ``mlp.fc2`` (``ff_hidden`` -> ``block.i.out``).
+
+    ``start_tap`` keeps only the layers whose input tap is that tap or a deeper one.
+    """
+    family = model.spec["family"]
+    if CLUSTER_METHODS.get(family) != method:
+        hint = f"use {CLUSTER_METHODS[family]!r}" if family in CLUSTER_METHODS else "no method applies"
+        raise PruneError(f"method: {method!r} does not apply to a {family} model ({hint})")
+    if method == "afcc":
+        paths = [f"features.{k}.0.weight" for k, m in enumerate(model.features) if isinstance(m, ConvBNReLU)]
+        taps = list(model.taps)
+        layers = [Layer(p, taps[n], taps[n + 1]) for n, p in enumerate(paths[1:])]
+        layers.append(Layer("classifier.weight", taps[-1], None))
+    else:
+        layers = []
+        for i in model.blocks:
+            layers += [Layer(f"blocks.{i}.mlp.fc1.weight", f"block.{i}.ff_in", f"block.{i}.ff_hidden"),
+                       Layer(f"blocks.{i}.mlp.fc2.weight", f"block.{i}.ff_hidden", f"block.{i}.out")]
+    if start_tap is None:
+        return layers
+    order = list(model.taps)
+    if start_tap not in order:
+        raise PruneError(f"start_tap: unknown tap {start_tap!r} (known: {', '.join(order)})")
+    kept = [l for l in layers if order.index(l.inputs) >= order.index(start_tap)]
+    if not kept:
+        raise PruneError(f"start_tap: no {method} layer reads tap {start_tap!r} or a deeper one")
+    return kept
+
+
+def needed_taps(layers: Sequence[Layer]) -> list[str]:
+    """Taps whose label sets the layers need, without repeats, in first-use order."""
+    return list(dict.fromkeys(t for l in layers for t in (l.inputs, l.outputs) if t is not None))
+
+
+def layer_connections(layers: Sequence[Layer], label_sets: LabelSets, num_classes: int) -> Masks:
+    """Connection masks (O, U) per parameter path from the label sets of the layers' taps."""
+    missing = [t for t in needed_taps(layers) if t not in label_sets]
+    if missing:
+        raise PruneError(f"label sets: missing taps {missing}")
+    out = {}
+    for l in layers:
+        ins = label_sets[l.inputs]
+        out[l.param] = (output_mask(ins, num_classes) if l.outputs is None
+                        else connection_mask(ins, label_sets[l.outputs]))
+    return out
+
+
+def random_connections(connections: Masks, seed: int = 0) -> Masks:
+    """Random connection masks with the same per-layer dilution as ``connections`` (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {p: random_like(k, gen) for p, k in connections.items()}
+
+
+def full_masks(model: nn.Module, connections: Masks) -> Masks:
+    """Expand connection masks to the shapes of the model's parameters."""
+    params = dict(model.named_parameters())
+    for path in connections:
+        if path not in params:
+            raise PruneError(f"{path}: no such parameter in the model")
+    return {p: expand(k, params[p].shape, p) for p, k in connections.items()}
+
+
+# ---------------------------------------------------------------- enforcement
+
+class WeightMask(nn.Module):
+    """Parametrization: weight = original * mask (mask is a persistent bool buffer)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.bool())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+
+def _split(path: str) -> tuple[str, str]:
+    module, _, name = path.rpartition(".")
+    return module, name
+
+
+def apply_masks(model: nn.Module, masks: Masks) -> nn.Module:
+    """Register a ``WeightMask`` on every masked parameter (all checked before any change).
+
+    Raises PruneError naming the parameter if it is unknown, already masked, or the mask's shape
+    does not fit it.
+    """
+    params = dict(model.named_parameters())
+    for path, mask in masks.items():
+        if path not in params:
+            raise PruneError(f"{path}: no such parameter in the model (already masked parameters "
+                             f"appear as ...parametrizations.<name>.original)")
+        if tuple(mask.shape) != tuple(params[path].shape):
+            raise PruneError(f"{path}: mask shape {list(mask.shape)} does not fit parameter shape "
+                             f"{list(params[path].shape)}")
+    for path, mask in masks.items():
+        module_path, name = _split(path)
+        module = model.get_submodule(module_path)
+        parametrize.register_parametrization(module, name, WeightMask(mask.to(params[path].device)))
+    return model
+
+
+def model_masks(model: nn.Module) -> Masks:
+    """The masks currently enforced on a model, by parameter path (bool, on the CPU)."""
+    out = {}
+    for module_path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, WeightMask):
+                        out[f"{module_path}.{name}" if module_path else name] = p.mask.cpu()
+    return out
+
+
+def save_masks(path: str | Path, masks: Masks) -> None:
+    """Write masks as a dict of bool CPU tensors."""
+    torch.save({p: m.bool().cpu() for p, m in masks.items()}, path)
+
+
+def load_masks(path: str | Path) -> Masks:
+    """Read masks written by ``save_masks`` (``weights_only`` load)."""
+    masks = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(masks, dict) or not all(isinstance(m, Tensor) and m.dtype == torch.bool
+                                              for m in masks.values()):
+        raise PruneError(f"masks file {path}: expected a dict of bool tensors")
+    return masks
+
+
+def rebuild_pruned(spec: dict[str, Any], state_dict: dict[str, Tensor], masks: Masks) -> TappedModel:
+    """Rebuild a pruned model from its spec, its (parametrized) state_dict and its masks."""
+    model = apply_masks(build_model(spec), masks)
+    model.load_state_dict(state_dict)
+    for path, mask in model_masks(model).items():
+        if not torch.equal(mask, masks[path].bool()):
+            raise PruneError(f"{path}: the state_dict's mask differs from the masks given")
+    return model
+
+
+def mask_stats(model: nn.Module, masks: Masks) -> dict[str, Any]:
+    """Per-layer kept / total / dilution, and parameter counts of the whole model."""
+    layers = {p: {"kept": int(m.sum()), "total": m.numel(), "dilution": dilution(m)}
+              for p, m in masks.items()}
+    total = sum(p.numel() for p in model.parameters())
+    removed = sum(l["total"] - l["kept"] for l in layers.values())
+    masked_total = sum(l["total"] for l in layers.values())
+    return {
+        "layers": layers,
+        "params_total": total,
+        "params_kept": total - removed,
+        "dilution_pruned_layers": removed / masked_total if masked_total else 0.0,
+    }

@@ -1,0 +1,267 @@
+"""Single-unit performance analysis of a trained model: ``python -m analysis.run``.
+
+    python -m analysis.run --run-dir runs/demo --out runs/demo/analysis
+    python -m analysis.run --checkpoint MODEL.pt --spec SPEC.json --data cifar100 [--data-dir DIR] \\
+        [--taps a,b] [--threshold 0.3] [--recipe fast|paper] [--train-size N] [--test-size N] --out DIR
+
+``--run-dir`` is a ``trainables.train.run_job`` output folder (``spec.json``, ``model.pt``,
+``config.json``): the data config, normalisation and seed then come from its ``config.json``.
+``--data`` is a dataset name or a YAML file holding a data mapping (or a job config with ``data:``).
+Readouts train on the training split (its first ``--train-size`` images), unit matrices come from
+the test split (its first ``--test-size`` images). Bad input prints one line and exits with 2
+before anything is written. See ``results.py`` for the files written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainables.config import ConfigError, load_yaml, resolve_config
+from trainables.data import KNOWN_DATASETS, DataError, Splits, dataset_shape, load_splits
+from trainables.loader import to_model_input
+from trainables.models import SpecError, build_model
+
+from .clusters import DEFAULT_THRESHOLD
+from .pipeline import DEFAULT_MAX_BYTES, AnalysisResult, analyse
+from .readout import RECIPES
+from .results import primary_kind, write_results
+
+
+class InputError(ValueError):
+    """Bad analysis input (checkpoint, taps, threshold, data); the message is one line."""
+
+
+def check_options(model: nn.Module, taps: Sequence[str] | None, threshold: float, recipe: str) -> list[str]:
+    """Validate the analysis options against the model; returns the taps (all when None), in depth order."""
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"--threshold: must be in (0, 1), got {threshold}")
+    if recipe not in RECIPES:
+        raise InputError(f"--recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if taps is None:
+        return list(model.taps)
+    unknown = [t for t in taps if t not in model.taps]
+    if unknown:
+        raise InputError(f"--taps: unknown tap {unknown[0]!r} (known: {', '.join(model.taps)})")
+    if not taps:
+        raise InputError("--taps: no tap given")
+    return [t for t in model.taps if t in set(taps)]
+
+
+def check_data(model: nn.Module, num_classes: int, image_size: int) -> None:
+    if num_classes != model.num_classes:
+        raise InputError(f"data: {num_classes} classes, but the model has {model.num_classes} outputs")
+    if image_size != model.image_size:
+        raise InputError(f"data: {image_size} px images, but the model takes {model.image_size} px")
+
+
+def analyze(
+    model: nn.Module,
+    splits: Splits,
+    taps: Sequence[str] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    recipe: str = "fast",
+    device: str | torch.device = "cpu",
+    out_dir: str | Path | None = None,
+    *,
+    norm: tuple[Sequence[float], Sequence[float]] | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    readout_options: dict | None = None,
+    batch_size: int = 256,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    n_control: int = 20,
+    seed: int = 0,
+    save_matrices: bool = True,
+    figures: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> AnalysisResult:
+    """Analyse a frozen model on ``splits`` (readouts on train, unit matrices on test).
+
+    ``norm`` = (mean, std) of the input normalisation the model was trained with (default: the
+    splits' statistics). ``train_size`` / ``test_size`` keep the first images of each split.
+    With ``out_dir`` the results folder is written there (``results.write_results``).
+    """
+    taps = check_options(model, taps, threshold, recipe)
+    check_data(model, splits.num_classes, splits.image_size)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    mean, std = norm or (splits.mean, splits.std)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+
+    def transform(images: np.ndarray) -> torch.Tensor:
+        return to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean_t, std_t)
+
+    train = (splits.train.images[:train_size], splits.train.labels[:train_size])
+    test = (splits.test.images[:test_size], splits.test.labels[:test_size])
+    result = analyse(model, train, test, transform, taps, threshold=threshold, recipe=recipe,
+                     readout_options=readout_options, device=device, batch_size=batch_size,
+                     max_bytes=max_bytes, n_control=n_control, seed=seed, log=log)
+    result.meta["dataset"] = splits.name
+    if out_dir is not None:
+        write_results(result, out_dir, save_matrices=save_matrices, figures=figures)
+    return result
+
+
+# ---------------------------------------------------------------- inputs from files
+
+def load_model(spec_path: str | Path, checkpoint_path: str | Path) -> nn.Module:
+    """Build the model of a spec JSON and load its state_dict, requiring an exact key and shape match."""
+    for path in (spec_path, checkpoint_path):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: not found")
+    try:
+        spec = json.loads(Path(spec_path).read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{spec_path}: not valid JSON ({exc})") from None
+    model = build_model(spec)
+    try:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged or foreign files
+        raise InputError(f"{checkpoint_path}: cannot be read as a state_dict ({type(exc).__name__})") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)}, "
+                 f"spec {tuple(expected[wrong[0]].shape)})" if wrong else ""]
+        raise InputError(f"{checkpoint_path} does not match {spec_path}: {'; '.join(p for p in parts if p)}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def data_config(data: str, data_dir: str | None = None) -> dict:
+    """A validated data config from a dataset name or a YAML file (a data mapping or a job config)."""
+    if Path(data).is_file():
+        loaded = load_yaml(data)
+        user = loaded["data"] if isinstance(loaded.get("data"), dict) else loaded
+    elif data in KNOWN_DATASETS:
+        user = {"name": data}
+    else:
+        raise InputError(f"--data: {data!r} is neither a file nor a dataset ({', '.join(KNOWN_DATASETS)})")
+    cfg = resolve_config({"data": user})["data"]
+    if data_dir:
+        cfg["data_dir"] = data_dir
+    return cfg
+
+
+def run_dir_inputs(run_dir: str | Path) -> tuple[Path, Path, dict, int]:
+    """(spec path, checkpoint path, data config, seed) of a run_job output folder."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"--run-dir: {config_path} not found")
+    cfg = json.loads(config_path.read_text())
+    return run_dir / "spec.json", run_dir / "model.pt", resolve_config({"data": cfg["data"]})["data"], cfg.get("seed", 0)
+
+
+def norm_of(data_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Input normalisation as in training: fixed [-1, 1] scaling for "unit", else the data's own."""
+    return ((0.5,) * 3, (0.5,) * 3) if data_cfg.get("normalize") == "unit" else None
+
+
+def analyze_files(spec_path: str | Path, checkpoint_path: str | Path, data_cfg: dict, out_dir: str | Path,
+                  seed: int = 0, taps: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD,
+                  recipe: str = "fast", device: str = "auto", **options) -> AnalysisResult:
+    """Validate everything cheap first (model, options, data shape), then load data and analyse."""
+    model = load_model(spec_path, checkpoint_path)
+    check_options(model, taps, threshold, recipe)
+    check_data(model, *dataset_shape(data_cfg))
+    splits = load_splits(data_cfg, seed)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return analyze(model, splits, taps, threshold, recipe, device, out_dir, norm=norm_of(data_cfg),
+                   seed=seed, **options)
+
+
+def analyze_run_dir(run_dir: str | Path, out_dir: str | Path, **options) -> AnalysisResult:
+    """Analyse the model of a run_job output folder with its own data config (the trainable's hook)."""
+    spec_path, checkpoint_path, data_cfg, seed = run_dir_inputs(run_dir)
+    return analyze_files(spec_path, checkpoint_path, data_cfg, out_dir, seed=seed, **options)
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by this CLI and ``orchestrator.analyze``."""
+    parser.add_argument("--taps", default=None, help="comma-separated tap names (default: all)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="binarisation threshold in (0, 1)")
+    parser.add_argument("--recipe", default="fast", help=f"readout recipe: {', '.join(RECIPES)}")
+    parser.add_argument("--readout-epochs", type=int, default=None, help="override the recipe's epochs")
+    parser.add_argument("--train-size", type=int, default=None, help="first N training images for the readouts")
+    parser.add_argument("--test-size", type=int, default=None, help="first N test images for the matrices")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-gib", type=float, default=DEFAULT_MAX_BYTES / 2**30,
+                        help="limit of cached training features per group of taps (GiB)")
+    parser.add_argument("--no-matrices", action="store_true", help="do not write matrices.npz")
+
+
+def analysis_options(args: argparse.Namespace) -> dict:
+    """Keyword options of ``analyze_files`` from parsed ``add_analysis_options`` arguments."""
+    for name in ("train_size", "test_size", "readout_epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    return {
+        "taps": [t for t in args.taps.split(",") if t] if args.taps is not None else None,
+        "threshold": args.threshold, "recipe": args.recipe, "device": args.device,
+        "train_size": args.train_size, "test_size": args.test_size, "batch_size": args.batch_size,
+        "readout_options": {"epochs": args.readout_epochs} if args.readout_epochs else None,
+        "max_bytes": int(args.max_gib * 2**30), "save_matrices": not args.no_matrices,
+    }
+
+
+def print_table(result: AnalysisResult) -> None:
+    print(f"{'tap':<20} {'units':>5} {'acc':>6} {'labels/unit':>11} {'noise/unit':>10} {'SNR':>7}")
+    for tap, info in result.taps.items():
+        s = info["kinds"][primary_kind(info)]["summary"]
+        print(f"{tap:<20} {s['n_units']:>5} {info['accuracy']:>6.3f} {s['mean_labels_per_unit']:>11.2f} "
+              f"{s['mean_noise_per_unit']:>10.2f} {s['snr']:>7.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=None, help="run_job output folder (spec.json, model.pt, config.json)")
+    parser.add_argument("--checkpoint", default=None, help="model state_dict (.pt)")
+    parser.add_argument("--spec", default=None, help="model spec JSON")
+    parser.add_argument("--data", default=None, help="dataset name or data YAML")
+    parser.add_argument("--data-dir", default=None, help="Parquet data root (default: DATA_DIR)")
+    parser.add_argument("--seed", type=int, default=0, help="data split and readout seed (without --run-dir)")
+    parser.add_argument("--out", required=True, help="results folder")
+    add_analysis_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        options = analysis_options(args)
+        if args.run_dir:
+            spec_path, checkpoint_path, data_cfg, seed = run_dir_inputs(args.run_dir)
+            if args.data_dir:
+                data_cfg["data_dir"] = args.data_dir
+        elif args.checkpoint and args.spec and args.data:
+            spec_path, checkpoint_path, seed = args.spec, args.checkpoint, args.seed
+            data_cfg = data_config(args.data, args.data_dir)
+        else:
+            raise InputError("give --run-dir, or all of --checkpoint, --spec and --data")
+        result = analyze_files(spec_path, checkpoint_path, data_cfg, args.out, seed=seed,
+                               log=lambda m: print(m, file=sys.stderr, flush=True), **options)
+    except (InputError, ConfigError, SpecError, DataError, MemoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_table(result)
+    print(f"results -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

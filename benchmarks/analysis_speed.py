@@ -1,0 +1,200 @@
+"""Speed of the unit-matrix analysis: fast path (class means) vs brute force (one readout pass per unit).
+
+    python benchmarks/analysis_speed.py [--data-dir DIR] [--test-size 10000] [--narrow-run-dir runs/demo]
+
+Part 1, CCT-7/3x1 (random-init weights, every tap): readouts are trained on the cached features of
+``--train-size`` training images (``--readout-epochs`` epochs of the fast recipe). The test split then
+goes through the model once, in chunks; on each chunk's features (the *same* tensors for both) the
+fast path feeds the per-label input sums (``pipeline.TapAccumulator``, also counting the readout's
+correct answers) and the brute force runs, for a random subset of ``--units-per-kind`` units of each
+tap and unit kind, the readout with every other unit silenced and accumulates its per-label output
+sums. Brute-force time is measured on the subset and extrapolated linearly to all units; the fast
+path's time (sums plus the final products with W for all units) is measured in full. The equality
+check compares the two on the subset.
+
+Part 2: the whole analysis (features, readout training, test pass, clusters) of ``cct_narrow`` on
+CPU with the default fast recipe, trained weights from ``--narrow-run-dir`` when given (its
+results folder is written to ``--narrow-out``; writing is not timed).
+
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from analysis.features import collect_features
+from analysis.pipeline import TapAccumulator, matrices_from_means, plan_groups, tap_shapes
+from analysis.readout import Readout, ReadoutResult, train_readout
+from analysis.results import write_results
+from analysis.run import analyze, load_model, norm_of, run_dir_inputs
+from analysis.units import unit_groups
+from trainables.data import load_splits
+from trainables.loader import to_model_input
+from trainables.models import build_model
+
+
+def silenced(readout: Readout, start: int, stop: int) -> Readout:
+    """A copy of the readout keeping only the weights of inputs ``start:stop`` (one unit)."""
+    copy_ = copy.deepcopy(readout).eval()
+    with torch.no_grad():
+        keep = torch.zeros_like(copy_.fc.weight)
+        keep[:, start:stop] = 1.0
+        copy_.fc.weight.mul_(keep)
+    return copy_
+
+
+def cifar(data_dir: str | None) -> dict:
+    return {"name": "cifar100", "data_dir": data_dir, "val_size": 5000, "train_size": None, "test_size": None,
+            "val_seed": 0, "normalize": "dataset"}
+
+
+def bench_fast_vs_brute(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model = build_model({"preset": "cct_7_3x1"}).eval()
+    splits = load_splits(cifar(args.data_dir), 0)
+    mean, std = torch.tensor(splits.mean), torch.tensor(splits.std)
+
+    def transform(images: np.ndarray) -> torch.Tensor:
+        return to_model_input(torch.from_numpy(np.ascontiguousarray(images)), mean, std)
+
+    taps = list(model.taps)
+    train_x, train_y = splits.train.images[:args.train_size], splits.train.labels[:args.train_size]
+    labels = torch.from_numpy(train_y)
+    shapes = tap_shapes(model, transform(splits.test.images[:1]), taps)
+    readouts: dict[str, ReadoutResult] = {}
+    start = time.perf_counter()
+    for group in plan_groups(shapes, len(train_y), int(args.max_gib * 2**30)):
+        feats = collect_features(model, train_x, group, batch_size=100, transform=transform, dtype=torch.float16)
+        for tap in group:
+            f = feats.pop(tap)
+            readouts[tap] = train_readout(f, labels, f[:0], labels[:0], model.taps[tap].kind, model.num_classes,
+                                          epochs=args.readout_epochs)
+    readout_s = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    subsets: dict[tuple[str, str], tuple[list[int], list[Readout], int, int]] = {}
+    for tap in taps:
+        info = model.taps[tap]
+        for kind, group in unit_groups(info.kind, (1, *shapes[tap]), info.head_dim).items():
+            n_units = readouts[tap].weight.shape[1] // group
+            pick = sorted(rng.choice(n_units, min(args.units_per_kind, n_units), replace=False).tolist())
+            subsets[tap, kind] = (pick, [silenced(readouts[tap].readout, u * group, (u + 1) * group) for u in pick],
+                                  n_units, group)
+
+    test_x, test_y = splits.test.images[:args.test_size], splits.test.labels[:args.test_size]
+    L = model.num_classes
+    acc = {t: TapAccumulator(readouts[t].readout, L, torch.device("cpu")) for t in taps}
+    brute_sums = {key: torch.zeros(len(sub[0]), L, L, dtype=torch.float64) for key, sub in subsets.items()}
+    fast_s = {t: 0.0 for t in taps}
+    brute_s = {key: 0.0 for key in subsets}
+    forward_s = 0.0
+    with torch.no_grad():
+        for s in range(0, len(test_y), args.chunk):
+            t0 = time.perf_counter()
+            _, feats = model(transform(test_x[s:s + args.chunk]), taps=taps)
+            forward_s += time.perf_counter() - t0
+            y = torch.from_numpy(test_y[s:s + args.chunk])
+            for tap in taps:
+                t0 = time.perf_counter()
+                acc[tap].add(feats[tap], y)
+                fast_s[tap] += time.perf_counter() - t0
+            for key, (pick, units, _, _) in subsets.items():
+                t0 = time.perf_counter()
+                for i, unit in enumerate(units):
+                    brute_sums[key][i].index_add_(0, y, unit(feats[key[0]]).double())
+                brute_s[key] += time.perf_counter() - t0
+            del feats
+
+    counts = np.bincount(test_y, minlength=L).clip(min=1)[:, None]
+    max_rel, fast_total, brute_total, brute_measured, units_total, units_measured = 0.0, 0.0, 0.0, 0.0, 0, 0
+    per_tap = {}
+    for tap in taps:
+        info = model.taps[tap]
+        t0 = time.perf_counter()
+        matrices = matrices_from_means(readouts[tap].readout, acc[tap].means(), info.kind, shapes[tap], info.head_dim)
+        fast_s[tap] += time.perf_counter() - t0
+        fast_total += fast_s[tap]
+        tap_brute = 0.0
+        for kind, fast in matrices.items():
+            pick, _, n_units, _ = subsets[tap, kind]
+            brute = brute_sums[tap, kind].numpy() / counts
+            ref = fast[pick]
+            max_rel = max(max_rel, float(np.abs(ref - brute).max() / np.abs(brute).max()))
+            tap_brute += brute_s[tap, kind] * n_units / len(pick)
+            brute_measured += brute_s[tap, kind]
+            units_total += n_units
+            units_measured += len(pick)
+        brute_total += tap_brute
+        per_tap[tap] = {"units": sum(subsets[tap, k][2] for k in matrices), "fast_s": round(fast_s[tap], 4),
+                        "brute_force_s_extrapolated": round(tap_brute, 2)}
+    return {
+        "model": "cct_7_3x1, random-init weights (timing only), every tap",
+        "data": f"CIFAR-100 test, first {len(test_y)} images; readouts on {len(train_y)} training images, "
+                f"{args.readout_epochs} epochs of the fast recipe",
+        "taps": len(taps),
+        "units_total": units_total,
+        "units_brute_forced": units_measured,
+        "fast_path_s": round(fast_total, 3),
+        "brute_force_s_measured_on_subset": round(brute_measured, 2),
+        "brute_force_s_extrapolated_all_units": round(brute_total, 1),
+        "extrapolation": f"linear per tap and unit kind: measured time x (units / {args.units_per_kind} sampled units)",
+        "speedup": round(brute_total / fast_total, 1),
+        "max_relative_difference_on_subset": max_rel,
+        "test_forward_pass_s": round(forward_s, 1),
+        "readout_features_and_training_s": round(readout_s, 1),
+        "threads": torch.get_num_threads(),
+        "per_tap": per_tap,
+    }
+
+
+def bench_narrow(args: argparse.Namespace) -> dict:
+    if args.narrow_run_dir:
+        spec_path, ckpt, data_cfg, seed = run_dir_inputs(args.narrow_run_dir)
+        model, weights = load_model(spec_path, ckpt), f"trained ({args.narrow_run_dir})"
+    else:
+        torch.manual_seed(0)
+        model, data_cfg, seed, weights = build_model({"preset": "cct_narrow"}), cifar(args.data_dir), 0, "random-init"
+        data_cfg["train_size"] = 10000
+    if args.data_dir:
+        data_cfg["data_dir"] = args.data_dir
+    splits = load_splits(data_cfg, seed)
+    start = time.perf_counter()
+    result = analyze(model, splits, norm=norm_of(data_cfg), seed=seed, max_bytes=int(args.max_gib * 2**30))
+    total = time.perf_counter() - start
+    if args.narrow_out:
+        write_results(result, args.narrow_out)
+    return {"model": f"cct_narrow, {weights}", "train_images": len(splits.train), "test_images": len(splits.test),
+            "taps": len(result.taps), "recipe": "fast (defaults)", "total_s": round(total, 1),
+            "stages_s": {k: round(v, 1) for k, v in result.meta["timings"].items()},
+            "groups": result.meta["groups"], "under_10_min": total < 600}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR"))
+    parser.add_argument("--test-size", type=int, default=10000)
+    parser.add_argument("--train-size", type=int, default=500)
+    parser.add_argument("--readout-epochs", type=int, default=3)
+    parser.add_argument("--units-per-kind", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--max-gib", type=float, default=3.0)
+    parser.add_argument("--narrow-run-dir", default=None, help="run_job folder of a trained cct_narrow")
+    parser.add_argument("--narrow-out", default=None, help="also write the cct_narrow results folder here")
+    parser.add_argument("--skip", choices=("fast-vs-brute", "narrow"), action="append", default=[])
+    args = parser.parse_args()
+    out = {"device": "cpu", "cpu_count": os.cpu_count()}
+    if "fast-vs-brute" not in args.skip:
+        out["fast_vs_brute_force"] = bench_fast_vs_brute(args)
+    if "narrow" not in args.skip:
+        out["cct_narrow_full_analysis"] = bench_narrow(args)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

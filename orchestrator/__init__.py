@@ -1,0 +1,1 @@
+"""Sweeps on Ray Tune with Optuna search, recorded in MLflow: the only layer that imports them."""

@@ -1,0 +1,50 @@
+"""Command line: ``python -m orchestrator sweep SPEC.yaml | resume NAME | runs NAME``.
+
+Exit codes: 0 done, 1 some trials failed, 2 bad spec or arguments (one line on stderr, nothing
+written), 130 interrupted (continue with ``resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.runs import format_runs
+from orchestrator.sweep import resume_sweep, run_sweep
+from orchestrator.sweep_spec import SweepError
+from orchestrator.tracking import open_client
+from trainables.config import ConfigError
+from trainables.data import DataError
+from trainables.models import SpecError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    sweep = commands.add_parser("sweep", help="validate a sweep spec and run it")
+    sweep.add_argument("spec", help="sweep spec YAML")
+    resume = commands.add_parser("resume", help="continue an interrupted sweep")
+    resume.add_argument("name", help="the sweep's name")
+    for sub in (sweep, resume):
+        sub.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+        sub.add_argument("--storage-path", default=None, help="Tune storage folder or URI (default: the spec's)")
+    runs = commands.add_parser("runs", help="print a sweep's trials from MLflow")
+    runs.add_argument("name", help="the sweep's name")
+    for sub in (sweep, resume, runs):
+        sub.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "runs":
+            client, uri = open_client(args.tracking_uri, create=False)
+            print(format_runs(client, args.name, uri))
+            return 0
+        if args.command == "sweep":
+            return run_sweep(args.spec, args.address, args.tracking_uri, args.storage_path)
+        return resume_sweep(args.name, args.address, args.tracking_uri, args.storage_path)
+    except (SweepError, ConfigError, SpecError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,432 @@
+"""Sweep specs: a YAML file naming the data, a base job config, the axes and how to search them.
+
+``load_spec`` checks every field and builds every cell's job config with ``trainables.train.prepare``
+before anything starts, so a bad spec fails with one line naming the field
+(``sweep.axes.heads: empty axis``) and nothing is written anywhere.
+
+Axis names: ``seed`` (replicas), a model field (``heads``, ``n_conv_blocks``, ``preset``...), a
+top-level job field (``epochs``) or a dotted job path (``recipe.lr``). An axis whose values are all
+mappings is tied: each value sets several fields at once (``{heads: 16, head_dim: 8}``).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainables.config import DEFAULT_CONFIG, ConfigError, resolve_config, set_dotted
+from trainables.data import DataError, check_data_available
+from trainables.models import SpecError
+from trainables.train import prepare
+
+# Metrics every epoch reports, and those known only when a trial ends.
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")
+FINAL_METRICS = ("test_acc", "test_loss", "latency_ms_b1", "latency_ms_per_image_large_batch", "params", "macs")
+SCHEDULER_METRIC = "val_acc"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_SCALARS = (int, float, str, bool, type(None))
+
+# key: (allowed types, default); a default of ... marks a required key.
+_TOP = {
+    "name": ((str,), ...),
+    "data": ((dict,), ...),
+    "base": ((dict,), {}),
+    "axes": ((dict,), ...),
+    "search": ((dict,), {}),
+    "scheduler": ((str, dict), "none"),
+    "resources": ((dict,), {}),
+    "max_concurrent": ((int, type(None)), None),
+    "max_failures": ((int,), 2),
+    "keep_checkpoints": ((int,), 2),
+    "analyze": ((bool,), False),
+    "storage_path": ((str,), "runs/sweeps"),
+}
+_SEARCH = {
+    "mode": ((str,), "grid"),
+    "num_samples": ((int,), 1),
+    "metrics": ((dict,), {"val_acc": "max"}),
+    "distributions": ((dict,), {}),
+    "seed": ((int,), 0),
+}
+_SCHEDULER = {"name": ((str,), ...), "grace_period": ((int,), 1), "reduction_factor": ((int, float), 2)}
+_RESOURCES = {"cpus": ((int, float), 1), "gpus": ((int, float), 0)}
+_DISTRIBUTION = {
+    "type": ((str,), ...),
+    "low": ((int, float), None),
+    "high": ((int, float), None),
+    "log": ((bool,), False),
+    "step": ((int, float, type(None)), None),
+    "choices": ((list,), None),
+}
+
+
+class SweepError(ValueError):
+    """A sweep spec is invalid; the message starts with the field, e.g. ``sweep.axes.heads:``."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of the sweep: a name and its values (scalars, or mappings for a tied axis)."""
+
+    name: str
+    values: tuple
+
+    @property
+    def tied(self) -> bool:
+        return isinstance(self.values[0], dict)
+
+    def choices(self) -> list:
+        """What a trial's config holds for this axis: the value, or a label for a tied value."""
+        return [_label(v) for v in self.values] if self.tied else list(self.values)
+
+    def assignments(self, choice: Any) -> dict[str, Any]:
+        """Job-config paths and values that a choice sets."""
+        if not self.tied:
+            return {field_path(self.name): choice}
+        value = self.values[self.choices().index(choice)]
+        return {field_path(k): v for k, v in value.items()}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """An Optuna distribution over one job field (optuna mode only)."""
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+
+    def to_optuna(self):
+        import optuna.distributions as od
+
+        if self.kind == "categorical":
+            return od.CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return od.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return od.FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep. ``source`` is the spec text as written (logged to the parent run)."""
+
+    name: str
+    data: dict
+    base: dict
+    axes: tuple[Axis, ...]
+    mode: str
+    num_samples: int
+    metrics: dict[str, str]
+    distributions: tuple[Distribution, ...]
+    search_seed: int
+    scheduler: str
+    grace_period: int
+    reduction_factor: float
+    cpus: float
+    gpus: float
+    max_concurrent: int | None
+    max_failures: int
+    keep_checkpoints: int
+    analyze: bool
+    storage_path: str
+    source: str
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per trial: its CPU share, at least one."""
+        return max(1, int(self.cpus))
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every cell of the product of the axes, as trial configs (without repeats)."""
+        names = [a.name for a in self.axes]
+        return [dict(zip(names, combo)) for combo in itertools.product(*(a.choices() for a in self.axes))]
+
+    def check_points(self) -> dict[str, dict[str, Any]]:
+        """Trial configs that cover every cell and each distribution's extremes, by label."""
+        points = {",".join(f"{_short(k)}={v}" for k, v in self.assignments(p).items()): p for p in self.grid_points()}
+        first = self.grid_points()[0]
+        for dist in self.distributions:
+            for value in dist.choices if dist.kind == "categorical" else (dist.low, dist.high):
+                value = int(value) if dist.kind == "int" else value
+                points[f"{dist.name}={value}"] = {**first, dist.name: value}
+        return points
+
+    def max_epochs(self) -> int:
+        """The most epochs any trial trains (the ASHA horizon)."""
+        return max(resolve_config(self.job_config(p))["epochs"] for p in self.check_points().values())
+
+    def num_trials(self) -> int:
+        return len(self.grid_points()) * self.num_samples if self.mode == "grid" else self.num_samples
+
+    def assignments(self, point: dict[str, Any]) -> dict[str, Any]:
+        """Job-config paths and values that a trial config sets, in axis order then distributions."""
+        out: dict[str, Any] = {}
+        for axis in self.axes:
+            if axis.name in point:
+                out.update(axis.assignments(point[axis.name]))
+        for dist in self.distributions:
+            if dist.name in point:
+                out[field_path(dist.name)] = point[dist.name]
+        return out
+
+    def job_config(self, point: dict[str, Any]) -> dict:
+        """The job config of one trial: base, data, then the trial's assignments."""
+        job = copy.deepcopy(self.base)
+        job["data"] = copy.deepcopy(self.data)
+        job.setdefault("model", {"preset": DEFAULT_CONFIG["model"]["preset"]})
+        for path, value in self.assignments(point).items():
+            set_dotted(job, path, value)
+        return job
+
+    def variant(self, point: dict[str, Any]) -> str:
+        """The cell without the seed, e.g. ``heads=16,head_dim=8,n_conv_blocks=1``."""
+        return ",".join(f"{_short(p)}={v}" for p, v in self.assignments(point).items() if p != "seed")
+
+    def seed(self, point: dict[str, Any]) -> int:
+        return int(resolve_config(self.job_config(point))["seed"])
+
+
+def field_path(name: str) -> str:
+    """Job-config path of an axis or distribution name (``heads`` -> ``model.heads``)."""
+    if "." in name or (name in DEFAULT_CONFIG and not isinstance(DEFAULT_CONFIG[name], dict)):
+        return name
+    return f"model.{name}"
+
+
+def load_spec(path: str | Path, storage_path: str | None = None) -> SweepSpec:
+    """Read and fully validate a sweep spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep spec {path}: not found")
+    return parse_spec(path.read_text(), storage_path, origin=str(path))
+
+
+def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec") -> SweepSpec:
+    """Validate spec text: schema, axes, search, then every cell's job config and the data."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SweepError(f"sweep spec {origin}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"sweep spec {origin}: must hold a mapping at the top level")
+    top = _fields(raw, _TOP, "sweep")
+    if not _NAME.match(top["name"]):
+        raise SweepError(f"sweep.name: must be letters, digits, '_', '.' or '-', got {top['name']!r}")
+    if "data" in top["base"]:
+        raise SweepError("sweep.base.data: give the data in sweep.data")
+    if top["base"].get("checkpoint") is False:
+        raise SweepError("sweep.base.checkpoint: must stay true (sweeps checkpoint every epoch)")
+    search = _fields(top["search"], _SEARCH, "sweep.search")
+    sched = _scheduler(top["scheduler"])
+    res = _fields(top["resources"], _RESOURCES, "sweep.resources")
+    _positive(res["cpus"], "sweep.resources.cpus", strict=True)
+    _positive(res["gpus"], "sweep.resources.gpus", strict=False)
+    for key, low in (("max_failures", 0), ("keep_checkpoints", 1), ("max_concurrent", 1)):
+        if top[key] is not None and top[key] < low:
+            raise SweepError(f"sweep.{key}: must be >= {low}, got {top[key]}")
+    spec = SweepSpec(
+        name=top["name"],
+        data=top["data"],
+        base=top["base"],
+        axes=_axes(top["axes"]),
+        mode=_choice(search["mode"], ("grid", "optuna"), "sweep.search.mode"),
+        num_samples=search["num_samples"],
+        metrics=_metrics(search["metrics"]),
+        distributions=tuple(_distribution(n, d) for n, d in search["distributions"].items()),
+        search_seed=search["seed"],
+        scheduler=sched["name"],
+        grace_period=sched["grace_period"],
+        reduction_factor=float(sched["reduction_factor"]),
+        cpus=float(res["cpus"]),
+        gpus=float(res["gpus"]),
+        max_concurrent=top["max_concurrent"],
+        max_failures=top["max_failures"],
+        keep_checkpoints=top["keep_checkpoints"],
+        analyze=top["analyze"],
+        storage_path=_storage(storage_path or top["storage_path"]),
+        source=text,
+    )
+    _check_search(spec)
+    _check_cells(spec)
+    return spec
+
+
+# ---------------------------------------------------------------- schema helpers
+
+def _fields(raw: Any, schema: dict, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise SweepError(f"{where}: must be a mapping")
+    for key in raw:
+        if key not in schema:
+            raise SweepError(f"{where}.{key}: unknown key (known: {', '.join(schema)})")
+    out = {}
+    for key, (types, default) in schema.items():
+        if key not in raw:
+            if default is ...:
+                raise SweepError(f"{where}.{key}: required")
+            out[key] = copy.deepcopy(default)
+            continue
+        value = raw[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise SweepError(f"{where}.{key}: must be {names}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _choice(value: str, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise SweepError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _positive(value: float, where: str, strict: bool) -> None:
+    if value < 0 or (strict and value == 0):
+        raise SweepError(f"{where}: must be {'> 0' if strict else '>= 0'}, got {value}")
+
+
+def _scheduler(raw: str | dict) -> dict:
+    sched = _fields({"name": raw} if isinstance(raw, str) else raw, _SCHEDULER, "sweep.scheduler")
+    _choice(sched["name"], ("none", "asha"), "sweep.scheduler" if isinstance(raw, str) else "sweep.scheduler.name")
+    if sched["grace_period"] < 1:
+        raise SweepError(f"sweep.scheduler.grace_period: must be >= 1, got {sched['grace_period']}")
+    if sched["reduction_factor"] <= 1:
+        raise SweepError(f"sweep.scheduler.reduction_factor: must be > 1, got {sched['reduction_factor']}")
+    return sched
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _label(value: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in value.items())
+
+
+def _short(path: str) -> str:
+    return path.removeprefix("model.")
+
+
+# ---------------------------------------------------------------- axes, metrics, distributions
+
+def _axes(raw: dict) -> tuple[Axis, ...]:
+    if not raw:
+        raise SweepError("sweep.axes: needs at least one axis")
+    axes, owner = [], {}
+    for name, values in raw.items():
+        where = f"sweep.axes.{name}"
+        if not isinstance(name, str) or not _AXIS.match(name):
+            raise SweepError(f"{where}: axis names are letters, digits, '_' and '.'")
+        if not isinstance(values, list):
+            raise SweepError(f"{where}: must be a list of values, got {values!r}")
+        if not values:
+            raise SweepError(f"{where}: empty axis")
+        tied = isinstance(values[0], dict)
+        for value in values:
+            if tied != isinstance(value, dict) or not (tied or isinstance(value, _SCALARS)):
+                raise SweepError(f"{where}: values must be all scalars or all mappings, got {value!r}")
+            if tied and not value:
+                raise SweepError(f"{where}: a tied value must set at least one field")
+            if tied and any(not isinstance(v, _SCALARS) for v in value.values()):
+                raise SweepError(f"{where}: tied values must map fields to scalars, got {value!r}")
+        axis = Axis(name, tuple(values))
+        if len(set(map(repr, axis.choices()))) != len(values):
+            raise SweepError(f"{where}: duplicate values")
+        for path in {p for v in axis.choices() for p in axis.assignments(v)}:
+            if path in owner:
+                raise SweepError(f"{where}: sets {path}, already set by axis {owner[path]}")
+            owner[path] = name
+        axes.append(axis)
+    return tuple(axes)
+
+
+def _metrics(raw: dict) -> dict[str, str]:
+    if not raw:
+        raise SweepError("sweep.search.metrics: needs at least one metric")
+    known = EPOCH_METRICS + FINAL_METRICS
+    for name, mode in raw.items():
+        if name not in known:
+            raise SweepError(f"sweep.search.metrics.{name}: unknown metric (known: {', '.join(known)})")
+        _choice(mode, ("max", "min"), f"sweep.search.metrics.{name}")
+    return dict(raw)
+
+
+def _distribution(name: str, raw: Any) -> Distribution:
+    where = f"sweep.search.distributions.{name}"
+    if not isinstance(name, str) or not _AXIS.match(name):
+        raise SweepError(f"{where}: names are letters, digits, '_' and '.'")
+    d = _fields(raw, _DISTRIBUTION, where)
+    kind = _choice(d["type"], ("float", "int", "categorical"), f"{where}.type")
+    if kind == "categorical":
+        if not d["choices"] or any(not isinstance(c, _SCALARS) for c in d["choices"]):
+            raise SweepError(f"{where}.choices: must be a non-empty list of scalars")
+        return Distribution(name, kind, choices=tuple(d["choices"]))
+    for key in ("low", "high"):
+        if d[key] is None:
+            raise SweepError(f"{where}.{key}: required for type {kind}")
+    if d["low"] >= d["high"]:
+        raise SweepError(f"{where}: low must be below high, got {d['low']} >= {d['high']}")
+    if d["log"] and d["low"] <= 0:
+        raise SweepError(f"{where}.low: must be > 0 with log: true, got {d['low']}")
+    if d["log"] and d["step"] is not None:
+        raise SweepError(f"{where}.step: not allowed with log: true")
+    if d["step"] is not None and d["step"] <= 0:
+        raise SweepError(f"{where}.step: must be > 0, got {d['step']}")
+    return Distribution(name, kind, low=d["low"], high=d["high"], log=d["log"], step=d["step"])
+
+
+def _check_search(spec: SweepSpec) -> None:
+    if spec.num_samples < 1:
+        raise SweepError(f"sweep.search.num_samples: must be >= 1, got {spec.num_samples}")
+    if spec.mode == "grid" and spec.distributions:
+        raise SweepError("sweep.search.distributions: only used with mode optuna")
+    if spec.mode == "optuna" and len(spec.metrics) == 1:
+        name = next(iter(spec.metrics))
+        if name not in EPOCH_METRICS:
+            raise SweepError(f"sweep.search.metrics.{name}: a single objective must be reported every epoch "
+                             f"({', '.join(EPOCH_METRICS)})")
+    axis_paths = {p for a in spec.axes for v in a.choices() for p in a.assignments(v)}
+    names = {a.name for a in spec.axes}
+    for dist in spec.distributions:
+        if dist.name in names or field_path(dist.name) in axis_paths:
+            raise SweepError(f"sweep.search.distributions.{dist.name}: already set by an axis")
+
+
+def _check_cells(spec: SweepSpec) -> None:
+    """Build every distinct cell's job config (and each distribution's extremes) and check the data."""
+    try:
+        prepare(spec.job_config({}))
+    except (ConfigError, SpecError, DataError) as exc:
+        raise SweepError(f"{_section(exc)}: {exc}") from None
+    datas = {}
+    for label, point in spec.check_points().items():
+        try:
+            cfg, _ = prepare(spec.job_config(point))
+        except (ConfigError, SpecError, DataError) as exc:
+            raise SweepError(f"sweep.axes: cell {label}: {exc}") from None
+        datas[repr(sorted(cfg["data"].items()))] = cfg["data"]
+    for data in datas.values():
+        try:
+            check_data_available(data)
+        except DataError as exc:
+            raise SweepError(f"sweep.data: {exc}") from None
+
+
+def _section(exc: Exception) -> str:
+    """The spec section a job-config error belongs to: the data, or the base config."""
+    text = str(exc)
+    return "sweep.data" if isinstance(exc, DataError) or text.startswith(("config.data", "data.")) else "sweep.base"

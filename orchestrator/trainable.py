@@ -1,0 +1,105 @@
+"""The Ray Tune function trainable: one trial runs ``trainables.train.run_job`` for one cell.
+
+Every epoch's checkpoint folder (with the MLflow run id written into it) is reported to Tune, so a
+retried or resumed trial continues from its last epoch in the same MLflow child run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mlflow import MlflowClient
+from ray import tune
+
+from orchestrator.figures import plot_curves
+from orchestrator.sweep_spec import FINAL_METRICS, SweepSpec
+from orchestrator.tracking import SWEEP, TRIAL_ID, ChildRun, flatten
+from trainables.train import prepare, run_job
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares: the spec and where its MLflow records go."""
+
+    spec: SweepSpec
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+class EpochReporter:
+    """``on_epoch`` callback: run id into the checkpoint, metrics to MLflow, metrics and checkpoint to Tune.
+
+    The last epoch is reported after the final evaluation, so Tune's last result (what Optuna and
+    ``runs`` read) also holds the test metrics and the latency.
+    """
+
+    def __init__(self, child: ChildRun, epochs: int):
+        self.child = child
+        self.epochs = epochs
+        self.last: tuple[dict, Path] | None = None
+
+    def __call__(self, metrics: dict, ckpt_dir: Path) -> None:
+        (ckpt_dir / RUN_ID_FILE).write_text(self.child.run_id)
+        self.child.log_epoch(metrics)
+        if metrics["epoch"] + 1 < self.epochs:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+        else:
+            self.last = (metrics, ckpt_dir)
+
+    def report_last(self, summary: dict) -> None:
+        metrics, ckpt_dir = self.last
+        final = {k: summary[k] for k in FINAL_METRICS}
+        tune.report({**metrics, **final}, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+
+
+def restore(checkpoint: tune.Checkpoint | None, folder: Path) -> tuple[Path | None, str | None, int]:
+    """(local checkpoint folder, MLflow run id, first epoch to train) of a restored trial."""
+    if checkpoint is None:
+        return None, None, 0
+    checkpoint.to_directory(str(folder))
+    epoch = json.loads((folder / "meta.json").read_text())["epoch"]
+    return folder, (folder / RUN_ID_FILE).read_text().strip(), epoch + 1
+
+
+def train_trial(config: dict, context: TrialContext) -> None:
+    """Train the trial's cell; log its child run; report and checkpoint every epoch."""
+    spec = context.spec
+    torch.set_num_threads(spec.threads)
+    job = spec.job_config(config)
+    cfg, model_spec = prepare(job)
+    trial_id = tune.get_context().get_trial_id()
+    tags = {
+        SWEEP: spec.name,
+        TRIAL_ID: trial_id,
+        "unitlab.dataset": cfg["data"]["name"],
+        "unitlab.num_classes": str(model_spec["num_classes"]),
+        "unitlab.variant": spec.variant(config),
+        "unitlab.seed": str(spec.seed(config)),
+    }
+    client = MlflowClient(context.tracking_uri)
+    for stale in Path(tempfile.gettempdir()).glob(f"unitlab-{trial_id}-*"):  # left by a killed attempt
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"unitlab-{trial_id}-") as tmp:
+        resume_from, run_id, start_epoch = restore(tune.get_checkpoint(), Path(tmp) / "restored")
+        child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg), run_id,
+                              start_epoch)
+        if child.finished:  # finished before an interrupted driver could record it: report, do not rerun
+            tune.report(child.latest)
+            return
+        reporter = EpochReporter(child, cfg["epochs"])
+        job_dir = Path(tmp) / "job"
+        try:
+            summary = run_job(job, job_dir, on_epoch=reporter, resume_from=resume_from)
+            plot_curves(summary["history"], job_dir / "curves.png", title=f"{spec.name}: {tags['unitlab.variant']}")
+            child.finish(summary, job_dir)
+        except Exception as exc:
+            child.fail(exc)
+            raise
+        reporter.report_last(summary)

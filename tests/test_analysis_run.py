@@ -1,0 +1,159 @@
+"""The analysis pipeline end to end: CLI outputs, fast path vs brute force on trained taps, bad input,
+and logging into a real MLflow (SQLite) trial run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from analysis.features import collect_features
+from analysis.reference import reference_unit_matrices
+from analysis.results import load_label_sets, load_matrices
+from analysis.run import analyze, load_model, main
+from trainables.data import load_splits
+from trainables.loader import to_model_input
+from trainables.train import run_job
+
+from conftest import synthetic_job
+
+TINY = {"preset": "cct_tiny", "blocks": 2, "n_conv_blocks": 1}
+FAST = ["--readout-epochs", "4", "--batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run_job folder of a tiny conv-replaced CCT trained for two epochs on synthetic data."""
+    out = tmp_path_factory.mktemp("run")
+    run_job(synthetic_job(model=TINY, checkpoint=False), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "results"
+    assert main(["--run-dir", str(trained), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_cli_writes_consistent_outputs(results, trained):
+    model = load_model(trained / "spec.json", trained / "model.pt")
+    names = {"units.parquet", "coverage.parquet", "taps.parquet", "taps.json", "label_sets.json", "matrices.npz"}
+    assert names <= {p.name for p in results.iterdir()}
+    figures = {p.name for p in (results / "figures").iterdir()}
+    assert {"depth.png", "shp_block.1.heads.png", "heads_labels.png"} <= figures
+
+    units = pq.read_table(results / "units.parquet").to_pylist()
+    matrices = load_matrices(results / "matrices.npz")
+    label_sets = load_label_sets(results / "label_sets.json")
+    assert list(matrices) == list(model.taps) == list(label_sets)
+    for tap, kinds in matrices.items():
+        for kind, m in kinds.items():
+            rows = [u for u in units if u["tap"] == tap and u["unit_kind"] == kind]
+            assert m.dtype == np.float32 and m.shape == (len(rows), 4, 4)
+            assert [set(u["labels"]) for u in rows] == label_sets[tap][kind]
+            assert all(u["n_labels"] == len(u["labels"]) == sum(map(len, u["clusters"])) for u in rows)
+    assert set(matrices["conv_block.0"]) == {"filter"} and set(matrices["block.1.heads"]) == {"node", "head"}
+
+    coverage = pq.read_table(results / "coverage.parquet").to_pylist()
+    for tap, kinds in label_sets.items():
+        for kind, sets in kinds.items():
+            counts = [c["units"] for c in coverage if c["tap"] == tap and c["unit_kind"] == kind]
+            assert counts == [sum(label in s for s in sets) for label in range(4)]
+
+    taps = json.loads((results / "taps.json").read_text())
+    heads = taps["taps"]["block.1.heads"]["heads_structure"]
+    assert set(heads["control"]) >= {"mean_max_share", "mean_entropy", "jaccard"}
+    assert np.array(heads["node_counts"]).shape == (2, 4)
+    rows = pq.read_table(results / "taps.parquet").to_pylist()
+    assert sum(r["primary"] for r in rows) == len(model.taps)
+    assert all(0.0 <= r["readout_acc"] <= 1.0 for r in rows)
+
+
+def test_fast_path_equals_brute_force_on_trained_taps(trained):
+    cfg = json.loads((trained / "config.json").read_text())
+    splits = load_splits(cfg["data"], cfg["seed"])
+    model = load_model(trained / "spec.json", trained / "model.pt")
+    taps = ["conv_block.0", "block.1.heads"]
+    result = analyze(model, splits, taps, readout_options={"epochs": 4}, batch_size=50)
+    mean, std = torch.tensor(splits.mean), torch.tensor(splits.std)
+    test_x = to_model_input(torch.from_numpy(splits.test.images), mean, std)
+    feats = collect_features(model, test_x, taps)
+    y = torch.from_numpy(splits.test.labels)
+    for tap in taps:
+        readout = result.readouts[tap].readout
+        for kind, fast in result.matrices[tap].items():
+            ref = reference_unit_matrices(readout, feats[tap], y, 4, kind, head_dim=model.taps[tap].head_dim)
+            assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max(), (tap, kind)
+        assert result.taps[tap]["accuracy"] == pytest.approx(
+            float((readout(feats[tap]).argmax(1) == y).float().mean()))
+
+
+def _write(path: Path, data: dict) -> str:
+    path.write_text(json.dumps(data) if path.suffix == ".json" else yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "tap", "threshold0", "threshold1.5", "classes"])
+def test_bad_input_exits_2_with_one_line(case, trained, tmp_path, capsys):
+    spec = json.loads((trained / "spec.json").read_text())
+    data = {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 32, "test_size": 16}
+    args = {"--checkpoint": str(trained / "model.pt"), "--spec": str(trained / "spec.json")}
+    extra: list[str] = []
+    if case == "checkpoint":
+        args["--spec"] = _write(tmp_path / "wide.json", {**spec, "width": 48})
+    elif case == "tap":
+        extra = ["--taps", "block.1.heads,block.9.out"]
+    elif case.startswith("threshold"):
+        extra = ["--threshold", case.removeprefix("threshold")]
+    else:
+        data["num_classes"] = 5
+    args["--data"] = _write(tmp_path / "data.yaml", data)
+    out = tmp_path / "out"
+    code = main([*(x for kv in args.items() for x in kv), "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert not out.exists()
+
+
+def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.analyze import analysis_metrics, config_from_params
+    from orchestrator.analyze import main as orchestrate
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("sweep-a", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp, tags={"unitlab.role": "sweep", "unitlab.sweep": "sweep-a"}).info.run_id
+    trial = client.create_run(exp, tags={"unitlab.role": "trial", "unitlab.sweep": "sweep-a",
+                                         "mlflow.parentRunId": parent}).info.run_id
+    for name in ("spec.json", "model.pt"):
+        client.log_artifact(trial, str(trained / name), "model")
+    for name in ("config.json", "summary.json"):
+        client.log_artifact(trial, str(trained / name))
+    client.set_terminated(trial)
+
+    taps = "block.1.heads,final_norm"
+    kept = tmp_path / "kept"
+    assert orchestrate(["sweep-a", "--tracking-uri", uri, "--taps", taps, "--out", str(kept), *FAST]) == 0
+    expected = analysis_metrics(json.loads((kept / trial / "taps.json").read_text()))
+    metrics = client.get_run(trial).data.metrics
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
+    assert {"readout_acc/final_norm", "labels_per_unit/final_norm", "noise_per_unit/final_norm",
+            "labels_per_head/block.1.heads", "head_max_share_control/block.1.heads"} <= set(expected)
+    logged = {f.path for f in client.list_artifacts(trial, "analysis")}
+    assert {"analysis/taps.json", "analysis/units.parquet", "analysis/label_sets.json",
+            "analysis/matrices.npz", "analysis/figures"} <= logged
+    assert client.get_run(trial).data.tags["unitlab.analysis.threshold"] == "0.3"
+
+    assert orchestrate([parent, "--tracking-uri", uri, "--taps", taps]) == 0  # already analysed: skipped
+    assert "already analysed" in capsys.readouterr().out
+    assert orchestrate(["no-such-sweep", "--tracking-uri", uri]) == 2
+    assert config_from_params({"data.name": "synthetic", "data.num_classes": "4", "seed": "3", "lr": "0.1"}) == \
+        {"data": {"name": "synthetic", "num_classes": 4}, "seed": 3}

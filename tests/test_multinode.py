@@ -1,0 +1,119 @@
+"""Two Ray nodes on loopback (`ray start --head` + `ray start --address`), an `mlflow server` on
+127.0.0.1, and a sweep submitted with `ray job submit`: trials run on both nodes and every run
+lands on the server with its artifacts."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import REPO
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A head node, a second node with its own custom resource, and an MLflow server, all on loopback."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    gcs_port, dash_port, mlflow_port = free_port(), free_port(), free_port()
+    ray_tmp = Path("/tmp") / f"ray-mn-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    started = []
+    try:
+        subprocess.run(
+            [BIN / "ray", "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--num-gpus=0", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+             f"--temp-dir={ray_tmp}", "--resources={\"head_node\": 1}", "--disable-usage-stats"],
+            check=True, env=env, cwd=tmp_path, capture_output=True,
+        )
+        started.append("ray")
+        subprocess.run(
+            [BIN / "ray", "start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--num-gpus=0", "--resources={\"second_node\": 1}", "--disable-usage-stats"],
+            check=True, env=env, cwd=tmp_path, capture_output=True,
+        )
+        server = subprocess.Popen(
+            [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts", "--workers", "1"],
+            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        started.append(server)
+        wait_for(lambda: port_open(mlflow_port), 120, "mlflow server")
+        wait_for(lambda: port_open(dash_port), 60, "ray dashboard")
+        yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}",
+               "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env}
+    finally:
+        for item in started:
+            if isinstance(item, subprocess.Popen):
+                item.terminate()
+                item.wait(timeout=30)
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
+    spec = {
+        "name": "multinode",
+        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 128, "val_size": 32,
+                 "test_size": 32},
+        "base": {"model": {"preset": "cct_tiny"}, "epochs": 2, "batch_size": 32,
+                 "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
+                 "latency": {"large_batch": 8, "repeats": 2}},
+        "axes": {"n_conv_blocks": [0, 1], "seed": [0]},
+        "search": {"mode": "grid"},
+        "resources": {"cpus": 1, "gpus": 0},
+        "max_concurrent": 2,
+        "storage_path": str(tmp_path / "tune"),
+    }
+    spec_file = tmp_path / "multinode.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    job = subprocess.run(
+        [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--",
+         sys.executable, "-m", "orchestrator", "sweep", str(spec_file), "--tracking-uri", cluster["mlflow"]],
+        env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+
+    client = MlflowClient(cluster["mlflow"])
+    experiment = client.get_experiment_by_name("multinode")
+    runs = client.search_runs([experiment.experiment_id])
+    trials = [r for r in runs if r.data.tags.get("unitlab.role") == "trial"]
+    assert len([r for r in runs if r.data.tags.get("unitlab.role") == "sweep"]) == 1
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    assert len({r.data.tags["unitlab.node_id"] for r in trials}) == 2, "trials did not use both nodes"
+    for run in trials:
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "probs")}
+        assert files == {"probs/probs_val.parquet", "probs/probs_test.parquet"}
+        spec_path = client.download_artifacts(run.info.run_id, "model/spec.json", str(tmp_path / run.info.run_id))
+        assert Path(spec_path).read_text().startswith("{")
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2

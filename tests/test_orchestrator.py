@@ -1,0 +1,304 @@
+"""Sweeps on real Ray and real MLflow (SQLite): spec validation, a full sweep, and faults.
+
+Faults: a trial's worker process killed mid-training resumes from its last checkpoint in the same
+MLflow run; a killed driver is continued by ``resume`` without rerunning or duplicating trials.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from conftest import REPO
+from orchestrator.cli import main
+from orchestrator.sweep_spec import FINAL_METRICS, load_spec
+from trainables.data import load_splits
+from trainables.models import build_model
+from trainables.probs import read_probs
+from trainables.train import evaluate, make_loaders, prepare
+
+
+def sweep_spec(name: str, epochs: int = 2, train_size: int = 256, **overrides) -> dict:
+    """Four cells (2 attention shapes x 2 conv-replaced block counts) of a tiny CCT on synthetic data."""
+    spec = {
+        "name": name,
+        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": train_size,
+                 "val_size": 64, "test_size": 64},
+        "base": {
+            "model": {"preset": "cct_tiny"},
+            "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
+            "epochs": epochs,
+            "batch_size": 32,
+            "latency": {"large_batch": 16, "repeats": 3},
+        },
+        "axes": {
+            "attention": [{"heads": 2, "head_dim": 16}, {"heads": 4, "head_dim": 8}],
+            "n_conv_blocks": [0, 1],
+            "seed": [0],
+        },
+        "resources": {"cpus": 1},
+        "max_concurrent": 2,
+    }
+    spec.update(overrides)
+    return spec
+
+
+def write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli_args(tmp_path: Path) -> list[str]:
+    return ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "store")]
+
+
+def trial_runs(tmp_path: Path, name: str) -> tuple[list, list]:
+    """(parent runs, child runs) of a sweep's experiment."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return ([r for r in runs if r.data.tags.get("unitlab.role") == "sweep"],
+            [r for r in runs if r.data.tags.get("unitlab.role") == "trial"])
+
+
+def steps(tmp_path: Path, run_id: str) -> list[int]:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+# ---------------------------------------------------------------- bad specs
+
+def _set(path: str, value):
+    def apply(spec: dict) -> None:
+        *head, last = path.split(".")
+        node = spec
+        for key in head:
+            node = node[key]
+        node[last] = value
+    return apply
+
+
+BAD_SPECS = {
+    "unknown key": (_set("epochz", 3), "sweep.epochz: unknown key"),
+    "wrong type": (_set("max_concurrent", "two"), "sweep.max_concurrent: must be int"),
+    "empty axis": (_set("axes.n_conv_blocks", []), "sweep.axes.n_conv_blocks: empty axis"),
+    "impossible model": (_set("axes.n_conv_blocks", [0, 3]), "model.n_conv_blocks: 3 exceeds model.blocks"),
+    "missing data": (_set("data", {"name": "cifar100", "data_dir": "/nonexistent/data"}), "sweep.data:"),
+    "unknown base key": (_set("base.epochz", 1), "sweep.base: config.epochz"),
+    "unknown model field": (_set("axes.head_size", [4]), "model.head_size: unknown key"),
+    "bad search mode": (_set("search", {"mode": "random"}), "sweep.search.mode"),
+    "single final objective": (_set("search", {"mode": "optuna", "metrics": {"latency_ms_b1": "min"}}),
+                               "sweep.search.metrics.latency_ms_b1"),
+    "bad distribution": (_set("search", {"mode": "optuna", "distributions": {"recipe.lr": {"type": "float",
+                                                                                        "low": 1.0, "high": 0.1}}}),
+                         "sweep.search.distributions.recipe.lr"),
+    "bad scheduler": (_set("scheduler", "hyperband"), "sweep.scheduler"),
+    "no gpus on the cluster": (_set("resources", {"cpus": 1, "gpus": 8}), "sweep.resources.gpus"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, local_ray):
+    mutate, message = BAD_SPECS[case]
+    spec = sweep_spec("bad")
+    mutate(spec)
+    assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
+
+
+def test_cli_process_rejects_a_bad_spec(tmp_path):
+    spec = sweep_spec("bad", axes={"heads": []})
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
+                             *cli_args(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == "error: sweep.axes.heads: empty axis"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_grid_and_optuna_specs_expand_to_trials(tmp_path):
+    grid = load_spec(write(tmp_path, sweep_spec("grid", search={"num_samples": 2})))
+    assert grid.num_trials() == 8
+    assert [grid.variant(p) for p in grid.grid_points()][:2] == ["heads=2,head_dim=16,n_conv_blocks=0",
+                                                                   "heads=2,head_dim=16,n_conv_blocks=1"]
+    job = grid.job_config(grid.grid_points()[-1])
+    assert job["model"] == {"preset": "cct_tiny", "heads": 4, "head_dim": 8, "n_conv_blocks": 1} and job["seed"] == 0
+    optuna = load_spec(write(tmp_path, sweep_spec("opt", search={
+        "mode": "optuna", "num_samples": 5, "metrics": {"val_acc": "max", "latency_ms_b1": "min"},
+        "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})))
+    assert optuna.num_trials() == 5 and optuna.metrics == {"val_acc": "max", "latency_ms_b1": "min"}
+    assert optuna.job_config({"recipe.lr": 0.001})["recipe"]["lr"] == 0.001
+
+
+def test_shipped_sweep_specs_are_valid(data_dir, monkeypatch):
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    paths = [p for p in sorted((REPO / "configs").glob("*.yaml")) if "axes" in yaml.safe_load(p.read_text())]
+    assert len(paths) >= 3
+    for path in paths:
+        assert load_spec(path).num_trials() >= 4, path
+
+
+# ---------------------------------------------------------------- a whole sweep
+
+def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_path, capsys):
+    spec = sweep_spec("e2e")
+    assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 0
+    parents, children = trial_runs(tmp_path, "e2e")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(parents[0].info.run_id, "sweep")] == ["sweep/spec.yaml"]
+    assert {r.data.tags["unitlab.variant"] for r in children} == {
+        f"heads={h},head_dim={d},n_conv_blocks={n}" for h, d in ((2, 16), (4, 8)) for n in (0, 1)}
+    for run in children:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED" and tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert tags["unitlab.dataset"] == "synthetic" and tags["unitlab.num_classes"] == "4"
+        assert steps(tmp_path, run.info.run_id) == [0, 1]
+        assert set(FINAL_METRICS) <= set(run.data.metrics) and run.data.params["model.heads"] in ("2", "4")
+    run = children[0]
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "art")))
+    for name in ("model/spec.json", "model/model.pt", "probs/probs_val.parquet", "probs/probs_test.parquet",
+                 "figures/curves.png", "summary.json"):
+        assert (local / name).is_file(), name
+    model = build_model(json.loads((local / "model/spec.json").read_text()))
+    model.load_state_dict(torch.load(local / "model/model.pt", weights_only=True))
+    job = load_spec(write(tmp_path, spec)).job_config({})
+    cfg, _ = prepare(job)
+    loaders = make_loaders(load_splits(cfg["data"]), cfg, torch.device("cpu"), False)
+    _, acc, probs = evaluate(model, loaders["test"], autocast=False)
+    assert acc == run.data.metrics["test_acc"]
+    assert read_probs(local / "probs/probs_test.parquet")[2].shape == probs.shape == (64, 4)
+    capsys.readouterr()
+    assert main(["runs", "e2e", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    out = capsys.readouterr().out
+    assert sum(" FINISHED " in line for line in out.splitlines()) == 4
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+
+
+def test_optuna_multi_objective_with_asha_ends_every_run(local_ray, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")  # the sweep sets it; restored afterwards
+    spec = sweep_spec("optuna", epochs=3, scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                      search={"mode": "optuna", "num_samples": 4, "metrics": {"val_acc": "max", "latency_ms_b1": "min"},
+                              "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2,
+                                                              "log": True}}})
+    assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 0
+    parents, children = trial_runs(tmp_path, "optuna")
+    assert parents[0].info.status == "FINISHED" and len(children) == 4
+    for run in children:
+        history = steps(tmp_path, run.info.run_id)
+        if run.info.status == "KILLED":  # stopped early by ASHA
+            assert run.data.tags["unitlab.stopped"] == "scheduler" and len(history) < 3
+        else:
+            assert run.info.status == "FINISHED" and history == [0, 1, 2] and "latency_ms_b1" in run.data.metrics
+    lrs = {float(r.data.params["recipe.lr"]) for r in children}
+    assert len(lrs) == 4 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert "pareto" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- faults
+
+def ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        chain.append(pid)
+    return chain
+
+
+def descendants(root: int) -> list[int]:
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    return [p for p in pids if root in ancestors(p)]
+
+
+def trial_workers(root: int) -> list[int]:
+    """Processes of Ray trial actors (titled ``ray::ImplicitFunc``) started under ``root``."""
+    found = []
+    for pid in descendants(root):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                found.append(pid)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(local_ray, tmp_path):
+    spec = sweep_spec("workerkill", epochs=4, train_size=2048, axes={"n_conv_blocks": [1]})
+    store = tmp_path / "store" / "workerkill"
+    killed = []
+
+    def kill_the_trial_after_its_first_checkpoint():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            workers = trial_workers(os.getpid())
+            if workers and list(store.glob("*/checkpoint_000000")):
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_trial_after_its_first_checkpoint)
+    killer.start()
+    assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 0
+    killer.join()
+    assert killed
+    _, children = trial_runs(tmp_path, "workerkill")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert steps(tmp_path, children[0].info.run_id) == [0, 1, 2, 3]
+    assert children[0].data.tags["unitlab.attempts"] == "2" and int(children[0].data.tags["unitlab.start_epoch"]) >= 1
+
+
+def test_killed_driver_is_resumed_without_rerunning_or_duplicating(tmp_path):
+    spec = sweep_spec("driverkill", epochs=4, train_size=4096)
+    store = tmp_path / "store" / "driverkill"
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
+                               *cli_args(tmp_path)], cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and driver.poll() is None and not list(store.glob("*/checkpoint_000003")):
+            time.sleep(0.1)  # a trial reports its last checkpoint after its MLflow run is FINISHED
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    finally:
+        tree = descendants(driver.pid)
+        driver.kill()
+        driver.wait()
+        for pid in tree:  # Ray's processes of the killed driver
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    before = {r.info.run_id: (r.info.end_time, r.data.tags["unitlab.attempts"])
+              for r in trial_runs(tmp_path, "driverkill")[1] if r.info.status == "FINISHED"}
+    assert 1 <= len(before) < 4
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "resume", "driverkill", *cli_args(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parents, children = trial_runs(tmp_path, "driverkill")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and len({r.data.tags["unitlab.trial_id"] for r in children}) == 4
+    for run in children:
+        assert run.info.status == "FINISHED" and steps(tmp_path, run.info.run_id) == [0, 1, 2, 3]
+        if run.info.run_id in before:
+            assert (run.info.end_time, run.data.tags["unitlab.attempts"]) == before[run.info.run_id]

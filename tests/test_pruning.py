@@ -1,0 +1,252 @@
+"""Pruning: mask rules, random controls, enforcement through training and save/load, the job."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analysis.prune import main as prune_main, split_config
+from analysis.prune_job import PruneConfig, _tap_groups, load_label_sets, run_prune_job
+from analysis.pruning import (PruneError, apply_masks, connection_mask, dilution, expand,
+                              full_masks, layer_connections, load_masks, model_masks, nodal_mask,
+                              output_mask, plan_layers, random_at_level, random_connections,
+                              random_label_sets, rebuild_pruned, save_masks)
+from conftest import synthetic_job
+from trainables.models import build_model
+from trainables.probs import read_probs
+from trainables.train import run_job
+
+T, F_ = True, False
+TINY_VGG = {"preset": "vgg11_afcc", "width_mult": 0.0625, "num_classes": 5}  # widths 4 .. 32, 2x2 map
+TINY_CCT = {"preset": "cct_tiny", "blocks": 2, "num_classes": 5, "image_size": 16}
+
+
+def sets(*units):
+    return [set(u) for u in units]
+
+
+# ---------------------------------------------------------------- rules
+
+def test_intersection_and_output_rules_exact():
+    ins = sets({0, 1}, {2}, set())
+    outs = sets({1}, {2, 3}, {0, 2}, set())
+    assert connection_mask(ins, outs).tolist() == [[T, F_, F_], [F_, T, F_], [T, T, F_], [F_, F_, F_]]
+    assert output_mask(ins, 4).tolist() == [[T, F_, F_], [T, F_, F_], [F_, T, F_], [F_, F_, F_]]
+    fc = expand(output_mask(ins, 4), (4, 3 * 2), "fc")  # each filter owns 2 contiguous inputs
+    assert fc[0].tolist() == [T, T, F_, F_, F_, F_] and fc[2].tolist() == [F_, F_, T, T, F_, F_]
+    conv = expand(connection_mask(ins, outs), (4, 3, 3, 3), "conv")
+    assert torch.equal(conv, connection_mask(ins, outs)[:, :, None, None].expand(4, 3, 3, 3))
+    assert torch.equal(nodal_mask(ins, outs, (4, 3)), connection_mask(ins, outs))
+    assert dilution(connection_mask(ins, outs)) == pytest.approx(1 - 4 / 12)
+    with pytest.raises(PruneError, match="do not fit"):
+        expand(connection_mask(ins, outs), (4, 5), "blocks.0.mlp.fc1.weight")
+    with pytest.raises(PruneError, match="label 4"):
+        output_mask(sets({4}), 4)
+
+
+def test_afcc_plan_and_masks_on_vgg():
+    model = build_model({**TINY_VGG, "image_size": 32})
+    layers = plan_layers(model, "afcc")
+    assert [(l.inputs, l.outputs) for l in layers] == [(f"conv.{i}", f"conv.{i + 1}") for i in range(9)] + [("conv.9", None)]
+    params = dict(model.named_parameters())
+    widths = [4, 4, 8, 8, 16, 16, 16, 32, 32, 32]
+    for i, l in enumerate(layers[:-1]):
+        assert params[l.param].shape[:2] == (widths[i + 1], widths[i])
+    label_sets = {f"conv.{i}": [{u % 5} for u in range(w)] for i, w in enumerate(widths)}
+    masks = full_masks(model, layer_connections(layers, label_sets, 5))
+    conv = masks[layers[3].param]  # conv.3 (8) -> conv.4 (16)
+    expected = torch.tensor([[j % 5 == i % 5 for i in range(8)] for j in range(16)])
+    assert torch.equal(conv, expected[:, :, None, None].expand(16, 8, 3, 3))
+    fc = masks["classifier.weight"]  # 32 filters x 2x2 positions -> 5 outputs
+    expected = torch.tensor([[j == f % 5 for f in range(32) for _ in range(4)] for j in range(5)])
+    assert torch.equal(fc, expected)
+    assert [l.inputs for l in plan_layers(model, "afcc", start_tap="conv.7")] == ["conv.7", "conv.8", "conv.9"]
+    with pytest.raises(PruneError, match="label sets: missing taps"):
+        layer_connections(layers, {"conv.0": label_sets["conv.0"]}, 5)
+
+
+def test_andc_plan_and_masks_on_cct():
+    model = build_model(TINY_CCT)  # width 32, hidden 64
+    layers = plan_layers(model, "andc")
+    assert [(l.param, l.inputs, l.outputs) for l in layers] == [
+        ("blocks.0.mlp.fc1.weight", "block.0.ff_in", "block.0.ff_hidden"),
+        ("blocks.0.mlp.fc2.weight", "block.0.ff_hidden", "block.0.out"),
+        ("blocks.1.mlp.fc1.weight", "block.1.ff_in", "block.1.ff_hidden"),
+        ("blocks.1.mlp.fc2.weight", "block.1.ff_hidden", "block.1.out")]
+    label_sets = {t: [{u % 3, 4} if u % 7 == 0 else {u % 3} for u in range(64 if "hidden" in t else 32)]
+                  for t in ("block.0.ff_in", "block.0.ff_hidden", "block.0.out")}
+    masks = full_masks(model, layer_connections(layers[:2], label_sets, 5))
+    fc1 = masks["blocks.0.mlp.fc1.weight"]
+    assert fc1.shape == (64, 32)
+    for j, i in [(0, 0), (0, 3), (1, 4), (7, 14), (2, 1)]:
+        keep = bool(label_sets["block.0.ff_in"][i] & label_sets["block.0.ff_hidden"][j])
+        assert bool(fc1[j, i]) == keep
+    with pytest.raises(PruneError, match="method: 'afcc' does not apply to a cct model"):
+        plan_layers(model, "afcc")
+    with pytest.raises(PruneError, match="start_tap: unknown tap"):
+        plan_layers(model, "andc", start_tap="block.9.out")
+
+
+def test_random_controls_keep_per_layer_dilution():
+    gen = torch.Generator().manual_seed(0)
+    conns = {"a": torch.rand(20, 30, generator=gen) > 0.8, "b": torch.rand(10, 7, generator=gen) > 0.3}
+    rand = random_connections(conns, seed=1)
+    for p in conns:
+        assert rand[p].shape == conns[p].shape and int(rand[p].sum()) == int(conns[p].sum())
+        assert not torch.equal(rand[p], conns[p])
+    assert all(torch.equal(rand[p], random_connections(conns, seed=1)[p]) for p in conns)
+    assert dilution(random_at_level((40, 25), 0.75, gen)) == 0.75
+    labels = random_label_sets({"t": 6, "u": 3}, num_labels=10, k=5, seed=2)
+    assert [len(s) for s in labels["t"] + labels["u"]] == [5] * 9
+    assert all(s <= set(range(10)) for s in labels["t"])
+    with pytest.raises(PruneError, match="random_labels_k"):
+        random_label_sets({"t": 6}, num_labels=4, k=5)
+
+
+# ---------------------------------------------------------------- enforcement
+
+def _vgg_with_random_masks(level=0.7):
+    torch.manual_seed(0)
+    model = build_model(TINY_VGG)
+    gen = torch.Generator().manual_seed(3)
+    masks = {p: random_at_level(w.shape, level, gen) for p, w in model.named_parameters()
+             if p.endswith("0.weight") or p == "classifier.weight"}
+    return model, masks
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_masks_hold_after_steps_and_save_load_rebuild(tmp_path, optimizer):
+    model, masks = _vgg_with_random_masks()
+    apply_masks(model, masks)
+    params = list(model.parameters())
+    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+           if optimizer == "sgd" else torch.optim.AdamW(params, lr=1e-2))
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for path, mask in masks.items():
+        weight = model.get_parameter(path.replace("weight", "parametrizations.weight.original"))
+        effective = dict(model.named_modules())[path.rsplit(".", 1)[0]].weight
+        assert (effective[~mask] == 0).all() and weight[mask].abs().sum() > 0
+    save_masks(tmp_path / "masks.pt", masks)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loaded = load_masks(tmp_path / "masks.pt")
+    assert all(torch.equal(loaded[p], masks[p]) for p in masks)
+    rebuilt = rebuild_pruned(model.spec, torch.load(tmp_path / "model.pt", weights_only=True), loaded)
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    assert set(model_masks(rebuilt)) == set(masks)
+
+
+def test_bad_masks_and_settings_name_the_field():
+    model, masks = _vgg_with_random_masks()
+    bad = dict(masks, **{"features.0.0.weight": torch.ones(4, 3, 3, 2, dtype=torch.bool)})
+    with pytest.raises(PruneError, match=r"^features\.0\.0\.weight: mask shape \[4, 3, 3, 2\] does not fit"):
+        apply_masks(model, bad)
+    assert not model_masks(model)  # nothing was applied
+    with pytest.raises(PruneError, match="^features.99.weight: no such parameter"):
+        apply_masks(model, {"features.99.weight": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(PruneError, match=r"^level: must be in \[0, 1\], got 1.5"):
+        random_at_level((3, 3), 1.5, torch.Generator())
+    with pytest.raises(PruneError, match=r"^prune.threshold: must be in \[0, 1\), got 1.0"):
+        PruneConfig(threshold=1.0)
+    with pytest.raises(PruneError, match=r"^prune.level: must be in \[0, 1\], got -0.1"):
+        PruneConfig(method="random", level=-0.1)
+    with pytest.raises(PruneError, match="^prune.level: only for method random"):
+        PruneConfig(method="afcc", level=0.5)
+    with pytest.raises(PruneError, match="^prune.thresold: unknown key"):
+        PruneConfig.from_dict({"thresold": 0.3})
+    with pytest.raises(PruneError, match="^prune.method: list the methods"):
+        split_config({"epochs": 1, "prune": {"method": "afcc"}})
+
+
+# ---------------------------------------------------------------- the job, end to end
+
+def test_label_sets_files_of_both_formats(tmp_path):
+    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"  # theirs: analysis.run's per-kind layout
+    ours.write_text(json.dumps({"threshold": 0.3, "taps": {"conv.0": [[1, 2], []]}}))
+    theirs.write_text(json.dumps({"threshold": 0.3, "num_classes": 5,
+                                  "taps": {"conv.0": {"filter": [[1, 2], []]},
+                                           "block.0.heads": {"node": [[4]], "head": [[3, 4]]}}}))
+    assert load_label_sets(ours) == {"conv.0": [{1, 2}, set()]}
+    assert load_label_sets(theirs) == {"conv.0": [{1, 2}, set()], "block.0.heads": [{4}]}
+
+
+def test_feature_cache_groups_fit_the_budget():
+    shapes = {"a": (2, 5), "b": (10,), "c": (30,), "d": (1,)}  # float16: 20, 20, 60, 2 bytes per image
+    assert _tap_groups(shapes, n_images=1, max_bytes=40) == [["a", "b"], ["c"], ["d"]]
+    assert _tap_groups(shapes, n_images=2, max_bytes=1000) == [["a", "b", "c", "d"]]
+
+
+FAST = {"finetune_epochs": 1, "readout_epochs": 3, "analysis_train_size": 128}
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parents")
+    out = {}
+    for name, model in (("vgg", {**TINY_VGG, "num_classes": 4, "image_size": 16}),
+                        ("cct", {**TINY_CCT, "num_classes": 4})):
+        job = synthetic_job(model=model, epochs=2)
+        if name == "vgg":
+            job["recipe"] = {"name": "sgd_step", "lr": 0.05}
+        run_job(job, root / name)
+        out[name] = root / name
+    return out
+
+
+def _check_artifacts(out, summary):
+    for name in ("masks.pt", "model.pt", "spec.json", "config.json", "summary.json",
+                 "probs_val.parquet", "probs_test.parquet"):
+        assert (out / name).is_file(), name
+    spec = json.loads((out / "spec.json").read_text())
+    model = rebuild_pruned(spec, torch.load(out / "model.pt", weights_only=True), load_masks(out / "masks.pt"))
+    _, labels, probs, _ = read_probs(out / "probs_test.parquet")
+    assert probs.shape[1] == 4 and np.isclose((probs.argmax(1) == labels).mean(), summary["test_acc"])
+    for path, mask in load_masks(out / "masks.pt").items():  # the fine-tuned weights obey the mask
+        assert (dict(model.named_modules())[path.rsplit(".", 1)[0]].weight[~mask] == 0).all()
+    assert json.loads((out / "summary.json").read_text())["test_acc"] == summary["test_acc"]
+
+
+def test_prune_job_vgg_afcc_and_random_control(parents, tmp_path):
+    guided = run_prune_job(parents["vgg"], tmp_path / "afcc", {"method": "afcc", **FAST})
+    _check_artifacts(tmp_path / "afcc", guided)
+    assert set(guided["layers"]) == {f"features.{k}.0.weight" for k in (1, 3, 4, 6, 7, 8, 10, 11, 12)} | {"classifier.weight"}
+    assert 0 < guided["dilution_pruned_layers"] < 1 and guided["params_kept"] < guided["params_total"]
+    assert set(guided["label_stats"]) == {f"conv.{i}" for i in range(10)}
+    for key in ("acc_before", "acc_pruned", "acc_finetuned"):
+        assert set(guided[key]) == {"val", "test"}
+    assert len(guided["history"]) == 1
+    control = run_prune_job(parents["vgg"], tmp_path / "random", {"method": "random", **FAST},
+                            label_sets=load_label_sets(tmp_path / "afcc" / "label_sets.json"))
+    assert control["acc_before"] == guided["acc_before"]
+    for param, layer in guided["layers"].items():
+        assert control["layers"][param]["kept"] == layer["kept"]
+    assert not torch.equal(load_masks(tmp_path / "random" / "masks.pt")["classifier.weight"],
+                           load_masks(tmp_path / "afcc" / "masks.pt")["classifier.weight"])
+    labels = run_prune_job(parents["vgg"], tmp_path / "labels",
+                           {"method": "random_labels", "random_labels_k": 2, "finetune_epochs": 0})
+    fc = load_masks(tmp_path / "labels" / "masks.pt")["classifier.weight"]  # 2 labels per filter
+    assert (fc.sum(0) == 2).all() and not labels["label_stats"]
+
+
+def test_prune_job_cct_andc_and_cli(parents, tmp_path, capsys):
+    summary = run_prune_job(parents["cct"], tmp_path / "andc", {"method": "andc", **FAST})
+    _check_artifacts(tmp_path / "andc", summary)
+    assert set(summary["layers"]) == {f"blocks.{i}.mlp.fc{k}.weight" for i in (0, 1) for k in (1, 2)}
+    assert summary["label_stats"]["block.1.ff_in"]["units"] == 32
+    rc = prune_main(["--parent", str(parents["cct"]), "--method", "random", "--level", "0.6",
+                     "--finetune-epochs", "0", "--out", str(tmp_path / "level")])
+    assert rc == 0 and "random: dilution=0.600" in capsys.readouterr().out
+    level = json.loads((tmp_path / "level" / "summary.json").read_text())
+    assert level["acc_finetuned"] == level["acc_pruned"] and not level["label_stats"]
+    assert prune_main(["--parent", str(parents["cct"]), "--method", "afcc", "--out", str(tmp_path / "x")]) == 2
+    assert "method: 'afcc' does not apply to a cct model" in capsys.readouterr().err
+    assert prune_main(["--parent", str(parents["cct"]), "--threshold", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "prune.threshold: must be in [0, 1)" in capsys.readouterr().err
