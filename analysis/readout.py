@@ -54,7 +54,7 @@ class Readout(nn.Module):
 
     def pool_weights(self, z: Tensor) -> Tensor:
         """Token weights ``g`` (N, T) of the sequence pooling, for token taps."""
-        return torch.softmax((z / self.scale) @ self.pool, dim=1)
+        return torch.softmax((z @ self.pool) / self.scale, dim=1)  # = softmax((z / scale) @ pool), no full-size divide
 
     def readout_input(self, z: Tensor) -> Tensor:
         """The vector the linear map reads: flattened (conv) or sequence-pooled (token), scaled."""

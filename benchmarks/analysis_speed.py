@@ -164,13 +164,14 @@ def bench_narrow(args: argparse.Namespace) -> dict:
     if args.data_dir:
         data_cfg["data_dir"] = args.data_dir
     splits = load_splits(data_cfg, seed)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = analyze(model, splits, norm=norm_of(data_cfg), seed=seed, max_bytes=int(args.max_gib * 2**30))
-    total = time.perf_counter() - start
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if args.narrow_out:
         write_results(result, args.narrow_out)
     return {"model": f"cct_narrow, {weights}", "train_images": len(splits.train), "test_images": len(splits.test),
             "taps": len(result.taps), "recipe": "fast (defaults)", "total_s": round(total, 1),
+            "process_cpu_s": round(cpu, 1), "threads": torch.get_num_threads(),
             "stages_s": {k: round(v, 1) for k, v in result.meta["timings"].items()},
             "groups": result.meta["groups"], "under_10_min": total < 600}
 

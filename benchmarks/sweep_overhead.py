@@ -5,7 +5,9 @@
 Both paths train the same synthetic-data jobs with one torch thread per job (``--concurrent`` trials
 share ``--concurrent`` cores). The orchestrated wall time covers everything a sweep does: starting
 Ray, the MLflow parent and child runs with artifacts, checkpoints every epoch, and shutting down.
-Prints JSON; ``ratio`` = orchestrated wall / (plain loop wall / concurrent trials).
+Prints JSON; ``ratio`` = orchestrated wall / (plain loop wall / concurrent trials). To tell the
+orchestrator's cost from what the cores allow, the same jobs also run ``--concurrent`` at a time in
+plain worker processes (``plain_parallel_s``, no Ray, no MLflow).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import argparse
 import json
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import ray
@@ -55,6 +59,21 @@ def plain_loop(spec_file: Path, work: Path) -> list[float]:
     return times
 
 
+def _job(job: dict, out: Path, threads: int) -> None:
+    torch.set_num_threads(threads)
+    run_job(job, out)
+
+
+def plain_parallel(spec_file: Path, work: Path, concurrent: int) -> float:
+    """Wall time of the same jobs, ``concurrent`` at a time, in plain worker processes."""
+    spec = load_spec(spec_file)
+    jobs = [spec.job_config(p) for p in spec.grid_points()]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(concurrent, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_job, jobs, [work / f"job{i}" for i in range(len(jobs))], [spec.threads] * len(jobs)))
+    return time.perf_counter() - start
+
+
 def orchestrated(spec_file: Path, work: Path, cpus: int) -> dict:
     """Wall time of the whole sweep: Ray start, Tuner with MLflow logging, Ray shutdown."""
     start = time.perf_counter()
@@ -79,6 +98,7 @@ def main() -> None:
         spec_file = work / "overhead.yaml"
         spec_file.write_text(yaml.safe_dump(spec_dict(args.trials, args.concurrent, args.train_size, args.epochs)))
         plain = plain_loop(spec_file, work / "plain")
+        parallel = plain_parallel(spec_file, work / "parallel", args.concurrent)
         orch = orchestrated(spec_file, work / "orchestrated", cpus=args.concurrent)
     ideal = sum(plain) / args.concurrent
     print(json.dumps({
@@ -88,10 +108,12 @@ def main() -> None:
         "plain_trial_s": [round(t, 2) for t in plain],
         "plain_loop_s": round(sum(plain), 2),
         "ideal_parallel_s": round(ideal, 2),
+        "plain_parallel_s": round(parallel, 2),
         "orchestrated_s": round(orch["wall_s"], 2),
         "ray_init_s": round(orch["ray_init_s"], 2),
         "ratio": round(orch["wall_s"] / ideal, 3),
         "ratio_without_ray_init": round((orch["wall_s"] - orch["ray_init_s"]) / ideal, 3),
+        "orchestrated_vs_plain_parallel": round(orch["wall_s"] / parallel, 3),
     }, indent=1))
 
 

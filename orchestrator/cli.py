@@ -1,4 +1,4 @@
-"""Command line: ``python -m orchestrator sweep SPEC.yaml | resume NAME | runs NAME``.
+"""Command line: ``python -m orchestrator sweep SPEC.yaml | resume NAME | runs NAME | analyze TARGET``.
 
 Exit codes: 0 done, 1 some trials failed, 2 bad spec or arguments (one line on stderr, nothing
 written), 130 interrupted (continue with ``resume``).
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestrator.analyze import add_analyze_parser
 from orchestrator.runs import format_runs
 from orchestrator.sweep import resume_sweep, run_sweep
 from orchestrator.sweep_spec import SweepError
@@ -32,11 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (sweep, resume, runs):
         sub.add_argument("--tracking-uri", default=None,
                          help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    add_analyze_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "analyze":
+        return args.func(args)
     try:
         if args.command == "runs":
             client, uri = open_client(args.tracking_uri, create=False)

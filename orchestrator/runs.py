@@ -13,7 +13,7 @@ FORMATS = {"val_acc": "{:.4f}", "test_acc": "{:.4f}", "latency_ms_b1": "{:.2f}",
 def trial_rows(client: MlflowClient, parent) -> list[dict]:
     """One row per child run, sorted by variant and seed."""
     rows = []
-    for run in child_runs(client, parent):
+    for run in child_runs(client, parent.info.experiment_id, parent.info.run_id):
         tags, metrics = run.data.tags, run.data.metrics
         rows.append({
             "trial": tags.get(TRIAL_ID, ""),
@@ -26,7 +26,7 @@ def trial_rows(client: MlflowClient, parent) -> list[dict]:
             "error": tags.get(ERROR, "") if run.info.status == "FAILED" else "",
             "metrics": metrics,
         })
-    return sorted(rows, key=lambda r: (r["variant"], r["seed"], r["trial"]))
+    return sorted(rows, key=lambda r: (r["variant"], int(r["seed"] or 0), r["trial"]))
 
 
 def pareto_front(rows: list[dict], objectives: dict[str, str]) -> set[str]:

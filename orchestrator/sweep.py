@@ -1,75 +1,22 @@
 """The sweep driver: connect to Ray, open the parent run, run (or restore) the Tuner, close the sweep."""
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
-import ray
-import torch
+import optuna.distributions as od
 from mlflow import MlflowClient
-from optuna.distributions import CategoricalDistribution
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from orchestrator.cluster import start_driver
 from orchestrator.runs import format_runs
-from orchestrator.sweep_spec import EPOCH_METRICS, SCHEDULER_METRIC, SweepError, SweepSpec, load_spec, parse_spec
-from orchestrator.tracking import ERROR, STORAGE, end_run, experiment_id, find_child, find_parent, open_client, \
-    open_parent
+from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
+from orchestrator.tracking import ERROR, STORAGE, child_runs, end_run, experiment_id, find_child, find_parent, \
+    open_client, open_parent
 from orchestrator.trainable import TrialContext, train_trial
-from trainables.data import load_splits
-from trainables.train import prepare
-
-
-def connect_ray(address: str | None) -> None:
-    """Join ``address`` (or RAY_ADDRESS) when given; else start Ray here with every CPU and GPU."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count())
-
-
-def start_driver(spec: SweepSpec, address: str | None) -> None:
-    """Connect to Ray, check the cluster can run a trial, decode the data on every node."""
-    if any(m not in EPOCH_METRICS for m in spec.metrics):
-        # Final-only objectives (latency) are in a trial's last result only, which is what Optuna
-        # reads for multi-objective searches; epoch results need not carry them.
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    connect_ray(address)
-    check_resources(spec)
-    warm_data_cache(spec)
-
-
-def check_resources(spec: SweepSpec) -> None:
-    """Fail before anything is written when no node of the cluster could run a single trial."""
-    total = ray.cluster_resources()
-    for key, need in (("CPU", spec.cpus), ("GPU", spec.gpus)):
-        if need > total.get(key, 0):
-            raise SweepError(f"sweep.resources.{key.lower()}s: a trial needs {need:g} {key}, "
-                             f"the Ray cluster has {total.get(key, 0):g}")
-
-
-@ray.remote(num_cpus=0)
-def _decode(data_cfg: dict) -> None:
-    load_splits(data_cfg)
-
-
-def warm_data_cache(spec: SweepSpec) -> None:
-    """Decode each real dataset once on every node that runs trials, before the trials start."""
-    datas = {}
-    for point in spec.check_points().values():
-        data = prepare(spec.job_config(point))[0]["data"]
-        if data["name"] != "synthetic":
-            datas[repr(sorted(data.items()))] = data
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    ray.get([_decode.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(data)
-             for node in nodes for data in datas.values()])
 
 
 class ChildRunCloser(tune.Callback):
@@ -94,20 +41,31 @@ class ChildRunCloser(tune.Callback):
 
 
 def trial_dirname(trial) -> str:
+    """Trial folders named by trial id alone (the default name holds the whole config)."""
     return trial.trial_id
 
 
 def make_trainable(context: TrialContext):
+    """The trial function with the sweep's context bound and its resources per trial."""
     spec = context.spec
     return tune.with_resources(tune.with_parameters(train_trial, context=context), {"cpu": spec.cpus, "gpu": spec.gpus})
+
+
+def optuna_distribution(dist: Distribution) -> od.BaseDistribution:
+    """The Optuna distribution a spec declares."""
+    if dist.kind == "categorical":
+        return od.CategoricalDistribution(list(dist.choices))
+    if dist.kind == "int":
+        return od.IntDistribution(int(dist.low), int(dist.high), log=dist.log, step=int(dist.step or 1))
+    return od.FloatDistribution(float(dist.low), float(dist.high), log=dist.log, step=dist.step)
 
 
 def search_setup(spec: SweepSpec) -> tuple[dict, OptunaSearch | None]:
     """(param_space, search algorithm): the full grid, or Optuna TPE over the axes and distributions."""
     if spec.mode == "grid":
         return {a.name: tune.grid_search(a.choices()) for a in spec.axes}, None
-    space = {a.name: CategoricalDistribution(a.choices()) for a in spec.axes}
-    space.update({d.name: d.to_optuna() for d in spec.distributions})
+    space = {a.name: od.CategoricalDistribution(a.choices()) for a in spec.axes}
+    space.update({d.name: optuna_distribution(d) for d in spec.distributions})
     metrics, modes = list(spec.metrics), list(spec.metrics.values())
     single = len(metrics) == 1
     searcher = OptunaSearch(space, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
@@ -116,6 +74,7 @@ def search_setup(spec: SweepSpec) -> tuple[dict, OptunaSearch | None]:
 
 
 def build_tuner(context: TrialContext) -> tune.Tuner:
+    """A Tuner for a new sweep: search, optional ASHA on val_acc, retries, checkpoints, run closer."""
     spec = context.spec
     param_space, searcher = search_setup(spec)
     scheduler = None
@@ -151,7 +110,8 @@ def run_sweep(spec_file: str | Path, address: str | None, tracking_uri: str | No
     client, uri = open_client(tracking_uri, create=True)
     exp_id = experiment_id(client, spec.name, uri)
     context = TrialContext(spec, uri, exp_id, open_parent(client, exp_id, spec))
-    return close_sweep(client, context, build_tuner(context).fit())
+    build_tuner(context).fit()
+    return close_sweep(client, context)
 
 
 def resume_sweep(name: str, address: str | None, tracking_uri: str | None, storage_path: str | None) -> int:
@@ -170,19 +130,25 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
     context = TrialContext(spec, uri, parent.info.experiment_id, parent.info.run_id)
     tuner = tune.Tuner.restore(spec.experiment_path, make_trainable(context), resume_unfinished=True,
                                resume_errored=True)
-    return close_sweep(client, context, tuner.fit())
+    tuner.fit()
+    return close_sweep(client, context)
 
 
-def close_sweep(client: MlflowClient, context: TrialContext, results: tune.ResultGrid) -> int:
-    """End the parent run (unless interrupted), print the trials; 0 all finished, 1 errors, 130 interrupted."""
+def close_sweep(client: MlflowClient, context: TrialContext) -> int:
+    """End the parent run unless trials are left (an interrupt), print the trials.
+
+    Returns 0 when every trial finished, 1 when some failed, 130 when some never ended.
+    """
     spec, parent_id = context.spec, context.parent_run_id
-    errors, terminated = results.num_errors, results.num_terminated
-    interrupted = errors + terminated < spec.num_trials()
-    if not interrupted:
-        client.set_tag(parent_id, "unitlab.trials_errored", str(errors))
-        client.set_terminated(parent_id, "FAILED" if errors else "FINISHED")
+    statuses = [r.info.status for r in child_runs(client, context.experiment_id, parent_id)]
+    ended = sum(s in ("FINISHED", "FAILED", "KILLED") for s in statuses)
+    failed = statuses.count("FAILED")
+    if ended == spec.num_trials():
+        client.set_tag(parent_id, "unitlab.trials_failed", str(failed))
+        client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     print(format_runs(client, spec.name, context.tracking_uri))
-    if interrupted:
-        print(f"sweep {spec.name} interrupted: continue with `python -m orchestrator resume {spec.name}`")
+    if ended < spec.num_trials():
+        print(f"sweep {spec.name}: {ended} of {spec.num_trials()} trials ended; "
+              f"continue with `python -m orchestrator resume {spec.name}`")
         return 130
-    return 1 if errors else 0
+    return 1 if failed else 0

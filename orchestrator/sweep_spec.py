@@ -4,9 +4,26 @@
 before anything starts, so a bad spec fails with one line naming the field
 (``sweep.axes.heads: empty axis``) and nothing is written anywhere.
 
-Axis names: ``seed`` (replicas), a model field (``heads``, ``n_conv_blocks``, ``preset``...), a
-top-level job field (``epochs``) or a dotted job path (``recipe.lr``). An axis whose values are all
-mappings is tied: each value sets several fields at once (``{heads: 16, head_dim: 8}``).
+    name: quick                      # experiment name and Tune folder ([A-Za-z0-9_.-])
+    data: {name: cifar100, ...}      # the job config's data section
+    base: {model: {...}, epochs: 3}  # the rest of the job config (trainables.config)
+    axes:                            # grid: the full product; optuna: categorical choices
+      attention: [{heads: 4, head_dim: 32}, {heads: 16, head_dim: 8}]   # tied fields
+      n_conv_blocks: [0, 1]
+      seed: [0, 1, 2]
+    search: {mode: grid | optuna, num_samples: 1, metrics: {val_acc: max, latency_ms_b1: min},
+             distributions: {recipe.lr: {type: float, low: 1e-4, high: 1e-2, log: true}}, seed: 0}
+    scheduler: none | asha | {name: asha, grace_period: 1, reduction_factor: 2}
+    resources: {cpus: 1, gpus: 0.5}
+    max_concurrent: 2                # null: as many as the resources allow
+    max_failures: 2                  # retries per trial
+    keep_checkpoints: 2
+    analyze: false                   # recorded on the parent run for the analysis step
+    storage_path: runs/sweeps        # Tune storage; a shared path or URI on a cluster
+
+Axis and distribution names: ``seed`` (replicas), a model field (``heads``, ``n_conv_blocks``,
+``preset``...), a top-level job field (``epochs``) or a dotted job path (``recipe.lr``). An axis
+whose values are all mappings is tied: each value sets several fields at once.
 """
 from __future__ import annotations
 
@@ -105,15 +122,6 @@ class Distribution:
     log: bool = False
     step: float | None = None
     choices: tuple | None = None
-
-    def to_optuna(self):
-        import optuna.distributions as od
-
-        if self.kind == "categorical":
-            return od.CategoricalDistribution(list(self.choices))
-        if self.kind == "int":
-            return od.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return od.FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Metric, Param, Run, RunTag
 
 from orchestrator.sweep_spec import EPOCH_METRICS, FINAL_METRICS, SweepError, SweepSpec
 
@@ -29,6 +28,7 @@ ARTIFACTS = {
     "probs_test.parquet": "probs",
     "curves.png": "figures",
     "summary.json": None,
+    "config.json": None,  # the resolved job config, which the analysis rebuilds the data from
 }
 
 
@@ -88,10 +88,10 @@ def find_parent(client: MlflowClient, name: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
+def child_runs(client: MlflowClient, exp_id: str, parent_id: str) -> list[Run]:
     """Every trial run of a parent run."""
-    query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and tags.`{ROLE}` = 'trial'"
-    return client.search_runs([parent.info.experiment_id], query, max_results=10000)
+    query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE}` = 'trial'"
+    return client.search_runs([exp_id], query, max_results=10000)
 
 
 def find_child(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str) -> Run | None:
@@ -102,6 +102,7 @@ def find_child(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str)
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    """Tag (values cut to MLflow's limit) and terminate a run."""
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, value[:5000])
     client.set_terminated(run_id, status)
@@ -131,8 +132,10 @@ class ChildRun:
 
     @classmethod
     def open(cls, client: MlflowClient, exp_id: str, parent_id: str, tags: dict[str, str], params: dict[str, str],
-             run_id: str | None, start_epoch: int) -> "ChildRun":
-        """Continue ``run_id`` (from the trial checkpoint) or the trial's tagged run, else create one."""
+             run_id: str | None, attempt_tags: dict[str, str]) -> "ChildRun":
+        """Continue ``run_id`` (from the trial checkpoint) or the trial's tagged run, else create one.
+
+        ``attempt_tags`` (where and from which epoch this attempt runs) are set on every start."""
         run = client.get_run(run_id) if run_id else find_child(client, exp_id, parent_id, tags[TRIAL_ID])
         if run is None:
             name = f"{tags['unitlab.variant']} seed={tags['unitlab.seed']}"
@@ -144,7 +147,7 @@ class ChildRun:
             client.set_tag(run.info.run_id, "unitlab.attempts", str(attempts))
             client.update_run(run.info.run_id, status="RUNNING")
         if run.info.status != "FINISHED":
-            client.set_tag(run.info.run_id, "unitlab.start_epoch", str(start_epoch))
+            client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in attempt_tags.items()])
         return cls(client, client.get_run(run.info.run_id))
 
     def log_epoch(self, metrics: dict) -> None:
@@ -165,8 +168,6 @@ class ChildRun:
         for name, folder in ARTIFACTS.items():
             self.client.log_artifact(self.run_id, str(job_dir / name), folder)
         self.client.set_terminated(self.run_id, "FINISHED")
-        self.latest.update(final)
-        self.finished = True
 
     def fail(self, error: BaseException) -> None:
         end_run(self.client, self.run_id, "FAILED", {ERROR: f"{type(error).__name__}: {error}"})

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 from mlflow import MlflowClient
 from ray import tune
@@ -88,8 +89,8 @@ def train_trial(config: dict, context: TrialContext) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"unitlab-{trial_id}-") as tmp:
         resume_from, run_id, start_epoch = restore(tune.get_checkpoint(), Path(tmp) / "restored")
-        child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg), run_id,
-                              start_epoch)
+        attempt = {"unitlab.start_epoch": str(start_epoch), "unitlab.node_id": ray.get_runtime_context().get_node_id()}
+        child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg), run_id, attempt)
         if child.finished:  # finished before an interrupted driver could record it: report, do not rerun
             tune.report(child.latest)
             return

@@ -44,7 +44,7 @@ def port_open(port: int) -> bool:
 @pytest.fixture
 def cluster(tmp_path):
     """A head node, a second node with its own custom resource, and an MLflow server, all on loopback."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     gcs_port, dash_port, mlflow_port = free_port(), free_port(), free_port()
     ray_tmp = Path("/tmp") / f"ray-mn-{os.getpid()}"  # short: Ray's socket paths have a length limit
     started = []

@@ -26,7 +26,7 @@ from orchestrator.sweep_spec import FINAL_METRICS, load_spec
 from trainables.data import load_splits
 from trainables.models import build_model
 from trainables.probs import read_probs
-from trainables.train import evaluate, make_loaders, prepare
+from trainables.train import evaluate, make_loaders
 
 
 def sweep_spec(name: str, epochs: int = 2, train_size: int = 256, **overrides) -> dict:
@@ -127,6 +127,18 @@ def test_bad_spec_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, 
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
 
 
+def test_unreadable_data_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, local_ray):
+    root = tmp_path / "data" / "cifar100"
+    root.mkdir(parents=True)
+    for split in ("train", "test"):
+        (root / f"{split}-00000-of-00001.parquet").write_bytes(b"not parquet")
+    spec = sweep_spec("bad", data={"name": "cifar100", "data_dir": str(tmp_path / "data"), "val_size": 10})
+    assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: sweep.data: data file") and "Parquet" in err, err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
+
+
 def test_cli_process_rejects_a_bad_spec(tmp_path):
     spec = sweep_spec("bad", axes={"heads": []})
     result = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
@@ -177,13 +189,12 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
     run = children[0]
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "art")))
     for name in ("model/spec.json", "model/model.pt", "probs/probs_val.parquet", "probs/probs_test.parquet",
-                 "figures/curves.png", "summary.json"):
+                 "figures/curves.png", "summary.json", "config.json"):
         assert (local / name).is_file(), name
     model = build_model(json.loads((local / "model/spec.json").read_text()))
     model.load_state_dict(torch.load(local / "model/model.pt", weights_only=True))
-    job = load_spec(write(tmp_path, spec)).job_config({})
-    cfg, _ = prepare(job)
-    loaders = make_loaders(load_splits(cfg["data"]), cfg, torch.device("cpu"), False)
+    cfg = json.loads((local / "config.json").read_text())
+    loaders = make_loaders(load_splits(cfg["data"], cfg["seed"]), cfg, torch.device("cpu"), False)
     _, acc, probs = evaluate(model, loaders["test"], autocast=False)
     assert acc == run.data.metrics["test_acc"]
     assert read_probs(local / "probs/probs_test.parquet")[2].shape == probs.shape == (64, 4)
