@@ -20,7 +20,9 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
-	$(PY) -m trainables.train --config configs/demo_train.yaml
+	$(PY) -m orchestrator sweep configs/quick.yaml
+	$(PY) -m orchestrator runs quick
+	@echo "Browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 clean-runs:
 	rm -rf runs mlflow.db mlartifacts

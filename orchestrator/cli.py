@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from orchestrator.analyze import add_analyze_parser
+from orchestrator.committee import add_committee_parser
 from orchestrator.runs import format_runs
 from orchestrator.sweep import resume_sweep, run_sweep
 from orchestrator.sweep_spec import SweepError
@@ -34,12 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tracking-uri", default=None,
                          help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     add_analyze_parser(commands)
+    add_committee_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "analyze":
+    if args.command in ("analyze", "committee"):
         return args.func(args)
     try:
         if args.command == "runs":
