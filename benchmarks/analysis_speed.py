@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -165,7 +166,8 @@ def bench_narrow(args: argparse.Namespace) -> dict:
         data_cfg["data_dir"] = args.data_dir
     splits = load_splits(data_cfg, seed)
     start, cpu_start = time.perf_counter(), time.process_time()
-    result = analyze(model, splits, norm=norm_of(data_cfg), seed=seed, max_bytes=int(args.max_gib * 2**30))
+    result = analyze(model, splits, norm=norm_of(data_cfg), seed=seed, max_bytes=int(args.max_gib * 2**30),
+                     log=lambda message: print(f"{time.perf_counter() - start:7.1f}s {message}", file=sys.stderr, flush=True))
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if args.narrow_out:
         write_results(result, args.narrow_out)

@@ -97,12 +97,20 @@ def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
     }
     spec_file = tmp_path / "multinode.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
-    job = subprocess.run(
-        [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--",
-         sys.executable, "-m", "orchestrator", "sweep", str(spec_file), "--tracking-uri", cluster["mlflow"]],
-        env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=600,
+    submission_id = f"multinode-{os.getpid()}"
+    submit = subprocess.run(
+        [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--submission-id", submission_id,
+         "--no-wait", "--", sys.executable, "-m", "orchestrator", "sweep", str(spec_file),
+         "--tracking-uri", cluster["mlflow"]],
+        env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(cluster["dashboard"])
+    wait_for(lambda: jobs.get_job_status(submission_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                           JobStatus.STOPPED), 600, "the sweep job")
+    assert jobs.get_job_status(submission_id) == JobStatus.SUCCEEDED, jobs.get_job_logs(submission_id)[-3000:]
 
     client = MlflowClient(cluster["mlflow"])
     experiment = client.get_experiment_by_name("multinode")
