@@ -98,12 +98,14 @@ def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
     spec_file = tmp_path / "multinode.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     submission_id = f"multinode-{os.getpid()}"
-    submit = subprocess.run(
-        [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--submission-id", submission_id,
-         "--no-wait", "--", sys.executable, "-m", "orchestrator", "sweep", str(spec_file),
-         "--tracking-uri", cluster["mlflow"]],
-        env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    command = [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--submission-id", submission_id,
+               "--no-wait", "--", sys.executable, "-m", "orchestrator", "sweep", str(spec_file),
+               "--tracking-uri", cluster["mlflow"]]
+    for _ in range(30):  # the head's job agent may still be starting ("No available agent")
+        submit = subprocess.run(command, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     from ray.job_submission import JobStatus, JobSubmissionClient
 
