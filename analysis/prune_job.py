@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from analysis.features import collect_features
+from analysis.pipeline import tap_shapes as pipeline_tap_shapes
 from analysis.pruning import (CLUSTER_METHODS, LabelSets, Layer, Masks, PruneError, apply_masks,
                               check_fraction, full_masks, layer_connections, mask_stats,
                               needed_taps, plan_layers, random_at_level, random_connections,
@@ -150,13 +151,8 @@ def _tap_groups(shapes: dict[str, tuple[int, ...]], n_images: int, max_bytes: in
 def tap_shapes(model: TappedModel, taps: list[str]) -> dict[str, tuple[int, ...]]:
     """Per-image feature shape of each tap, from one forward pass of a blank image."""
     param = next(model.parameters())
-    x = torch.zeros(1, model.in_channels, model.image_size, model.image_size, device=param.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        _, feats = model(x, taps=taps)
-    model.train(was_training)
-    return {t: tuple(f.shape[1:]) for t, f in feats.items()}
+    blank = torch.zeros(1, model.in_channels, model.image_size, model.image_size, device=param.device)
+    return pipeline_tap_shapes(model, blank, taps)
 
 
 def unit_counts(model: TappedModel, taps: list[str]) -> dict[str, int]:
