@@ -84,7 +84,7 @@ def cluster(tmp_path):
 def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
     spec = {
         "name": "multinode",
-        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 128, "val_size": 32,
+        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 2048, "val_size": 32,
                  "test_size": 32},
         "base": {"model": {"preset": "cct_tiny"}, "epochs": 2, "batch_size": 32,
                  "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
