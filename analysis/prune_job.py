@@ -36,14 +36,14 @@ from trainables.probs import write_probs
 from trainables.train import (evaluate, lr_lambda, make_loaders, make_optimizer, prepare,
                               select_device, train_epoch)
 
-METHODS = ("afcc", "andc", "random", "random_labels")
+METHODS = ("none", "afcc", "andc", "random", "random_labels")
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """Settings of one pruning job (the ``prune:`` keys of a config file, minus ``methods``).
 
-    - ``method``: ``afcc`` (VGG), ``andc`` (CCT), ``random`` (the family's cluster-guided layers,
+    - ``method``: ``none`` (no mask: the fine-tuning-only control), ``afcc`` (VGG), ``andc`` (CCT), ``random`` (the family's cluster-guided layers,
       each with a random mask of the same dilution as the guided mask, or of ``level`` when set),
       ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random labels,
       then the guided rule).
@@ -201,6 +201,8 @@ def _accuracies(model, loaders, autocast: bool) -> dict[str, Any]:
 
 def prune_layers(model: TappedModel, config: PruneConfig) -> list[Layer]:
     """The layers ``config.method`` prunes: its own plan, or the family's guided plan for controls."""
+    if config.method == "none":
+        return []
     guided = CLUSTER_METHODS.get(model.spec["family"], config.method)
     return plan_layers(model, config.method if config.method in ("afcc", "andc") else guided,
                        config.start_tap)
@@ -208,7 +210,9 @@ def prune_layers(model: TappedModel, config: PruneConfig) -> list[Layer]:
 
 def build_prune_masks(model: TappedModel, config: PruneConfig, layers: list[Layer],
                       label_sets: LabelSets | None) -> Masks:
-    """Full masks of ``layers`` for ``config.method``."""
+    """Full masks of ``layers`` for ``config.method`` (none for method ``none``)."""
+    if not layers:
+        return {}
     if config.method == "random" and config.level is not None:
         counts = unit_counts(model, needed_taps(layers))
         gen = torch.Generator().manual_seed(config.seed)

@@ -4,10 +4,13 @@ from __future__ import annotations
 from mlflow import MlflowClient
 
 from orchestrator.sweep_spec import SweepError
-from orchestrator.tracking import ERROR, METRICS, TRIAL_ID, child_runs, find_parent
+from orchestrator.tracking import CELL, ERROR, METRICS, SWEEP, TRIAL_ID, child_runs, find_parent, prune_runs
 
 COLUMNS = ("trial", "status", "variant", "seed", "epochs", "val_acc", "test_acc", "latency_ms_b1", "params", "run_id")
-FORMATS = {"val_acc": "{:.4f}", "test_acc": "{:.4f}", "latency_ms_b1": "{:.2f}", "params": "{:,.0f}"}
+PRUNE_COLUMNS = ("status", "variant", "seed", "prune", "dilution", "params_kept", "acc_before_val",
+                 "acc_pruned_val", "acc_finetuned_val", "acc_finetuned_test", "run_id")
+FORMATS = {"val_acc": "{:.4f}", "test_acc": "{:.4f}", "latency_ms_b1": "{:.2f}", "params": "{:,.0f}",
+           "params_kept": "{:,.0f}", "dilution": "{:.3f}", **{c: "{:.4f}" for c in PRUNE_COLUMNS[6:-1]}}
 
 
 def trial_rows(client: MlflowClient, parent) -> list[dict]:
@@ -41,6 +44,25 @@ def pareto_front(rows: list[dict], objectives: dict[str, str]) -> set[str]:
     return {rid for rid, p in points.items() if not any(dominates(q, p) for q in points.values())}
 
 
+def prune_rows(client: MlflowClient, parent) -> list[dict]:
+    """One row per pruned trial of the sweep, by parent variant, seed and cell."""
+    rows = []
+    for run in prune_runs(client, parent.info.experiment_id, parent.data.tags[SWEEP]):
+        tags, metrics = run.data.tags, run.data.metrics
+        rows.append({"status": run.info.status, "variant": tags.get("unitlab.variant", ""),
+                     "seed": tags.get("unitlab.seed", ""), "prune": tags.get(CELL, ""),
+                     "dilution": metrics.get("dilution"), "params_kept": metrics.get("params_kept"),
+                     **{k: metrics.get(k) for k in PRUNE_COLUMNS[6:-1]}, "run_id": run.info.run_id})
+    return sorted(rows, key=lambda r: (r["variant"], int(r["seed"] or 0), r["prune"]))
+
+
+def _table(columns: tuple[str, ...], rows: list[dict]) -> str:
+    table = [list(columns)] + [["-" if r[c] is None else FORMATS.get(c, "{}").format(r[c]) for c in columns]
+                               for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table)
+
+
 def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
     """The table of a sweep's trials, a Pareto mark for multi-objective sweeps, and the MLflow UI command."""
     parent = find_parent(client, name)
@@ -49,14 +71,13 @@ def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
     rows = trial_rows(client, parent)
     objectives = dict(item.split(":") for item in parent.data.tags.get(METRICS, "val_acc:max").split(","))
     front = pareto_front(rows, objectives) if len(objectives) > 1 else set()
-    header = list(COLUMNS) + (["pareto"] if front else [])
-    table = [header]
     for row in rows:
-        cells = ["-" if row[c] is None else FORMATS.get(c, "{}").format(row[c]) for c in COLUMNS]
-        table.append(cells + (["*" if row["run_id"] in front else ""] if front else []))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+        row["pareto"] = "*" if row["run_id"] in front else ""
+    lines = [_table(COLUMNS + (("pareto",) if front else ()), rows)]
     lines += [f"  {r['trial']}: {r['error']}" for r in rows if r["error"]]
     lines.append(f"{len(rows)} trials in sweep {name} (parent run {parent.info.run_id}, {parent.info.status})")
+    pruned = prune_rows(client, parent)
+    if pruned:
+        lines += ["", _table(PRUNE_COLUMNS, pruned), f"{len(pruned)} pruned trials (nested under their parents' runs)"]
     lines.append(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
     return "\n".join(lines)

@@ -11,38 +11,14 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.cluster import start_driver
+from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
-from orchestrator.tracking import ERROR, STORAGE, child_runs, end_run, experiment_id, find_child, find_parent, \
+from orchestrator.tracking import LINEAGE, STORAGE, child_runs, prune_runs, experiment_id, find_child, find_parent, \
     open_client, open_parent
 from orchestrator.trainable import TrialContext, train_trial
-
-
-class ChildRunCloser(tune.Callback):
-    """Ends the child runs that their trainable could not end: stopped early by the scheduler (KILLED)
-    or lost with their worker after the last retry (FAILED, with the error as a tag)."""
-
-    def __init__(self, tracking_uri: str, exp_id: str, parent_id: str):
-        self.tracking_uri, self.exp_id, self.parent_id = tracking_uri, exp_id, parent_id
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._close(trial.trial_id, "KILLED", {"unitlab.stopped": "scheduler"})
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        lines = [line for line in str(trial.get_error()).splitlines() if line.strip()]
-        self._close(trial.trial_id, "FAILED", {ERROR: lines[-1] if lines else "unknown error"})
-
-    def _close(self, trial_id: str, status: str, tags: dict[str, str]) -> None:
-        client = MlflowClient(self.tracking_uri)
-        run = find_child(client, self.exp_id, self.parent_id, trial_id)
-        if run is not None and run.info.status == "RUNNING":
-            end_run(client, run.info.run_id, status, tags)
-
-
-def trial_dirname(trial) -> str:
-    """Trial folders named by trial id alone (the default name holds the whole config)."""
-    return trial.trial_id
 
 
 def make_trainable(context: TrialContext):
@@ -94,7 +70,8 @@ def build_tuner(context: TrialContext) -> tune.Tuner:
             storage_path=spec.storage_path,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
-            callbacks=[ChildRunCloser(context.tracking_uri, context.experiment_id, context.parent_run_id)],
+            callbacks=[ChildRunCloser(context.tracking_uri, lambda client, trial: find_child(
+                client, context.experiment_id, context.parent_run_id, trial.trial_id))],
         ),
     )
 
@@ -111,7 +88,7 @@ def run_sweep(spec_file: str | Path, address: str | None, tracking_uri: str | No
     exp_id = experiment_id(client, spec.name, uri)
     context = TrialContext(spec, uri, exp_id, open_parent(client, exp_id, spec))
     build_tuner(context).fit()
-    return close_sweep(client, context)
+    return after_training(client, context)
 
 
 def resume_sweep(name: str, address: str | None, tracking_uri: str | None, storage_path: str | None) -> int:
@@ -131,24 +108,42 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
     tuner = tune.Tuner.restore(spec.experiment_path, make_trainable(context), resume_unfinished=True,
                                resume_errored=True)
     tuner.fit()
+    return after_training(client, context)
+
+
+def after_training(client: MlflowClient, context: TrialContext) -> int:
+    """Run the prune stage once every training trial has ended, then close the sweep."""
+    spec = context.spec
+    ended = [r for r in child_runs(client, context.experiment_id, context.parent_run_id)
+             if r.info.status in ("FINISHED", "FAILED", "KILLED")]
+    if spec.prune is not None and len(ended) == spec.num_trials():
+        run_prune_stage(PruneContext(spec, context.tracking_uri, context.experiment_id),
+                        [r for r in ended if r.info.status == "FINISHED"])
     return close_sweep(client, context)
 
 
 def close_sweep(client: MlflowClient, context: TrialContext) -> int:
     """End the parent run unless trials are left (an interrupt), print the trials.
 
-    Returns 0 when every trial finished, 1 when some failed, 130 when some never ended.
+    Counts the training trials and, with a prune stage, one pruned trial per finished training trial
+    and cell. Returns 0 when every trial finished, 1 when some failed, 130 when some never ended.
     """
     spec, parent_id = context.spec, context.parent_run_id
-    statuses = [r.info.status for r in child_runs(client, context.experiment_id, parent_id)]
+    runs = child_runs(client, context.experiment_id, parent_id)
+    expected = spec.num_trials()
+    if spec.prune is not None:
+        parents = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
+        runs += [r for r in prune_runs(client, context.experiment_id, spec.name) if r.data.tags[LINEAGE] in parents]
+        expected += len(parents) * len(spec.prune.cells)
+    statuses = [r.info.status for r in runs]
     ended = sum(s in ("FINISHED", "FAILED", "KILLED") for s in statuses)
     failed = statuses.count("FAILED")
-    if ended == spec.num_trials():
+    if ended == expected:
         client.set_tag(parent_id, "unitlab.trials_failed", str(failed))
         client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     print(format_runs(client, spec.name, context.tracking_uri))
-    if ended < spec.num_trials():
-        print(f"sweep {spec.name}: {ended} of {spec.num_trials()} trials ended; "
+    if ended < expected:
+        print(f"sweep {spec.name}: {ended} of {expected} trials ended; "
               f"continue with `python -m orchestrator resume {spec.name}`")
         return 130
     return 1 if failed else 0

@@ -18,7 +18,8 @@ before anything starts, so a bad spec fails with one line naming the field
     max_concurrent: 2                # null: as many as the resources allow
     max_failures: 2                  # retries per trial
     keep_checkpoints: 2
-    analyze: false                   # recorded on the parent run for the analysis step
+    analyze: false                   # true or {options}: each trial runs the single-unit analysis
+    prune: {methods: [afcc, random]} # a second stage pruning every finished trial (stage_spec.py)
     storage_path: runs/sweeps        # Tune storage; a shared path or URI on a cluster
 
 Axis and distribution names: ``seed`` (replicas), a model field (``heads``, ``n_conv_blocks``,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from orchestrator.schema import SweepError, check_choice, check_fields, check_positive
+from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze, parse_prune
 from trainables.config import DEFAULT_CONFIG, ConfigError, resolve_config, set_dotted
 from trainables.data import DataError, check_data_available
 from trainables.models import SpecError
@@ -62,7 +66,8 @@ _TOP = {
     "max_concurrent": ((int, type(None)), None),
     "max_failures": ((int,), 2),
     "keep_checkpoints": ((int,), 2),
-    "analyze": ((bool,), False),
+    "analyze": ((bool, dict), False),
+    "prune": ((dict, type(None)), None),
     "storage_path": ((str,), "runs/sweeps"),
 }
 _SEARCH = {
@@ -82,10 +87,6 @@ _DISTRIBUTION = {
     "step": ((int, float, type(None)), None),
     "choices": ((list,), None),
 }
-
-
-class SweepError(ValueError):
-    """A sweep spec is invalid; the message starts with the field, e.g. ``sweep.axes.heads:``."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ class SweepSpec:
     max_concurrent: int | None
     max_failures: int
     keep_checkpoints: int
-    analyze: bool
+    analyze: dict | None
+    prune: PruneSpec | None
     storage_path: str
     source: str
 
@@ -231,27 +233,28 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
         raise SweepError(f"sweep spec {origin}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise SweepError(f"sweep spec {origin}: must hold a mapping at the top level")
-    top = _fields(raw, _TOP, "sweep")
+    top = check_fields(raw, _TOP, "sweep")
     if not _NAME.match(top["name"]):
         raise SweepError(f"sweep.name: must be letters, digits, '_', '.' or '-', got {top['name']!r}")
     if "data" in top["base"]:
         raise SweepError("sweep.base.data: give the data in sweep.data")
     if top["base"].get("checkpoint") is False:
         raise SweepError("sweep.base.checkpoint: must stay true (sweeps checkpoint every epoch)")
-    search = _fields(top["search"], _SEARCH, "sweep.search")
+    search = check_fields(top["search"], _SEARCH, "sweep.search")
     sched = _scheduler(top["scheduler"])
-    res = _fields(top["resources"], _RESOURCES, "sweep.resources")
-    _positive(res["cpus"], "sweep.resources.cpus", strict=True)
-    _positive(res["gpus"], "sweep.resources.gpus", strict=False)
+    res = check_fields(top["resources"], _RESOURCES, "sweep.resources")
+    check_positive(res["cpus"], "sweep.resources.cpus", strict=True)
+    check_positive(res["gpus"], "sweep.resources.gpus", strict=False)
     for key, low in (("max_failures", 0), ("keep_checkpoints", 1), ("max_concurrent", 1)):
         if top[key] is not None and top[key] < low:
             raise SweepError(f"sweep.{key}: must be >= {low}, got {top[key]}")
+    analyze = parse_analyze(top["analyze"])
     spec = SweepSpec(
         name=top["name"],
         data=top["data"],
         base=top["base"],
         axes=_axes(top["axes"]),
-        mode=_choice(search["mode"], ("grid", "optuna"), "sweep.search.mode"),
+        mode=check_choice(search["mode"], ("grid", "optuna"), "sweep.search.mode"),
         num_samples=search["num_samples"],
         metrics=_metrics(search["metrics"]),
         distributions=tuple(_distribution(n, d) for n, d in search["distributions"].items()),
@@ -264,7 +267,8 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
         max_concurrent=top["max_concurrent"],
         max_failures=top["max_failures"],
         keep_checkpoints=top["keep_checkpoints"],
-        analyze=top["analyze"],
+        analyze=analyze,
+        prune=parse_prune(top["prune"], analyze),
         storage_path=_storage(storage_path or top["storage_path"]),
         source=text,
     )
@@ -275,41 +279,9 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
 
 # ---------------------------------------------------------------- schema helpers
 
-def _fields(raw: Any, schema: dict, where: str) -> dict:
-    if not isinstance(raw, dict):
-        raise SweepError(f"{where}: must be a mapping")
-    for key in raw:
-        if key not in schema:
-            raise SweepError(f"{where}.{key}: unknown key (known: {', '.join(schema)})")
-    out = {}
-    for key, (types, default) in schema.items():
-        if key not in raw:
-            if default is ...:
-                raise SweepError(f"{where}.{key}: required")
-            out[key] = copy.deepcopy(default)
-            continue
-        value = raw[key]
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise SweepError(f"{where}.{key}: must be {names}, got {value!r}")
-        out[key] = value
-    return out
-
-
-def _choice(value: str, choices: tuple[str, ...], where: str) -> str:
-    if value not in choices:
-        raise SweepError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _positive(value: float, where: str, strict: bool) -> None:
-    if value < 0 or (strict and value == 0):
-        raise SweepError(f"{where}: must be {'> 0' if strict else '>= 0'}, got {value}")
-
-
 def _scheduler(raw: str | dict) -> dict:
-    sched = _fields({"name": raw} if isinstance(raw, str) else raw, _SCHEDULER, "sweep.scheduler")
-    _choice(sched["name"], ("none", "asha"), "sweep.scheduler" if isinstance(raw, str) else "sweep.scheduler.name")
+    sched = check_fields({"name": raw} if isinstance(raw, str) else raw, _SCHEDULER, "sweep.scheduler")
+    check_choice(sched["name"], ("none", "asha"), "sweep.scheduler" if isinstance(raw, str) else "sweep.scheduler.name")
     if sched["grace_period"] < 1:
         raise SweepError(f"sweep.scheduler.grace_period: must be >= 1, got {sched['grace_period']}")
     if sched["reduction_factor"] <= 1:
@@ -369,7 +341,7 @@ def _metrics(raw: dict) -> dict[str, str]:
     for name, mode in raw.items():
         if name not in known:
             raise SweepError(f"sweep.search.metrics.{name}: unknown metric (known: {', '.join(known)})")
-        _choice(mode, ("max", "min"), f"sweep.search.metrics.{name}")
+        check_choice(mode, ("max", "min"), f"sweep.search.metrics.{name}")
     return dict(raw)
 
 
@@ -377,8 +349,8 @@ def _distribution(name: str, raw: Any) -> Distribution:
     where = f"sweep.search.distributions.{name}"
     if not isinstance(name, str) or not _AXIS.match(name):
         raise SweepError(f"{where}: names are letters, digits, '_' and '.'")
-    d = _fields(raw, _DISTRIBUTION, where)
-    kind = _choice(d["type"], ("float", "int", "categorical"), f"{where}.type")
+    d = check_fields(raw, _DISTRIBUTION, where)
+    kind = check_choice(d["type"], ("float", "int", "categorical"), f"{where}.type")
     if kind == "categorical":
         if not d["choices"] or any(not isinstance(c, _SCALARS) for c in d["choices"]):
             raise SweepError(f"{where}.choices: must be a non-empty list of scalars")
@@ -420,13 +392,18 @@ def _check_cells(spec: SweepSpec) -> None:
         prepare(spec.job_config({}))
     except (ConfigError, SpecError, DataError) as exc:
         raise SweepError(f"{_section(exc)}: {exc}") from None
-    datas = {}
+    datas, models = {}, {}
     for label, point in spec.check_points().items():
         try:
-            cfg, _ = prepare(spec.job_config(point))
+            cfg, model_spec = prepare(spec.job_config(point))
         except (ConfigError, SpecError, DataError) as exc:
             raise SweepError(f"sweep.axes: cell {label}: {exc}") from None
         datas[repr(sorted(cfg["data"].items()))] = cfg["data"]
+        models.setdefault(json.dumps(model_spec, sort_keys=True), (label, model_spec))
+    for label, model_spec in models.values():  # the stages after training, on each distinct model
+        check_analyze_taps(spec.analyze, model_spec, label)
+        if spec.prune is not None:
+            spec.prune.check_model(model_spec, label)
     for data in datas.values():
         try:
             check_data_available(data)

@@ -18,6 +18,7 @@ from orchestrator.sweep_spec import EPOCH_METRICS, FINAL_METRICS, SweepError, Sw
 PARENT_TAG = "mlflow.parentRunId"
 ROLE, SWEEP, TRIAL_ID = "unitlab.role", "unitlab.sweep", "unitlab.trial_id"
 ERROR = "unitlab.error"
+ROLE_PRUNE, LINEAGE, CELL = "prune", "unitlab.lineage.parent_run", "unitlab.prune.cell"  # pruned trials
 STORAGE = "unitlab.storage_path"
 METRICS = "unitlab.metrics"
 # Files of a finished job (trainables.train.run_job) and where they go in the child run.
@@ -68,7 +69,8 @@ def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec) -> str:
     params = {
         "search.mode": spec.mode, "search.num_samples": spec.num_samples, "search.metrics": spec.metrics,
         "scheduler": spec.scheduler, "resources.cpus": spec.cpus, "resources.gpus": spec.gpus,
-        "max_concurrent": spec.max_concurrent, "max_failures": spec.max_failures, "analyze": spec.analyze,
+        "max_concurrent": spec.max_concurrent, "max_failures": spec.max_failures, "analyze": spec.analyze is not None,
+        "prune": ",".join(spec.prune.cells) if spec.prune else "",
         "trials": spec.num_trials(), "axes": ",".join(a.name for a in spec.axes),
     }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -94,11 +96,17 @@ def child_runs(client: MlflowClient, exp_id: str, parent_id: str) -> list[Run]:
     return client.search_runs([exp_id], query, max_results=10000)
 
 
-def find_child(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str) -> Run | None:
-    """The run of one trial under a parent, or None."""
-    query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_ID}` = '{trial_id}'"
+def find_child(client: MlflowClient, exp_id: str, parent_id: str, value: str, key: str = TRIAL_ID) -> Run | None:
+    """The run under a parent whose tag ``key`` is ``value`` (by default: one trial's run), or None."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{key}` = '{value}'"
     runs = client.search_runs([exp_id], query, max_results=1)
     return runs[0] if runs else None
+
+
+def prune_runs(client: MlflowClient, exp_id: str, sweep: str) -> list[Run]:
+    """Every pruned trial run of a sweep (each nested under its parent trial's run)."""
+    query = f"tags.`{ROLE}` = '{ROLE_PRUNE}' and tags.`{SWEEP}` = '{sweep}'"
+    return client.search_runs([exp_id], query, max_results=10000)
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
@@ -132,14 +140,16 @@ class ChildRun:
 
     @classmethod
     def open(cls, client: MlflowClient, exp_id: str, parent_id: str, tags: dict[str, str], params: dict[str, str],
-             run_id: str | None, attempt_tags: dict[str, str]) -> "ChildRun":
-        """Continue ``run_id`` (from the trial checkpoint) or the trial's tagged run, else create one.
+             run_id: str | None, attempt_tags: dict[str, str], *, role: str = "trial", key: str = TRIAL_ID,
+             run_name: str | None = None) -> "ChildRun":
+        """Continue ``run_id`` (from the trial checkpoint) or the parent's child tagged ``key=tags[key]``,
+        else create one.
 
         ``attempt_tags`` (where and from which epoch this attempt runs) are set on every start."""
-        run = client.get_run(run_id) if run_id else find_child(client, exp_id, parent_id, tags[TRIAL_ID])
+        run = client.get_run(run_id) if run_id else find_child(client, exp_id, parent_id, tags[key], key)
         if run is None:
-            name = f"{tags['unitlab.variant']} seed={tags['unitlab.seed']}"
-            run = client.create_run(exp_id, run_name=name, tags={PARENT_TAG: parent_id, ROLE: "trial", **tags,
+            name = run_name or f"{tags['unitlab.variant']} seed={tags['unitlab.seed']}"
+            run = client.create_run(exp_id, run_name=name, tags={PARENT_TAG: parent_id, ROLE: role, **tags,
                                                                  "unitlab.attempts": "1"})
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         elif run.info.status != "FINISHED":

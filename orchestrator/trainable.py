@@ -16,6 +16,8 @@ import torch
 from mlflow import MlflowClient
 from ray import tune
 
+from analysis.run import analyze_run_dir
+from orchestrator.analyze import log_analysis
 from orchestrator.figures import plot_curves
 from orchestrator.sweep_spec import FINAL_METRICS, SweepSpec
 from orchestrator.tracking import SWEEP, TRIAL_ID, ChildRun, flatten
@@ -99,6 +101,9 @@ def train_trial(config: dict, context: TrialContext) -> None:
         try:
             summary = run_job(job, job_dir, on_epoch=reporter, resume_from=resume_from)
             plot_curves(summary["history"], job_dir / "curves.png", title=f"{spec.name}: {tags['unitlab.variant']}")
+            if spec.analyze is not None:  # before FINISHED, so a finished run always holds its analysis
+                analyze_run_dir(job_dir, job_dir / "analysis", **spec.analyze)
+                log_analysis(child.run_id, job_dir / "analysis", client)
             child.finish(summary, job_dir)
         except Exception as exc:
             child.fail(exc)

@@ -113,6 +113,15 @@ BAD_SPECS = {
                          "sweep.search.distributions.recipe.lr"),
     "bad scheduler": (_set("scheduler", "hyperband"), "sweep.scheduler"),
     "no gpus on the cluster": (_set("resources", {"cpus": 1, "gpus": 8}), "sweep.resources.gpus"),
+    "analysis threshold": (_set("analyze", {"threshold": 1.5}), "sweep.analyze.threshold: must be in (0, 1)"),
+    "unknown analysis tap": (_set("analyze", {"taps": ["block.9.out"]}), "unknown tap 'block.9.out'"),
+    "prune without analysis": (_set("prune", {"methods": ["andc"]}), "which come from the analysis"),
+    "prune method of another family": (lambda s: s.update(analyze=True, prune={"methods": ["afcc"]}),
+                                       "'afcc' does not apply to a cct model"),
+    "prune level out of range": (lambda s: s.update(prune={"methods": ["random"], "thresholds": [],
+                                                           "levels": [1.5]}), "sweep.prune.levels: must be in [0, 1]"),
+    "unknown prune method": (lambda s: s.update(analyze=True, prune={"methods": ["magnitude"]}),
+                             "sweep.prune.methods: must be one of"),
 }
 
 

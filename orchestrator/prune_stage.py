@@ -1,0 +1,184 @@
+"""The prune stage of a sweep: one Tune trial per (finished training trial, prune cell).
+
+A pruned trial downloads its parent trial's model and job config from MLflow, takes the unit label
+sets the parent's analysis logged (or recomputes them at another threshold), prunes, fine-tunes with
+the mask enforced (``analysis.prune_job.run_prune_job``) and logs everything into its own MLflow run,
+nested under the parent trial's run:
+
+- tags: ``unitlab.role=prune``, ``unitlab.lineage.parent_run`` (the parent trial's run id),
+  ``unitlab.prune.cell`` (``afcc,threshold=0.3``), ``unitlab.prune.method``, and the parent's
+  ``unitlab.variant`` / ``unitlab.seed`` / ``unitlab.dataset``;
+- params ``prune.*``; metrics per fine-tuning epoch (step = epoch), then ``acc_before_val``,
+  ``acc_pruned_val``, ``val_acc`` (after fine-tuning) and their ``test`` twins, ``dilution``,
+  ``dilution/<parameter>``, ``params_kept``, ``params_total``;
+- artifacts: ``model/`` (spec, parametrized state_dict, ``masks.pt``), ``probs/``, ``config.json``,
+  ``summary.json``, ``analysis/label_sets.json``.
+
+A (parent, cell) pair has one run: a rerun finds it, reports a finished one without work, and
+continues an unfinished one in place.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Run
+from ray import tune
+
+from analysis.prune_job import PruneConfig, load_label_sets, prune_layers, run_prune_job
+from analysis.pruning import LabelSets, needed_taps
+from orchestrator.analyze import DONE_TAG, fetch_run_dir
+from orchestrator.callbacks import ChildRunCloser, trial_dirname
+from orchestrator.sweep_spec import SweepSpec
+from orchestrator.tracking import CELL, LINEAGE, ROLE_PRUNE, SWEEP, ChildRun, child_runs, find_child
+from trainables.models import build_model
+
+# Files of a finished prune job and where they go in its run.
+PRUNE_ARTIFACTS = {
+    "spec.json": "model",
+    "model.pt": "model",
+    "masks.pt": "model",
+    "probs_val.parquet": "probs",
+    "probs_test.parquet": "probs",
+    "config.json": None,
+    "summary.json": None,
+    "label_sets.json": "analysis",
+}
+COPIED_TAGS = ("unitlab.variant", "unitlab.seed", "unitlab.dataset", "unitlab.num_classes")
+
+
+@dataclass(frozen=True)
+class PruneContext:
+    """What every pruned trial shares."""
+
+    spec: SweepSpec
+    tracking_uri: str
+    experiment_id: str
+
+
+def prune_metrics(summary: dict) -> dict[str, float]:
+    """The final metrics of a prune job summary. ``val_acc`` / ``val_loss`` are the last fine-tuning
+    epoch's (logged per epoch); they appear here only when there was no fine-tuning."""
+    out = {f"acc_{stage}_{split}": summary[f"acc_{stage}"][split]
+           for stage in ("before", "pruned", "finetuned") for split in ("val", "test")}
+    keys = ("test_acc", "test_loss", "params_kept", "params_total") + (() if summary["history"] else
+                                                                       ("val_acc", "val_loss"))
+    out.update({k: summary[k] for k in keys})
+    out["dilution"] = summary["dilution_pruned_layers"]
+    out.update({f"dilution/{param}": layer["dilution"] for param, layer in summary["layers"].items()})
+    out.update({f"seconds_{k}": v for k, v in summary["seconds"].items()})
+    return {k: float(v) for k, v in out.items()}
+
+
+def parent_label_sets(client: MlflowClient, parent: Run, config: PruneConfig, spec: dict,
+                      folder: Path) -> LabelSets | None:
+    """The label sets the parent's analysis logged, if they hold this cell's threshold and taps."""
+    tags = parent.data.tags
+    if not config.needs_label_sets or tags.get(DONE_TAG) != "done":
+        return None
+    if float(tags.get(f"{DONE_TAG}.threshold", "nan")) != config.threshold:
+        return None
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "analysis")}
+    if "analysis/label_sets.json" not in files:
+        return None
+    sets = load_label_sets(client.download_artifacts(parent.info.run_id, "analysis/label_sets.json", str(folder)))
+    taps = needed_taps(prune_layers(build_model(spec), config))
+    return sets if all(t in sets for t in taps) else None
+
+
+class PruneRun(ChildRun):
+    """A pruned trial's MLflow run, nested under its parent trial's run."""
+
+    @classmethod
+    def open_for(cls, client: MlflowClient, context: PruneContext, parent: Run, cell: str) -> "PruneRun":
+        config = context.spec.prune.cells[cell]
+        tags = {SWEEP: context.spec.name, LINEAGE: parent.info.run_id, CELL: cell,
+                "unitlab.prune.method": config.method,
+                **{k: parent.data.tags[k] for k in COPIED_TAGS if k in parent.data.tags}}
+        params = {f"prune.{k}": str(v) for k, v in asdict(config).items()}
+        attempt = {"unitlab.node_id": ray.get_runtime_context().get_node_id()}
+        name = f"{parent.info.run_name} | {cell}"
+        return cls.open(client, context.experiment_id, parent.info.run_id, tags, params, None, attempt,
+                        role=ROLE_PRUNE, key=CELL, run_name=name)
+
+    def finish(self, summary: dict, job_dir: Path) -> None:
+        """Final metrics and the prune job's artifacts, then FINISHED."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in prune_metrics(summary).items()]
+        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        for name, folder in PRUNE_ARTIFACTS.items():
+            if (job_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(job_dir / name), folder)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+
+def prune_trial(config: dict, context: PruneContext) -> None:
+    """Prune one finished trial with one cell, fine-tune, log; report each fine-tuning epoch to Tune."""
+    torch.set_num_threads(context.spec.threads)
+    client = MlflowClient(context.tracking_uri)
+    parent = client.get_run(config["parent_run"])
+    cell = context.spec.prune.cells[config["cell"]]
+    run = PruneRun.open_for(client, context, parent, config["cell"])
+    if run.finished:  # finished by an earlier attempt or an interrupted sweep: report, do not rerun
+        tune.report(run.latest)
+        return
+
+    def on_epoch(metrics: dict) -> None:
+        run.log_epoch(metrics)
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    with tempfile.TemporaryDirectory(prefix="unitlab-prune-") as tmp:
+        parent_dir = Path(tmp) / "parent"
+        parent_dir.mkdir()
+        try:
+            fetch_run_dir(client, parent, parent_dir)
+            spec = json.loads((parent_dir / "spec.json").read_text())
+            label_sets = parent_label_sets(client, parent, cell, spec, Path(tmp))
+            summary = run_prune_job(parent_dir, Path(tmp) / "job", cell, label_sets=label_sets, on_epoch=on_epoch)
+            if label_sets is not None:
+                client.set_tag(run.run_id, "unitlab.prune.label_sets", "parent analysis")
+            run.finish(summary, Path(tmp) / "job")
+        except Exception as exc:
+            run.fail(exc)
+            raise
+    tune.report({**prune_metrics(summary), "val_acc": summary["val_acc"]})
+
+
+def finished_parents(client: MlflowClient, exp_id: str, parent_run_id: str) -> list[Run]:
+    """The sweep's finished training trials, the parents of the prune stage."""
+    return [r for r in child_runs(client, exp_id, parent_run_id) if r.info.status == "FINISHED"]
+
+
+def run_prune_stage(context: PruneContext, parents: list[Run]) -> None:
+    """One Tune run over parents x cells; finished (parent, cell) runs report without work."""
+    spec = context.spec
+    if not parents:
+        print(f"sweep {spec.name}: no finished trials to prune")
+        return
+    trainable = tune.with_resources(tune.with_parameters(prune_trial, context=context),
+                                    {"cpu": spec.cpus, "gpu": spec.gpus})
+
+    def locate(client: MlflowClient, trial) -> Run | None:
+        return find_child(client, context.experiment_id, trial.config["parent_run"], trial.config["cell"], CELL)
+
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"parent_run": tune.grid_search([p.info.run_id for p in parents]),
+                     "cell": tune.grid_search(list(spec.prune.cells))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=f"prune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=f"{spec.experiment_path}.stages",
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            callbacks=[ChildRunCloser(context.tracking_uri, locate)],
+        ),
+    )
+    tuner.fit()

@@ -1,0 +1,117 @@
+"""The sweep's after-training stages on real Ray and MLflow: per-trial analysis, then pruned trials.
+
+One training trial (tiny CCT, synthetic data) with ``analyze: true`` and a ``prune`` section of six
+cells; each pruned trial must start from its parent's logged model, reuse the parent's label sets at
+the analysis threshold, log lineage, dilution and accuracies, and rebuild exactly from its artifacts.
+A resume of the finished sweep must not create or rerun any run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+
+from analysis.pruning import load_masks, rebuild_pruned
+from orchestrator.cli import main
+from test_orchestrator import cli_args, sweep_spec, write
+from trainables.data import load_splits
+from trainables.train import evaluate, make_loaders
+
+CELLS = {"none", "andc,threshold=0.3", "andc,threshold=0.4", "random,threshold=0.3", "random,threshold=0.4",
+         "random,level=0.5"}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A finished sweep with analysis and a prune stage: (tmp folder, client, experiment id)."""
+    tmp = tmp_path_factory.mktemp("prune_stage")
+    spec = sweep_spec("staged", epochs=2, axes={"attention": [{"heads": 2, "head_dim": 16}], "seed": [0]},
+                      analyze={"train_size": 128, "test_size": 64},
+                      prune={"methods": ["none", "andc", "random"], "thresholds": [0.3, 0.4], "levels": [0.5],
+                             "finetune_epochs": 1})
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        assert main(["sweep", str(write(tmp, spec)), *cli_args(tmp)]) == 0
+    finally:
+        ray.shutdown()
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    return tmp, client, client.get_experiment_by_name("staged").experiment_id
+
+
+def runs_by_role(client: MlflowClient, exp_id: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for run in client.search_runs([exp_id], max_results=1000):
+        out.setdefault(run.data.tags["unitlab.role"], []).append(run)
+    return out
+
+
+def test_trial_runs_the_analysis_before_it_finishes(swept):
+    _, client, exp_id = swept
+    (trial,) = runs_by_role(client, exp_id)["trial"]
+    tags, metrics = trial.data.tags, trial.data.metrics
+    assert trial.info.status == "FINISHED" and tags["unitlab.analysis"] == "done"
+    assert tags["unitlab.analysis.threshold"] == "0.3"
+    for tap in ("block.0.ff_hidden", "block.0.out"):
+        assert 0 <= metrics[f"readout_acc/{tap}"] <= 1 and metrics[f"labels_per_unit/{tap}"] >= 0
+    files = {f.path for f in client.list_artifacts(trial.info.run_id, "analysis")}
+    assert {"analysis/taps.json", "analysis/units.parquet", "analysis/label_sets.json"} <= files
+
+
+def test_pruned_trials_log_lineage_dilution_and_accuracies(swept):
+    _, client, exp_id = swept
+    roles = runs_by_role(client, exp_id)
+    (trial,) = roles["trial"]
+    pruned = {r.data.tags["unitlab.prune.cell"]: r for r in roles["prune"]}
+    assert set(pruned) == CELLS and len(roles["prune"]) == len(CELLS)
+    for run in pruned.values():
+        tags, m = run.data.tags, run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == tags["unitlab.lineage.parent_run"] == trial.info.run_id
+        assert tags["unitlab.variant"] == trial.data.tags["unitlab.variant"]
+        assert m["acc_before_val"] == trial.data.metrics["val_acc"]  # started from the parent's weights
+        assert m["params_kept"] <= m["params_total"]
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1  # one fine-tuning epoch
+    assert pruned["none"].data.metrics["dilution"] == 0
+    assert pruned["none"].data.metrics["params_kept"] == pruned["none"].data.metrics["params_total"]
+    guided, control = pruned["andc,threshold=0.3"].data.metrics, pruned["random,threshold=0.3"].data.metrics
+    per_layer = sorted(k for k in guided if k.startswith("dilution/"))
+    assert per_layer == ["dilution/blocks.0.mlp.fc1.weight", "dilution/blocks.0.mlp.fc2.weight"]
+    assert [guided[k] for k in per_layer] == [control[k] for k in per_layer]  # same dilution, random mask
+    assert abs(pruned["random,level=0.5"].data.metrics["dilution"] - 0.5) < 0.01
+    assert pruned["andc,threshold=0.3"].data.tags.get("unitlab.prune.label_sets") == "parent analysis"
+    assert "unitlab.prune.label_sets" not in pruned["andc,threshold=0.4"].data.tags  # recomputed at 0.4
+
+
+def test_pruned_model_rebuilds_from_its_artifacts(swept):
+    tmp, client, exp_id = swept
+    run = next(r for r in runs_by_role(client, exp_id)["prune"]
+               if r.data.tags["unitlab.prune.cell"] == "andc,threshold=0.3")
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp / "pruned")))
+    masks = load_masks(local / "model/masks.pt")
+    model = rebuild_pruned(json.loads((local / "model/spec.json").read_text()),
+                           torch.load(local / "model/model.pt", weights_only=True), masks)
+    cfg = json.loads((local / "config.json").read_text())
+    loaders = make_loaders(load_splits(cfg["data"], cfg["seed"]), cfg, torch.device("cpu"), False)
+    _, acc, _ = evaluate(model, loaders["test"], autocast=False)
+    assert acc == run.data.metrics["test_acc"] == run.data.metrics["acc_finetuned_test"]
+    mask = masks["blocks.0.mlp.fc1.weight"]
+    assert 0 < int(mask.sum()) < mask.numel() and not model.get_submodule("blocks.0.mlp.fc1").weight[~mask].any()
+
+
+def test_resume_of_a_finished_sweep_adds_no_runs(swept, capsys):
+    tmp, client, exp_id = swept
+    query = "tags.`unitlab.role` != 'sweep'"
+    before = {r.info.run_id: r.info.end_time for r in client.search_runs([exp_id], query, max_results=1000)}
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        assert main(["resume", "staged", *cli_args(tmp)]) == 0
+    finally:
+        ray.shutdown()
+    after = {r.info.run_id: r.info.end_time for r in client.search_runs([exp_id], query, max_results=1000)}
+    assert after == before
+    out = capsys.readouterr().out
+    assert "6 pruned trials" in out and "andc,threshold=0.3" in out
