@@ -173,9 +173,11 @@ def test_grid_and_optuna_specs_expand_to_trials(tmp_path):
 def test_shipped_sweep_specs_are_valid(data_dir, monkeypatch):
     monkeypatch.setenv("DATA_DIR", str(data_dir))
     paths = [p for p in sorted((REPO / "configs").glob("*.yaml")) if "axes" in yaml.safe_load(p.read_text())]
-    assert len(paths) >= 3
+    assert len(paths) >= 5
     for path in paths:
-        assert load_spec(path).num_trials() >= 4, path
+        spec = load_spec(path)
+        assert spec.num_trials() >= 2, path
+    assert {"afcc,threshold=0.3", "random,threshold=0.3", "none"} <= set(load_spec(REPO / "configs/afcc_vgg11.yaml").prune.cells)
 
 
 # ---------------------------------------------------------------- a whole sweep
