@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--parent", default=None, help="run_job output folder (spec.json, config.json, model.pt)")
     parser.add_argument("--config", default=None, help="job config YAML with a prune: section")
-    parser.add_argument("--method", default="afcc", help="none | afcc | andc | random | random_labels")
+    parser.add_argument("--method", default="afcc", help="none | afcc | andc | nodal | random | random_labels")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--level", type=float, default=None, help="dilution of a random mask (method random)")
     parser.add_argument("--finetune-epochs", type=int, default=2)

@@ -36,14 +36,16 @@ from trainables.probs import write_probs
 from trainables.train import (evaluate, lr_lambda, make_loaders, make_optimizer, prepare,
                               select_device, train_epoch)
 
-METHODS = ("none", "afcc", "andc", "random", "random_labels")
+METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels")
+GUIDED_METHODS = ("afcc", "andc", "nodal")
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """Settings of one pruning job (the ``prune:`` keys of a config file, minus ``methods``).
 
-    - ``method``: ``none`` (no mask: the fine-tuning-only control), ``afcc`` (VGG), ``andc`` (CCT), ``random`` (the family's cluster-guided layers,
+    - ``method``: ``none`` (no mask: the fine-tuning-only control), ``afcc`` (VGG convs), ``nodal``
+      (VGG FC layers), ``andc`` (CCT), ``random`` (the family's cluster-guided layers,
       each with a random mask of the same dilution as the guided mask, or of ``level`` when set),
       ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random labels,
       then the guided rule).
@@ -98,7 +100,7 @@ class PruneConfig:
 
     @property
     def needs_label_sets(self) -> bool:
-        return self.method in ("afcc", "andc") or (self.method == "random" and self.level is None)
+        return self.method in GUIDED_METHODS or (self.method == "random" and self.level is None)
 
 
 # ---------------------------------------------------------------- label sets from the analysis core
@@ -204,7 +206,7 @@ def prune_layers(model: TappedModel, config: PruneConfig) -> list[Layer]:
     if config.method == "none":
         return []
     guided = CLUSTER_METHODS.get(model.spec["family"], config.method)
-    return plan_layers(model, config.method if config.method in ("afcc", "andc") else guided,
+    return plan_layers(model, config.method if config.method in GUIDED_METHODS else guided,
                        config.start_tap)
 
 

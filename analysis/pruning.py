@@ -4,7 +4,7 @@ Masks are built in two steps:
 
 1. A **connection mask** ``keep`` of shape (output units, input units) from per-unit label sets:
    ``connection_mask`` keeps ``(j, i)`` iff the label sets of input unit ``i`` and output unit
-   ``j`` intersect (AFCC between conv layers, ANDC / nodal pruning between FC layers);
+   ``j`` intersect (AFCC between conv layers, ANDC between FF layers, nodal between FC layers);
    ``output_mask`` keeps ``(j, i)`` iff output label ``j`` is in the set of input unit ``i``
    (last conv layer -> classifier).
 2. ``expand`` turns it into a mask of the parameter's shape: a conv weight (O, I, kh, kw) gets the
@@ -32,7 +32,8 @@ from trainables.models.vgg import ConvBNReLU
 
 LabelSets = dict[str, list[set[int]]]
 Masks = dict[str, Tensor]
-CLUSTER_METHODS = {"vgg": "afcc", "cct": "andc"}
+CLUSTER_METHODS = {"vgg": "afcc", "cct": "andc"}  # the guided plan a family's random controls copy
+GUIDED = {"vgg": ("afcc", "nodal"), "cct": ("andc",)}  # the cluster-guided methods of each family
 
 
 class PruneError(ValueError):
@@ -139,22 +140,31 @@ def plan_layers(model: TappedModel, method: str, start_tap: str | None = None) -
     """The layers a cluster-guided method prunes, in depth order.
 
     - ``afcc`` (VGG): each conv layer fed by a conv tap (conv.k -> conv.k+1; the first conv reads
-      pixels and is kept whole), then the classifier fed by the last conv tap (filter f owns the
-      H*W contiguous inputs of the flattened, pooled map).
+      pixels and is kept whole), then the first FC layer fed by the last conv tap (filter f owns the
+      H*W contiguous inputs of the flattened, pooled map): the classifier, or hidden layer ``fc.0``.
+    - ``nodal`` (VGG with ``fc_hidden``): FC layer to FC layer (fc.i -> fc.i+1), then the last
+      hidden layer to the classifier.
     - ``andc`` (CCT): in each transformer block, ``mlp.fc1`` (``block.i.ff_in`` -> ``ff_hidden``)
       and ``mlp.fc2`` (``ff_hidden`` -> ``block.i.out``).
 
     ``start_tap`` keeps only the layers whose input tap is that tap or a deeper one.
     """
     family = model.spec["family"]
-    if CLUSTER_METHODS.get(family) != method:
-        hint = f"use {CLUSTER_METHODS[family]!r}" if family in CLUSTER_METHODS else "no method applies"
+    if method not in GUIDED.get(family, ()):
+        hint = f"use {' or '.join(map(repr, GUIDED[family]))}" if family in GUIDED else "no method applies"
         raise PruneError(f"method: {method!r} does not apply to a {family} model ({hint})")
+    convs = [t for t in model.taps if t.startswith("conv.")]
+    fcs = [t for t in model.taps if t.startswith("fc.")]
     if method == "afcc":
         paths = [f"features.{k}.0.weight" for k, m in enumerate(model.features) if isinstance(m, ConvBNReLU)]
-        taps = list(model.taps)
-        layers = [Layer(p, taps[n], taps[n + 1]) for n, p in enumerate(paths[1:])]
-        layers.append(Layer("classifier.weight", taps[-1], None))
+        layers = [Layer(p, convs[n], convs[n + 1]) for n, p in enumerate(paths[1:])]
+        layers.append(Layer("fc.0.linear.weight", convs[-1], "fc.0") if fcs else
+                      Layer("classifier.weight", convs[-1], None))
+    elif method == "nodal":
+        if not fcs:
+            raise PruneError("method: 'nodal' prunes between FC layers; this model has none (set model.fc_hidden)")
+        layers = [Layer(f"fc.{i}.linear.weight", fcs[i - 1], fcs[i]) for i in range(1, len(fcs))]
+        layers.append(Layer("classifier.weight", fcs[-1], None))
     else:
         layers = []
         for i in model.blocks:

@@ -4,7 +4,8 @@
     analyze: {threshold: 0.3, recipe: fast, train_size: 2000, test_size: null, taps: null,
               readout_epochs: null, max_gib: 4, save_matrices: true}
     prune:                           # one pruned trial per finished trial x cell (methods.md 5)
-      methods: [none, afcc, random]  # none: fine-tuning only; random: guided mask's dilution, shuffled
+      methods: [none, afcc, random]  # also andc, nodal, random_labels; none: fine-tuning only;
+                                     # random: the family's guided mask (afcc | andc), shuffled
       thresholds: [0.3]              # cluster threshold axis (default: the analysis threshold)
       levels: [0.5]                  # fixed dilutions for extra ``random`` cells
       finetune_epochs: 1
@@ -24,7 +25,7 @@ from typing import Any
 
 from analysis.clusters import DEFAULT_THRESHOLD
 from analysis.pipeline import DEFAULT_MAX_BYTES
-from analysis.prune_job import METHODS, PruneConfig, prune_layers
+from analysis.prune_job import GUIDED_METHODS, METHODS, PruneConfig, prune_layers
 from analysis.pruning import PruneError, check_fraction
 from analysis.readout import RECIPES
 from orchestrator.schema import SweepError, check_choice, check_fields, check_min
@@ -141,7 +142,7 @@ def parse_prune(raw: dict | None, analyze: dict | None) -> PruneSpec | None:
         template = PruneConfig.from_dict(base)
         configs = []
         for method in methods:
-            if method in ("afcc", "andc", "random"):
+            if method in GUIDED_METHODS + ("random",):
                 configs += [replace(template, method=method, threshold=float(t)) for t in thresholds]
             else:
                 configs.append(replace(template, method=method))
@@ -149,7 +150,7 @@ def parse_prune(raw: dict | None, analyze: dict | None) -> PruneSpec | None:
             configs += [replace(template, method="random", level=float(level)) for level in p["levels"]]
     except PruneError as exc:
         raise SweepError(f"sweep.{exc}") from None
-    guided = [m for m in methods if m in ("afcc", "andc")]
+    guided = [m for m in methods if m in GUIDED_METHODS]
     if guided and not thresholds:
         raise SweepError(f"sweep.prune.thresholds: method {guided[0]} needs at least one threshold")
     if not configs:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from analysis.prune import main as prune_main, split_config
 from analysis.prune_job import PruneConfig, _tap_groups, load_label_sets, run_prune_job
-from analysis.pruning import (PruneError, apply_masks, connection_mask, dilution, expand,
+from analysis.pruning import (Layer, PruneError, apply_masks, connection_mask, dilution, expand,
                               full_masks, layer_connections, load_masks, model_masks, nodal_mask,
                               output_mask, plan_layers, random_at_level, random_connections,
                               random_label_sets, rebuild_pruned, save_masks)
@@ -66,6 +66,23 @@ def test_afcc_plan_and_masks_on_vgg():
     assert [l.inputs for l in plan_layers(model, "afcc", start_tap="conv.7")] == ["conv.7", "conv.8", "conv.9"]
     with pytest.raises(PruneError, match="label sets: missing taps"):
         layer_connections(layers, {"conv.0": label_sets["conv.0"]}, 5)
+
+
+def test_nodal_plan_and_masks_between_fc_layers():
+    model = build_model({**TINY_VGG, "fc_hidden": [128, 96]})  # 8 and 6 FC nodes after the 32 filters
+    assert list(model.taps)[-2:] == ["fc.0", "fc.1"]
+    assert plan_layers(model, "afcc")[-1] == Layer("fc.0.linear.weight", "conv.9", "fc.0")
+    layers = plan_layers(model, "nodal")
+    assert layers == [Layer("fc.1.linear.weight", "fc.0", "fc.1"), Layer("classifier.weight", "fc.1", None)]
+    label_sets = {"fc.0": [{u % 5} for u in range(8)], "fc.1": [{u % 5, (u + 1) % 5} for u in range(6)]}
+    masks = full_masks(model, layer_connections(layers, label_sets, 5))
+    expected = torch.tensor([[bool(label_sets["fc.0"][i] & label_sets["fc.1"][j]) for i in range(8)] for j in range(6)])
+    assert torch.equal(masks["fc.1.linear.weight"], expected)
+    assert torch.equal(masks["classifier.weight"], output_mask(label_sets["fc.1"], 5))
+    with pytest.raises(PruneError, match="'nodal' prunes between FC layers; this model has none"):
+        plan_layers(build_model(TINY_VGG), "nodal")
+    with pytest.raises(PruneError, match="model.fc_hidden"):
+        plan_layers(build_model(TINY_VGG), "nodal")
 
 
 def test_andc_plan_and_masks_on_cct():
@@ -192,9 +209,10 @@ def parents(tmp_path_factory):
     root = tmp_path_factory.mktemp("parents")
     out = {}
     for name, model in (("vgg", {**TINY_VGG, "num_classes": 4, "image_size": 16}),
+                        ("vgg_fc", {**TINY_VGG, "num_classes": 4, "image_size": 16, "fc_hidden": [128, 96]}),
                         ("cct", {**TINY_CCT, "num_classes": 4})):
         job = synthetic_job(model=model, epochs=2)
-        if name == "vgg":
+        if name.startswith("vgg"):
             job["recipe"] = {"name": "sgd_step", "lr": 0.05}
         run_job(job, root / name)
         out[name] = root / name
@@ -234,6 +252,14 @@ def test_prune_job_vgg_afcc_and_random_control(parents, tmp_path):
                            {"method": "random_labels", "random_labels_k": 2, "finetune_epochs": 0})
     fc = load_masks(tmp_path / "labels" / "masks.pt")["classifier.weight"]  # 2 labels per filter
     assert (fc.sum(0) == 2).all() and not labels["label_stats"]
+
+
+def test_prune_job_nodal_on_fc_layers(parents, tmp_path):
+    summary = run_prune_job(parents["vgg_fc"], tmp_path / "nodal", {"method": "nodal", **FAST})
+    _check_artifacts(tmp_path / "nodal", summary)
+    assert set(summary["layers"]) == {"fc.1.linear.weight", "classifier.weight"}
+    assert set(summary["label_stats"]) == {"fc.0", "fc.1"} and summary["label_stats"]["fc.0"]["units"] == 8
+    assert 0 < summary["dilution_pruned_layers"] < 1
 
 
 def test_prune_job_cct_andc_and_cli(parents, tmp_path, capsys):

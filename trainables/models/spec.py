@@ -56,6 +56,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "in_channels": 3,
         "layers": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
         "fc_bias": True,
+        "fc_hidden": [],
         "width_mult": 1.0,
     },
     "efficientnet": {
@@ -89,6 +90,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "tokenizer_layers": 2, "tokenizer_channels": 8},
     "vgg11_afcc": {"family": "vgg", "fc_bias": False,
                    "layers": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"]},
+    # Two hidden FC layers (widths scaled by width_mult like the convs), for nodal pruning.
+    "vgg11_fc": {"family": "vgg", "fc_bias": False, "fc_hidden": [512, 512],
+                 "layers": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"]},
     "vgg11_cifar": {"family": "vgg"},
     "efficientnet_b0": {"family": "efficientnet"},
 }
@@ -214,6 +218,11 @@ def vgg_channels(spec: dict) -> list[int | str]:
     return [x if x == "M" else max(1, round(x * spec["width_mult"])) for x in spec["layers"]]
 
 
+def vgg_fc_widths(spec: dict) -> list[int]:
+    """`fc_hidden` scaled by `width_mult` (at least one node)."""
+    return [max(1, round(x * spec["width_mult"])) for x in spec["fc_hidden"]]
+
+
 def vgg_grid(spec: dict) -> int:
     """Side of the last conv map after all 2x2 max-pools."""
     size = spec["image_size"]
@@ -237,6 +246,12 @@ def _validate_vgg(spec: dict) -> None:
     for i, item in enumerate(layers):
         if item != "M" and (isinstance(item, bool) or not isinstance(item, int) or item < 1):
             raise SpecError(f"model.layers[{i}]: must be a positive integer or 'M', got {item!r}")
+    fc = spec["fc_hidden"]
+    if not isinstance(fc, list):
+        raise SpecError(f"model.fc_hidden: must be a list of widths, got {fc!r}")
+    for i, item in enumerate(fc):
+        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            raise SpecError(f"model.fc_hidden[{i}]: must be a positive integer, got {item!r}")
     if spec["width_mult"] <= 0:
         raise SpecError(f"model.width_mult: must be > 0, got {spec['width_mult']}")
     vgg_grid(spec)

@@ -1,21 +1,35 @@
 """VGG with BatchNorm for small images, as used by the AFCC pruning code.
 
 `layers` lists conv widths (3x3, same padding, then BN and ReLU) and "M" for 2x2 max-pools; the
-last map is flattened into one linear classifier (bias-free for `vgg11_afcc`).
+last map is flattened into the optional hidden FC layers `fc_hidden` (Linear + ReLU, taps `fc.{i}`)
+and one linear classifier (bias-free for `vgg11_afcc`).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .spec import TapInfo, vgg_channels, vgg_grid
+from .spec import TapInfo, vgg_channels, vgg_fc_widths, vgg_grid
 from .taps import TappedModel
 
 
 class ConvBNReLU(nn.Sequential):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class FCNodes(nn.Module):
+    """A hidden FC layer (Linear + ReLU) whose output is shaped (B, nodes, 1, 1): to the analysis each
+    node is a filter of a 1x1 map (tap kind "conv"), so FC nodes and filters share one code path."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.linear(x.flatten(1)))[:, :, None, None]
 
 
 class VGG(TappedModel):
@@ -31,8 +45,14 @@ class VGG(TappedModel):
                 layers.append(ConvBNReLU(c_in, item))
                 c_in = item
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(c_in * vgg_grid(spec) ** 2, spec["num_classes"],
-                                    bias=spec["fc_bias"])
+        fc: list[nn.Module] = []
+        n_in = c_in * vgg_grid(spec) ** 2
+        for i, width in enumerate(vgg_fc_widths(spec)):
+            self.add_tap(f"fc.{i}", f"fc.{i}", TapInfo("conv"))
+            fc.append(FCNodes(n_in, width, spec["fc_bias"]))
+            n_in = width
+        self.fc = nn.Sequential(*fc)
+        self.classifier = nn.Linear(n_in, spec["num_classes"], bias=spec["fc_bias"])
 
     def forward_logits(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        return self.classifier(self.fc(self.features(x)).flatten(1))
