@@ -1,4 +1,4 @@
-"""Command line: ``python -m orchestrator sweep SPEC.yaml | resume NAME | runs NAME | analyze TARGET``.
+"""Command line: ``python -m orchestrator sweep SPEC | resume NAME | runs NAME | analyze | prune | committee``.
 
 Exit codes: 0 done, 1 some trials failed, 2 bad spec or arguments (one line on stderr, nothing
 written), 130 interrupted (continue with ``resume``).
@@ -10,6 +10,7 @@ import sys
 
 from orchestrator.analyze import add_analyze_parser
 from orchestrator.committee import add_committee_parser
+from orchestrator.prune_cmd import add_prune_parser
 from orchestrator.runs import format_runs
 from orchestrator.sweep import resume_sweep, run_sweep
 from orchestrator.sweep_spec import SweepError
@@ -36,12 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     add_analyze_parser(commands)
     add_committee_parser(commands)
+    add_prune_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("analyze", "committee"):
+    if args.command in ("analyze", "committee", "prune"):
         return args.func(args)
     try:
         if args.command == "runs":

@@ -115,8 +115,9 @@ def cell_label(config: PruneConfig) -> str:
     return config.method
 
 
-def parse_prune(raw: dict | None, analyze: dict | None) -> PruneSpec | None:
-    """The prune section's cells; methods that need label sets require the analysis."""
+def parse_prune(raw: dict | None, analyze: dict | None, require_analysis: bool = True) -> PruneSpec | None:
+    """The prune section's cells; in a sweep (``require_analysis``), methods that need label sets
+    require the analysis."""
     if raw is None:
         return None
     p = check_fields(raw, _PRUNE, "sweep.prune")
@@ -156,7 +157,7 @@ def parse_prune(raw: dict | None, analyze: dict | None) -> PruneSpec | None:
     if not configs:
         raise SweepError("sweep.prune: no cells (method random with no thresholds and no levels)")
     spec = PruneSpec({cell_label(c): c for c in configs})
-    if spec.needs_label_sets and analyze is None:
+    if require_analysis and spec.needs_label_sets and analyze is None:
         guided = next(label for label, c in spec.cells.items() if c.needs_label_sets)
         raise SweepError(f"sweep.prune: {guided} prunes by unit label sets, which come from the analysis; "
                          f"set `analyze: true` in the spec")

@@ -115,3 +115,41 @@ def test_resume_of_a_finished_sweep_adds_no_runs(swept, capsys):
     assert after == before
     out = capsys.readouterr().out
     assert "6 pruned trials" in out and "andc,threshold=0.3" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nosuch", "--methods", "none"], "prune nosuch: neither a sweep name nor a run id"),
+    (["staged", "--methods", "andc", "--thresholds", "0.5"], "was analysed at threshold 0.3, andc,threshold=0.5 needs 0.5"),
+    (["staged", "--methods", "afcc"], "'afcc' does not apply to a cct model"),
+    (["staged", "--methods", "random", "--thresholds", "", "--levels", "1.5"], "sweep.prune.levels: must be in [0, 1]"),
+])
+def test_prune_command_rejects_bad_input(swept, capsys, argv, message):
+    tmp, client, exp_id = swept
+    before = len(client.search_runs([exp_id], max_results=1000))
+    assert main(["prune", *argv, *cli_args(tmp)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert len(client.search_runs([exp_id], max_results=1000)) == before
+
+
+def test_prune_command_needs_the_analysis_or_computes_it(swept, capsys):
+    tmp, client, exp_id = swept
+    (trial,) = runs_by_role(client, exp_id)["trial"]
+    client.delete_tag(trial.info.run_id, "unitlab.analysis")
+    try:
+        assert main(["prune", trial.info.run_id, "--methods", "andc", *cli_args(tmp)]) == 2
+        assert f"run {trial.info.run_id} has no analysis" in capsys.readouterr().err
+    finally:
+        client.set_tag(trial.info.run_id, "unitlab.analysis", "done")
+    args = ["prune", trial.info.run_id, "--methods", "andc", "--thresholds", "0.5", "--analyze", *cli_args(tmp)]
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        assert main(args) == 0
+        new = [r for r in runs_by_role(client, exp_id)["prune"] if r.data.tags["unitlab.prune.cell"] == "andc,threshold=0.5"]
+        assert len(new) == 1 and new[0].info.status == "FINISHED"
+        assert new[0].data.tags["unitlab.lineage.parent_run"] == trial.info.run_id
+        assert main(args) == 0  # the same command again: reported, not rerun
+    finally:
+        ray.shutdown()
+    assert len(runs_by_role(client, exp_id)["prune"]) == len(CELLS) + 1
+    assert "7 pruned trials" in capsys.readouterr().out

@@ -1,0 +1,148 @@
+"""``python -m orchestrator prune TARGET --methods afcc,random [...]``: prune finished trials later.
+
+TARGET is a sweep name (all its finished training trials) or one trial's run id. The pruned trials
+run as the sweep's prune stage (``prune_stage.run_prune_stage``): nested under their parents'
+runs, with lineage tags, one run per (parent, cell), so a repeated command adds nothing.
+
+Methods that prune by label sets need the parents' analysis (``orchestrator analyze``) at each
+threshold, unless ``--analyze`` lets the pruned trials compute the label sets themselves. Bad input
+(an unknown target, a parent without analysis, a level or threshold out of range, a method that
+does not fit the model) prints one line and exits with 2 before anything runs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+from orchestrator.analyze import DONE_TAG
+from orchestrator.cluster import connect_ray, check_resources
+from orchestrator.prune_stage import PruneContext, run_prune_stage
+from orchestrator.runs import format_runs
+from orchestrator.schema import SweepError
+from orchestrator.stage_spec import PruneSpec, parse_analyze, parse_prune
+from orchestrator.sweep_spec import SweepSpec, parse_spec
+from orchestrator.tracking import CELL, LINEAGE, ROLE, STORAGE, SWEEP, find_parent, open_client, prune_runs
+
+
+def _csv(text: str | None, cast=str) -> list | None:
+    return None if text is None else [cast(v) for v in text.split(",") if v.strip()]
+
+
+def prune_section(args: argparse.Namespace) -> dict:
+    """The ``prune:`` mapping the command line describes (validated by ``parse_prune``)."""
+    raw = {"methods": _csv(args.methods), "finetune_epochs": args.finetune_epochs, "seed": args.seed,
+           "finetune_lr": args.finetune_lr, "random_labels_k": args.random_labels_k, "start_tap": args.start_tap}
+    if args.thresholds is not None:
+        raw["thresholds"] = _csv(args.thresholds, float)
+    if args.levels is not None:
+        raw["levels"] = _csv(args.levels, float)
+    return raw
+
+
+def target_parents(client: MlflowClient, target: str) -> tuple[Run, list[Run]]:
+    """(the sweep's parent run, the finished training trials TARGET names)."""
+    parent = find_parent(client, target)
+    if parent is not None:
+        exp_id = parent.info.experiment_id
+        query = f"tags.`{ROLE}` = 'trial' and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        runs = [r for r in client.search_runs([exp_id], query, max_results=10000) if r.info.status == "FINISHED"]
+        if not runs:
+            raise SweepError(f"prune {target}: the sweep has no finished trials")
+        return parent, runs
+    try:
+        run = client.get_run(target)
+    except MlflowException:
+        raise SweepError(f"prune {target}: neither a sweep name nor a run id") from None
+    if run.data.tags.get(ROLE) != "trial" or run.info.status != "FINISHED":
+        raise SweepError(f"prune {target}: not a finished training trial run")
+    return find_parent(client, run.data.tags[SWEEP]), [run]
+
+
+def check_analysed(parents: list[Run], prune: PruneSpec) -> None:
+    """Label-set cells need each parent's analysis at their threshold (unless --analyze)."""
+    for label, config in prune.cells.items():
+        if not config.needs_label_sets:
+            continue
+        for run in parents:
+            tags = run.data.tags
+            if tags.get(DONE_TAG) != "done":
+                raise SweepError(f"prune: run {run.info.run_id} has no analysis, which {label} needs; run "
+                                 f"`python -m orchestrator analyze {run.info.run_id}` first or pass --analyze")
+            if float(tags.get(f"{DONE_TAG}.threshold", "nan")) != config.threshold:
+                raise SweepError(f"prune: run {run.info.run_id} was analysed at threshold "
+                                 f"{tags.get(f'{DONE_TAG}.threshold')}, {label} needs {config.threshold:g}; "
+                                 f"pass --analyze to recompute the label sets")
+
+
+def sweep_spec_of(client: MlflowClient, parent: Run, storage_path: str | None) -> SweepSpec:
+    """The sweep spec logged on the sweep's parent run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(client.download_artifacts(parent.info.run_id, "sweep/spec.yaml", tmp)).read_text()
+    return parse_spec(text, storage_path or parent.data.tags[STORAGE], origin=f"of sweep {parent.info.run_name}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle a parsed ``prune`` command."""
+    try:
+        client, uri = open_client(args.tracking_uri, create=False)
+        parent, parents = target_parents(client, args.target)
+        analyze = parse_analyze(True) if args.analyze else None
+        prune = parse_prune(prune_section(args), analyze, require_analysis=False)
+        if not args.analyze:
+            check_analysed(parents, prune)
+        spec = dataclasses.replace(sweep_spec_of(client, parent, args.storage_path), prune=prune)
+        for variant, model_spec in model_specs(client, parents).items():
+            prune.check_model(model_spec, variant)
+        connect_ray(args.address)
+        check_resources(spec)
+    except (SweepError, MlflowException) as exc:
+        print(f"error: {exc.message if isinstance(exc, MlflowException) else exc}", file=sys.stderr)
+        return 2
+    run_prune_stage(PruneContext(spec, uri, parent.info.experiment_id), parents)
+    ids = {r.info.run_id for r in parents}
+    mine = [r for r in prune_runs(client, parent.info.experiment_id, spec.name)
+            if r.data.tags[LINEAGE] in ids and r.data.tags[CELL] in prune.cells]
+    print(format_runs(client, spec.name, uri))
+    return 0 if len(mine) == len(ids) * len(prune.cells) and all(r.info.status == "FINISHED" for r in mine) else 1
+
+
+def model_specs(client: MlflowClient, runs: list[Run]) -> dict[str, dict]:
+    """The trials' resolved model specs (``model/spec.json``) by variant."""
+    specs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            variant = run.data.tags.get("unitlab.variant", run.info.run_id)
+            if variant not in specs:
+                path = client.download_artifacts(run.info.run_id, "model/spec.json", f"{tmp}/{run.info.run_id}")
+                specs[variant] = json.loads(Path(path).read_text())
+    return specs
+
+
+def add_prune_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``prune`` on the CLI's subparsers."""
+    p = subparsers.add_parser("prune", help="prune finished trials (nested runs with lineage tags)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("target", help="sweep name, or one trial's run id")
+    p.add_argument("--methods", required=True, help="comma-separated: none, afcc, andc, nodal, random, random_labels")
+    p.add_argument("--thresholds", default=None, help="comma-separated cluster thresholds (default 0.3)")
+    p.add_argument("--levels", default=None, help="comma-separated fixed dilutions for method random")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-lr", type=float, default=None, help="default: 0.1 x the trial's lr")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-labels-k", type=int, default=5)
+    p.add_argument("--start-tap", default=None)
+    p.add_argument("--analyze", action="store_true", help="compute label sets where the parents have none")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--storage-path", default=None, help="Tune storage (default: the sweep's)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.set_defaults(func=run)
+    return p
