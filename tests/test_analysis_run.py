@@ -157,3 +157,14 @@ def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
     assert orchestrate(["no-such-sweep", "--tracking-uri", uri]) == 2
     assert config_from_params({"data.name": "synthetic", "data.num_classes": "4", "seed": "3", "lr": "0.1"}) == \
         {"data": {"name": "synthetic", "num_classes": 4}, "seed": 3}
+
+
+def test_report_prints_depth_and_head_tables(results, trained, tmp_path, capsys):
+    from analysis.report import main as report_main
+    assert report_main([str(results)]) == 0
+    out = capsys.readouterr().out
+    model = load_model(trained / "spec.json", trained / "model.pt")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| tap")]
+    head_taps = [t for t, info in model.taps.items() if info.heads]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(model.taps) + head_taps
+    assert report_main([str(tmp_path)]) == 2 and "taps.json: not found" in capsys.readouterr().err
