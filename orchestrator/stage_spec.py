@@ -158,8 +158,8 @@ def parse_prune(raw: dict | None, analyze: dict | None, require_analysis: bool =
         raise SweepError("sweep.prune: no cells (method random with no thresholds and no levels)")
     spec = PruneSpec({cell_label(c): c for c in configs})
     if require_analysis and spec.needs_label_sets and analyze is None:
-        guided = next(label for label, c in spec.cells.items() if c.needs_label_sets)
-        raise SweepError(f"sweep.prune: {guided} prunes by unit label sets, which come from the analysis; "
+        needy = next(label for label, c in spec.cells.items() if c.needs_label_sets)
+        raise SweepError(f"sweep.prune: {needy} prunes by unit label sets, which come from the analysis; "
                          f"set `analyze: true` in the spec")
     return spec
 
