@@ -45,8 +45,9 @@ class PruneConfig:
     """Settings of one pruning job (the ``prune:`` keys of a config file, minus ``methods``).
 
     - ``method``: ``none`` (no mask: the fine-tuning-only control), ``afcc`` (VGG convs), ``nodal``
-      (VGG FC layers), ``andc`` (CCT), ``random`` (the family's cluster-guided layers,
-      each with a random mask of the same dilution as the guided mask, or of ``level`` when set),
+      (VGG FC layers), ``andc`` (CCT), ``random`` (the layers of the guided method ``control_of``,
+      by default the family's: afcc for VGG, andc for CCT; each with a random mask of the same
+      dilution as the guided mask, or of ``level`` when set),
       ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random labels,
       then the guided rule).
     - ``threshold``: binarisation threshold of the unit matrices (methods.md 2.5).
@@ -63,6 +64,7 @@ class PruneConfig:
     seed: int = 0
     start_tap: str | None = None
     random_labels_k: int = 5
+    control_of: str | None = None
     readout_recipe: str = "fast"
     readout_epochs: int | None = None
     analysis_train_size: int | None = 5000
@@ -76,6 +78,8 @@ class PruneConfig:
             if self.method != "random":
                 raise PruneError(f"prune.level: only for method random, got method {self.method!r}")
             check_fraction("prune.level", self.level, high_open=False)
+        if self.control_of is not None and self.control_of not in GUIDED_METHODS:
+            raise PruneError(f"prune.control_of: must be one of {', '.join(GUIDED_METHODS)}, got {self.control_of!r}")
         if self.readout_recipe not in RECIPES:
             raise PruneError(f"prune.readout_recipe: must be one of {', '.join(RECIPES)}, "
                              f"got {self.readout_recipe!r}")
@@ -205,7 +209,7 @@ def prune_layers(model: TappedModel, config: PruneConfig) -> list[Layer]:
     """The layers ``config.method`` prunes: its own plan, or the family's guided plan for controls."""
     if config.method == "none":
         return []
-    guided = CLUSTER_METHODS.get(model.spec["family"], config.method)
+    guided = config.control_of or CLUSTER_METHODS.get(model.spec["family"], config.method)
     return plan_layers(model, config.method if config.method in GUIDED_METHODS else guided,
                        config.start_tap)
 

@@ -5,7 +5,8 @@
               readout_epochs: null, max_gib: 4, save_matrices: true}
     prune:                           # one pruned trial per finished trial x cell (methods.md 5)
       methods: [none, afcc, random]  # also andc, nodal, random_labels; none: fine-tuning only;
-                                     # random: the family's guided mask (afcc | andc), shuffled
+                                     # random: the first guided method's mask (else the family's:
+                                     # afcc | andc), shuffled within each layer
       thresholds: [0.3]              # cluster threshold axis (default: the analysis threshold)
       levels: [0.5]                  # fixed dilutions for extra ``random`` cells
       finetune_epochs: 1
@@ -139,6 +140,9 @@ def parse_prune(raw: dict | None, analyze: dict | None, require_analysis: bool =
         base.update(readout_recipe=analyze["recipe"], analysis_train_size=analyze["train_size"],
                     analysis_test_size=analyze["test_size"],
                     readout_epochs=(analyze["readout_options"] or {}).get("epochs"))
+    guided = [m for m in methods if m in GUIDED_METHODS]
+    if guided:  # random controls copy the first guided method's layers and per-layer dilution
+        base["control_of"] = guided[0]
     try:
         template = PruneConfig.from_dict(base)
         configs = []
@@ -151,7 +155,6 @@ def parse_prune(raw: dict | None, analyze: dict | None, require_analysis: bool =
             configs += [replace(template, method="random", level=float(level)) for level in p["levels"]]
     except PruneError as exc:
         raise SweepError(f"sweep.{exc}") from None
-    guided = [m for m in methods if m in GUIDED_METHODS]
     if guided and not thresholds:
         raise SweepError(f"sweep.prune.thresholds: method {guided[0]} needs at least one threshold")
     if not configs:

@@ -176,8 +176,12 @@ def test_shipped_sweep_specs_are_valid(data_dir, monkeypatch):
     assert len(paths) >= 5
     for path in paths:
         spec = load_spec(path)
-        assert spec.num_trials() >= 2, path
-    assert {"afcc,threshold=0.3", "random,threshold=0.3", "none"} <= set(load_spec(REPO / "configs/afcc_vgg11.yaml").prune.cells)
+        assert spec.num_trials() >= 1 and (spec.prune or spec.num_trials() >= 2), path
+    cells = load_spec(REPO / "configs/afcc_vgg11.yaml").prune.cells
+    assert {"afcc,threshold=0.3", "random,threshold=0.3", "none"} <= set(cells)
+    assert cells["random,threshold=0.3"].control_of == "afcc"
+    nodal = load_spec(REPO / "configs/nodal_vgg11.yaml").prune.cells
+    assert nodal["random,threshold=0.3"].control_of == "nodal"
 
 
 # ---------------------------------------------------------------- a whole sweep

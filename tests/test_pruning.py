@@ -260,6 +260,11 @@ def test_prune_job_nodal_on_fc_layers(parents, tmp_path):
     assert set(summary["layers"]) == {"fc.1.linear.weight", "classifier.weight"}
     assert set(summary["label_stats"]) == {"fc.0", "fc.1"} and summary["label_stats"]["fc.0"]["units"] == 8
     assert 0 < summary["dilution_pruned_layers"] < 1
+    control = run_prune_job(parents["vgg_fc"], tmp_path / "random", {"method": "random", "control_of": "nodal", **FAST},
+                            label_sets=load_label_sets(tmp_path / "nodal" / "label_sets.json"))
+    assert {p: l["kept"] for p, l in control["layers"].items()} == {p: l["kept"] for p, l in summary["layers"].items()}
+    with pytest.raises(PruneError, match="prune.control_of"):
+        PruneConfig(method="random", control_of="magnitude")
 
 
 def test_prune_job_cct_andc_and_cli(parents, tmp_path, capsys):
