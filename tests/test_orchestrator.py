@@ -275,16 +275,18 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(local_ray, tm
     store = tmp_path / "store" / "workerkill"
     killed = []
 
-    def kill_the_trial_after_its_first_checkpoint():
+    def kill_the_trial_after_its_second_checkpoint():
+        # Not after the first: the driver may not have registered checkpoint 0 when its folder appears,
+        # and Tune then restarts from scratch. By checkpoint 1's upload it has long processed epoch 0.
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             workers = trial_workers(os.getpid())
-            if workers and list(store.glob("*/checkpoint_000000")):
+            if workers and list(store.glob("*/checkpoint_000001")):
                 os.kill(workers[0], signal.SIGKILL)
                 killed.append(workers[0])
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_the_trial_after_its_first_checkpoint)
+    killer = threading.Thread(target=kill_the_trial_after_its_second_checkpoint)
     killer.start()
     assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 0
     killer.join()
