@@ -79,6 +79,12 @@ def target_runs(client: MlflowClient, target: str) -> list:
     return runs
 
 
+def analysed_at(run, threshold: float) -> bool:
+    """Whether a run's logged analysis used this cluster threshold."""
+    tags = run.data.tags
+    return tags.get(DONE_TAG) == "done" and float(tags.get(f"{DONE_TAG}.threshold", "nan")) == threshold
+
+
 def _artifact_paths(client: MlflowClient, run_id: str, folder: str = "") -> set[str]:
     return {f.path for f in client.list_artifacts(run_id, folder or None)}
 

@@ -22,14 +22,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from orchestrator.analyze import DONE_TAG
+from orchestrator.analyze import DONE_TAG, analysed_at
 from orchestrator.cluster import connect_ray, check_resources
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.schema import SweepError
 from orchestrator.stage_spec import PruneSpec, parse_analyze, parse_prune
-from orchestrator.sweep_spec import SweepSpec, parse_spec
-from orchestrator.tracking import CELL, LINEAGE, ROLE, STORAGE, SWEEP, find_parent, open_client, prune_runs
+from orchestrator.sweep import logged_spec
+from orchestrator.tracking import CELL, ROLE, SWEEP, child_runs, find_parent, open_client, prune_runs
+from trainables.models import build_model
 
 
 def _csv(text: str | None, cast=str) -> list | None:
@@ -51,9 +52,8 @@ def target_parents(client: MlflowClient, target: str) -> tuple[Run, list[Run]]:
     """(the sweep's parent run, the finished training trials TARGET names)."""
     parent = find_parent(client, target)
     if parent is not None:
-        exp_id = parent.info.experiment_id
-        query = f"tags.`{ROLE}` = 'trial' and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-        runs = [r for r in client.search_runs([exp_id], query, max_results=10000) if r.info.status == "FINISHED"]
+        runs = [r for r in child_runs(client, parent.info.experiment_id, parent.info.run_id)
+                if r.info.status == "FINISHED"]
         if not runs:
             raise SweepError(f"prune {target}: the sweep has no finished trials")
         return parent, runs
@@ -76,17 +76,10 @@ def check_analysed(parents: list[Run], prune: PruneSpec) -> None:
             if tags.get(DONE_TAG) != "done":
                 raise SweepError(f"prune: run {run.info.run_id} has no analysis, which {label} needs; run "
                                  f"`python -m orchestrator analyze {run.info.run_id}` first or pass --analyze")
-            if float(tags.get(f"{DONE_TAG}.threshold", "nan")) != config.threshold:
+            if not analysed_at(run, config.threshold):
                 raise SweepError(f"prune: run {run.info.run_id} was analysed at threshold "
                                  f"{tags.get(f'{DONE_TAG}.threshold')}, {label} needs {config.threshold:g}; "
                                  f"pass --analyze to recompute the label sets")
-
-
-def sweep_spec_of(client: MlflowClient, parent: Run, storage_path: str | None) -> SweepSpec:
-    """The sweep spec logged on the sweep's parent run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(client.download_artifacts(parent.info.run_id, "sweep/spec.yaml", tmp)).read_text()
-    return parse_spec(text, storage_path or parent.data.tags[STORAGE], origin=f"of sweep {parent.info.run_name}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,20 +91,19 @@ def run(args: argparse.Namespace) -> int:
         prune = parse_prune(prune_section(args), analyze, require_analysis=False)
         if not args.analyze:
             check_analysed(parents, prune)
-        spec = dataclasses.replace(sweep_spec_of(client, parent, args.storage_path), prune=prune)
+        spec = dataclasses.replace(logged_spec(client, parent, args.storage_path), prune=prune)
         for variant, model_spec in model_specs(client, parents).items():
-            prune.check_model(model_spec, variant)
+            prune.check_model(build_model(model_spec), variant)
         connect_ray(args.address)
         check_resources(spec)
     except (SweepError, MlflowException) as exc:
         print(f"error: {exc.message if isinstance(exc, MlflowException) else exc}", file=sys.stderr)
         return 2
     run_prune_stage(PruneContext(spec, uri, parent.info.experiment_id), parents)
-    ids = {r.info.run_id for r in parents}
-    mine = [r for r in prune_runs(client, parent.info.experiment_id, spec.name)
-            if r.data.tags[LINEAGE] in ids and r.data.tags[CELL] in prune.cells]
+    mine = [r for r in prune_runs(client, parent.info.experiment_id, spec.name, {p.info.run_id for p in parents})
+            if r.data.tags[CELL] in prune.cells]
     print(format_runs(client, spec.name, uri))
-    return 0 if len(mine) == len(ids) * len(prune.cells) and all(r.info.status == "FINISHED" for r in mine) else 1
+    return 0 if len(mine) == len(parents) * len(prune.cells) and all(r.info.status == "FINISHED" for r in mine) else 1
 
 
 def model_specs(client: MlflowClient, runs: list[Run]) -> dict[str, dict]:

@@ -33,7 +33,7 @@ from ray import tune
 
 from analysis.prune_job import PruneConfig, load_label_sets, prune_layers, run_prune_job
 from analysis.pruning import LabelSets, needed_taps
-from orchestrator.analyze import DONE_TAG, fetch_run_dir
+from orchestrator.analyze import analysed_at, fetch_run_dir
 from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.sweep_spec import SweepSpec
 from orchestrator.tracking import CELL, LINEAGE, ROLE_PRUNE, SWEEP, ChildRun, child_runs, find_child
@@ -79,10 +79,7 @@ def prune_metrics(summary: dict) -> dict[str, float]:
 def parent_label_sets(client: MlflowClient, parent: Run, config: PruneConfig, spec: dict,
                       folder: Path) -> LabelSets | None:
     """The label sets the parent's analysis logged, if they hold this cell's threshold and taps."""
-    tags = parent.data.tags
-    if not config.needs_label_sets or tags.get(DONE_TAG) != "done":
-        return None
-    if float(tags.get(f"{DONE_TAG}.threshold", "nan")) != config.threshold:
+    if not config.needs_label_sets or not analysed_at(parent, config.threshold):
         return None
     files = {f.path for f in client.list_artifacts(parent.info.run_id, "analysis")}
     if "analysis/label_sets.json" not in files:

@@ -7,10 +7,10 @@ from orchestrator.sweep_spec import SweepError
 from orchestrator.tracking import CELL, ERROR, METRICS, SWEEP, TRIAL_ID, child_runs, find_parent, prune_runs
 
 COLUMNS = ("trial", "status", "variant", "seed", "epochs", "val_acc", "test_acc", "latency_ms_b1", "params", "run_id")
-PRUNE_COLUMNS = ("status", "variant", "seed", "prune", "dilution", "params_kept", "acc_before_val",
-                 "acc_pruned_val", "acc_finetuned_val", "acc_finetuned_test", "run_id")
+PRUNE_ACCURACIES = ("acc_before_val", "acc_pruned_val", "acc_finetuned_val", "acc_finetuned_test")
+PRUNE_COLUMNS = ("status", "variant", "seed", "prune", "dilution", "params_kept", *PRUNE_ACCURACIES, "run_id")
 FORMATS = {"val_acc": "{:.4f}", "test_acc": "{:.4f}", "latency_ms_b1": "{:.2f}", "params": "{:,.0f}",
-           "params_kept": "{:,.0f}", "dilution": "{:.3f}", **{c: "{:.4f}" for c in PRUNE_COLUMNS[6:-1]}}
+           "params_kept": "{:,.0f}", "dilution": "{:.3f}", **{c: "{:.4f}" for c in PRUNE_ACCURACIES}}
 
 
 def trial_rows(client: MlflowClient, parent) -> list[dict]:
@@ -51,8 +51,8 @@ def prune_rows(client: MlflowClient, parent) -> list[dict]:
         tags, metrics = run.data.tags, run.data.metrics
         rows.append({"status": run.info.status, "variant": tags.get("unitlab.variant", ""),
                      "seed": tags.get("unitlab.seed", ""), "prune": tags.get(CELL, ""),
-                     "dilution": metrics.get("dilution"), "params_kept": metrics.get("params_kept"),
-                     **{k: metrics.get(k) for k in PRUNE_COLUMNS[6:-1]}, "run_id": run.info.run_id})
+                     **{k: metrics.get(k) for k in ("dilution", "params_kept", *PRUNE_ACCURACIES)},
+                     "run_id": run.info.run_id})
     return sorted(rows, key=lambda r: (r["variant"], int(r["seed"] or 0), r["prune"]))
 
 

@@ -30,7 +30,7 @@ from analysis.prune_job import GUIDED_METHODS, METHODS, PruneConfig, prune_layer
 from analysis.pruning import PruneError, check_fraction
 from analysis.readout import RECIPES
 from orchestrator.schema import SweepError, check_choice, check_fields, check_min
-from trainables.models import build_model
+from trainables.models.taps import TappedModel
 
 _NONE = type(None)
 _ANALYZE = {
@@ -77,11 +77,11 @@ def parse_analyze(raw: bool | dict) -> dict | None:
     }
 
 
-def check_analyze_taps(options: dict | None, model_spec: dict, cell: str) -> None:
+def check_analyze_taps(options: dict | None, model: TappedModel, cell: str) -> None:
     """The analysis taps must exist in a cell's model."""
     if options is None or options["taps"] is None:
         return
-    known = build_model(model_spec).taps
+    known = model.taps
     unknown = [t for t in options["taps"] if t not in known]
     if unknown:
         raise SweepError(f"sweep.analyze.taps: cell {cell}: unknown tap {unknown[0]!r} (known: {', '.join(known)})")
@@ -97,9 +97,8 @@ class PruneSpec:
     def needs_label_sets(self) -> bool:
         return any(c.needs_label_sets for c in self.cells.values())
 
-    def check_model(self, model_spec: dict, cell: str) -> None:
+    def check_model(self, model: TappedModel, cell: str) -> None:
         """Every prune cell must apply to a training cell's model (its family and taps)."""
-        model = build_model(model_spec)
         for label, config in self.cells.items():
             try:
                 prune_layers(model, config)

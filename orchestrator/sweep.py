@@ -6,6 +6,7 @@ from pathlib import Path
 
 import optuna.distributions as od
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -16,7 +17,7 @@ from orchestrator.cluster import start_driver
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
-from orchestrator.tracking import LINEAGE, STORAGE, child_runs, prune_runs, experiment_id, find_child, find_parent, \
+from orchestrator.tracking import ENDED, STORAGE, child_runs, prune_runs, experiment_id, find_child, find_parent, \
     open_client, open_parent
 from orchestrator.trainable import TrialContext, train_trial
 
@@ -97,9 +98,7 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
     parent = find_parent(client, name)
     if parent is None:
         raise SweepError(f"resume {name}: no sweep of that name in {uri}")
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(client.download_artifacts(parent.info.run_id, "sweep/spec.yaml", tmp)).read_text()
-    spec = parse_spec(text, storage_path or parent.data.tags[STORAGE], origin=f"of sweep {name}")
+    spec = logged_spec(client, parent, storage_path)
     if not tune.Tuner.can_restore(spec.experiment_path):
         raise SweepError(f"resume {name}: no Tune experiment at {spec.experiment_path} (pass --storage-path)")
     start_driver(spec, address)
@@ -111,11 +110,18 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
     return after_training(client, context)
 
 
+def logged_spec(client: MlflowClient, parent: Run, storage_path: str | None) -> SweepSpec:
+    """The sweep spec logged on a sweep's parent run (its storage path unless ``storage_path``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(client.download_artifacts(parent.info.run_id, "sweep/spec.yaml", tmp)).read_text()
+    return parse_spec(text, storage_path or parent.data.tags[STORAGE], origin=f"of sweep {parent.info.run_name}")
+
+
 def after_training(client: MlflowClient, context: TrialContext) -> int:
     """Run the prune stage once every training trial has ended, then close the sweep."""
     spec = context.spec
     ended = [r for r in child_runs(client, context.experiment_id, context.parent_run_id)
-             if r.info.status in ("FINISHED", "FAILED", "KILLED")]
+             if r.info.status in ENDED]
     if spec.prune is not None and len(ended) == spec.num_trials():
         run_prune_stage(PruneContext(spec, context.tracking_uri, context.experiment_id),
                         [r for r in ended if r.info.status == "FINISHED"])
@@ -133,10 +139,10 @@ def close_sweep(client: MlflowClient, context: TrialContext) -> int:
     expected = spec.num_trials()
     if spec.prune is not None:
         parents = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
-        runs += [r for r in prune_runs(client, context.experiment_id, spec.name) if r.data.tags[LINEAGE] in parents]
+        runs += prune_runs(client, context.experiment_id, spec.name, parents)
         expected += len(parents) * len(spec.prune.cells)
     statuses = [r.info.status for r in runs]
-    ended = sum(s in ("FINISHED", "FAILED", "KILLED") for s in statuses)
+    ended = sum(s in ENDED for s in statuses)
     failed = statuses.count("FAILED")
     if ended == expected:
         client.set_tag(parent_id, "unitlab.trials_failed", str(failed))

@@ -42,7 +42,7 @@ from orchestrator.schema import SweepError, check_choice, check_fields, check_po
 from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze, parse_prune
 from trainables.config import DEFAULT_CONFIG, ConfigError, resolve_config, set_dotted
 from trainables.data import DataError, check_data_available
-from trainables.models import SpecError
+from trainables.models import SpecError, build_model
 from trainables.train import prepare
 
 # Metrics every epoch reports, and those known only when a trial ends.
@@ -401,9 +401,12 @@ def _check_cells(spec: SweepSpec) -> None:
         datas[repr(sorted(cfg["data"].items()))] = cfg["data"]
         models.setdefault(json.dumps(model_spec, sort_keys=True), (label, model_spec))
     for label, model_spec in models.values():  # the stages after training, on each distinct model
-        check_analyze_taps(spec.analyze, model_spec, label)
+        if spec.analyze is None and spec.prune is None:
+            break
+        model = build_model(model_spec)
+        check_analyze_taps(spec.analyze, model, label)
         if spec.prune is not None:
-            spec.prune.check_model(model_spec, label)
+            spec.prune.check_model(model, label)
     for data in datas.values():
         try:
             check_data_available(data)

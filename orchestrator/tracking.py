@@ -19,6 +19,7 @@ PARENT_TAG = "mlflow.parentRunId"
 ROLE, SWEEP, TRIAL_ID = "unitlab.role", "unitlab.sweep", "unitlab.trial_id"
 ERROR = "unitlab.error"
 ROLE_PRUNE, LINEAGE, CELL = "prune", "unitlab.lineage.parent_run", "unitlab.prune.cell"  # pruned trials
+ENDED = ("FINISHED", "FAILED", "KILLED")  # run statuses of a trial that will not run again
 STORAGE = "unitlab.storage_path"
 METRICS = "unitlab.metrics"
 # Files of a finished job (trainables.train.run_job) and where they go in the child run.
@@ -103,10 +104,12 @@ def find_child(client: MlflowClient, exp_id: str, parent_id: str, value: str, ke
     return runs[0] if runs else None
 
 
-def prune_runs(client: MlflowClient, exp_id: str, sweep: str) -> list[Run]:
-    """Every pruned trial run of a sweep (each nested under its parent trial's run)."""
+def prune_runs(client: MlflowClient, exp_id: str, sweep: str, parents: set[str] | None = None) -> list[Run]:
+    """The pruned trial runs of a sweep (each nested under its parent trial's run), optionally only
+    those whose parent run id is in ``parents``."""
     query = f"tags.`{ROLE}` = '{ROLE_PRUNE}' and tags.`{SWEEP}` = '{sweep}'"
-    return client.search_runs([exp_id], query, max_results=10000)
+    runs = client.search_runs([exp_id], query, max_results=10000)
+    return runs if parents is None else [r for r in runs if r.data.tags[LINEAGE] in parents]
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
