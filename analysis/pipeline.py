@@ -1,7 +1,8 @@
 """The whole single-unit analysis of a frozen model (methods.md 2.2-2.9), in memory.
 
 1. Train features: taps are packed into groups whose float16 cache fits ``max_bytes``; one forward
-   pass over the training split per group, then one readout per tap on the cached features.
+   pass over the training split per group, then one readout per tap on the cached features (the
+   taps of a group with the same feature shape trained together, ``readout.train_readouts``).
 2. Test split: **one** forward pass for all taps. Test features are never cached: each batch is
    reduced at once to per-label sums of every readout's input (``TapAccumulator``), which is all
    the unit matrices need (``units.unit_matrices``), plus the readout's correct count.
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from .clusters import DEFAULT_THRESHOLD
 from .features import collect_features
-from .readout import RECIPES, Readout, ReadoutResult, train_readout
+from .readout import DEFAULT_RECIPE, Readout, ReadoutResult, readout_config, train_readouts
 from .summary import summarise_tap
 from .units import check_decomposition, full_field, unit_groups, unit_matrices
 
@@ -41,6 +42,8 @@ class AnalysisResult:
     matrices: dict[str, dict[str, np.ndarray]]  # tap -> unit kind -> (U, L, C) float64
     readouts: dict[str, ReadoutResult]  # tap -> trained readout (test accuracy set from the test pass)
     meta: dict = field(default_factory=dict)  # threshold, recipe, sizes, groups, timings
+    train_rows: np.ndarray | None = None  # rows of the source training split the readouts saw
+    test_rows: np.ndarray | None = None  # rows of the source test split the matrices average over
 
 
 def tap_shapes(model: nn.Module, sample: Tensor, taps: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -140,7 +143,7 @@ def analyse(
     taps: Sequence[str],
     *,
     threshold: float = DEFAULT_THRESHOLD,
-    recipe: str = "fast",
+    recipe: str = DEFAULT_RECIPE,
     readout_options: dict | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 256,
@@ -155,6 +158,7 @@ def analyse(
     ``readout_options`` overrides the readout recipe (e.g. ``{"epochs": 5}``).
     """
     device = torch.device(device)
+    readout_config(recipe, readout_options)
     num_labels = int(model.num_classes)
     train_x, train_y = train
     test_x, test_y = test
@@ -170,13 +174,12 @@ def analyse(
                                  transform=transform, dtype=torch.float16, storage_device=device)
         timings["train_features_s"] += time.perf_counter() - start
         start = time.perf_counter()
+        trained = train_readouts(feats, {t: model.taps[t].kind for t in group}, train_labels, num_labels, recipe,
+                                 device=device, seed=seed, **(readout_options or {}))
         for tap in group:
-            info = model.taps[tap]
-            f = feats.pop(tap)
-            readouts[tap] = train_readout(f, train_labels, f[:0], train_labels[:0], info.kind, num_labels,
-                                          recipe, device=device, seed=seed, **(readout_options or {}))
-            log(f"readout {tap}: train accuracy {readouts[tap].train_accuracy:.3f}")
-            del f
+            log(f"readout {tap}: train accuracy {trained[tap].train_accuracy:.3f}")
+        readouts.update(trained)
+        del feats
         timings["readouts_s"] += time.perf_counter() - start
 
     log("test pass (all taps)")
@@ -202,7 +205,8 @@ def analyse(
     timings["summary_s"] = time.perf_counter() - start
     meta = {
         "threshold": threshold, "recipe": recipe,
-        "readout": {**RECIPES[recipe], **(readout_options or {})},
+        "readout": {**readout_config(recipe, readout_options),
+                    "solver_reports": {t: r.recipe.get("solver_report") for t, r in readouts.items()}},
         "num_classes": num_labels, "train_size": len(train_y), "test_size": len(test_y),
         "taps": list(taps), "groups": groups, "timings": timings, "seed": seed, "n_control": n_control,
     }

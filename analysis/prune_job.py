@@ -25,7 +25,7 @@ from analysis.pruning import (CLUSTER_METHODS, LabelSets, Layer, Masks, PruneErr
                               check_fraction, full_masks, layer_connections, mask_stats,
                               needed_taps, plan_layers, random_at_level, random_connections,
                               random_label_sets, save_masks)
-from analysis.readout import RECIPES, train_readout
+from analysis.readout import DEFAULT_RECIPE, readout_config, train_readout
 from analysis.summary import analyse_units
 from analysis.units import tap_unit_matrices
 from trainables.data import Splits, load_splits
@@ -65,8 +65,8 @@ class PruneConfig:
     start_tap: str | None = None
     random_labels_k: int = 5
     control_of: str | None = None
-    readout_recipe: str = "fast"
-    readout_epochs: int | None = None
+    readout_recipe: str = DEFAULT_RECIPE
+    readout_options: dict | None = None  # overrides of the readout recipe (readout.readout_config)
     analysis_train_size: int | None = 5000
     analysis_test_size: int | None = None
 
@@ -80,10 +80,11 @@ class PruneConfig:
             check_fraction("prune.level", self.level, high_open=False)
         if self.control_of is not None and self.control_of not in GUIDED_METHODS:
             raise PruneError(f"prune.control_of: must be one of {', '.join(GUIDED_METHODS)}, got {self.control_of!r}")
-        if self.readout_recipe not in RECIPES:
-            raise PruneError(f"prune.readout_recipe: must be one of {', '.join(RECIPES)}, "
-                             f"got {self.readout_recipe!r}")
-        for name, low in (("finetune_epochs", 0), ("random_labels_k", 1), ("readout_epochs", 1),
+        try:
+            readout_config(self.readout_recipe, self.readout_options)
+        except ValueError as exc:
+            raise PruneError(f"prune.readout_recipe: {exc}") from None
+        for name, low in (("finetune_epochs", 0), ("random_labels_k", 1),
                           ("analysis_train_size", 1), ("analysis_test_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if value is None and name not in ("finetune_epochs", "random_labels_k", "seed"):
@@ -110,7 +111,7 @@ class PruneConfig:
 # ---------------------------------------------------------------- label sets from the analysis core
 
 def compute_label_sets(model: TappedModel, train: DeviceLoader, test: DeviceLoader, taps: list[str],
-                       threshold: float = 0.3, recipe: str = "fast", epochs: int | None = None,
+                       threshold: float = 0.3, recipe: str = DEFAULT_RECIPE, readout_options: dict | None = None,
                        seed: int = 0, max_bytes: int = 2 * 2**30) -> tuple[LabelSets, dict[str, dict]]:
     """Per-unit label sets (filters at conv taps, nodes at token taps) and per-tap readout stats.
 
@@ -121,7 +122,7 @@ def compute_label_sets(model: TappedModel, train: DeviceLoader, test: DeviceLoad
     """
     sets: LabelSets = {}
     stats: dict[str, dict] = {}
-    overrides = {"epochs": epochs} if epochs else {}
+    overrides = readout_options or {}
     for group in _tap_groups(tap_shapes(model, taps), len(train.labels) + len(test.labels), max_bytes):
         feats = {name: collect_features(model, loader, group, device=train.device, dtype=torch.float16)
                  for name, loader in (("train", train), ("test", test))}
@@ -281,7 +282,7 @@ def run_prune_job(
         label_sets, label_stats = compute_label_sets(
             model, _analysis_loader(splits, loaders["test"], config.analysis_train_size, "train"),
             _analysis_loader(splits, loaders["test"], config.analysis_test_size, "test"),
-            needed_taps(layers), config.threshold, config.readout_recipe, config.readout_epochs,
+            needed_taps(layers), config.threshold, config.readout_recipe, config.readout_options,
             config.seed)
     elif not config.needs_label_sets:
         label_sets = None

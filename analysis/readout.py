@@ -12,31 +12,43 @@ same scaled inputs the readout sees) but makes the default learning rates indepe
 tap's activation scale.
 
 Both recipes train on **cached** features (tensors computed once by ``features.collect_features``,
-possibly stored as float16 on the CPU; each batch is moved to ``device`` and cast to float32):
+possibly stored as float16; each batch is moved to ``device`` and cast to float32). Both minimise
+the same objective, mean cross-entropy plus ``weight_decay / 2 * ||theta||^2`` over the readout's
+parameters (methods.md 2.2):
 
-- ``"fast"`` (our default): AdamW, lr 2e-3, weight decay 1e-4, batch 256, 30 epochs, cosine decay
-  per step, features scaled by their RMS.
-- ``"paper"``: SGD Nesterov, lr 0.01, momentum 0.975, weight decay 1e-3, lr x0.975 per epoch,
-  batch 100, 200 epochs, raw (unscaled) features. **Difference from the authors:** they recompute
-  the tap features per batch from augmented images (±4 px shifts, flips); here the readout sees
-  the cached features of the non-augmented training set, so it gets no augmentation.
+- ``"lbfgs"`` (our default): that objective solved to its optimum by full-batch L-BFGS
+  (``lbfgs.py``), on features scaled by their RMS with the penalty rescaled to match. It gives the
+  ``"paper"`` recipe's weights, and so its unit statistics, in a fraction of the time
+  (``tests/test_readout_fidelity.py``, ``benchmarks/analysis_speed.py``).
+- ``"paper"``: the authors' schedule. SGD Nesterov, lr 0.01, momentum 0.975, weight decay 1e-3,
+  lr x0.975 per epoch, batch 100, 200 epochs, raw (unscaled) features. **Difference from the
+  authors:** they recompute the tap features per batch from augmented images (±4 px shifts,
+  flips); here the readout sees the cached features of the non-augmented training set.
+
+Overrides of the ``"paper"`` recipe (``optimizer="adamw"``, ``weight_decay``, ``epochs``, ...) give the
+minibatch variants that ``benchmarks/readout_ingredients.py`` compares.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .lbfgs import solve_conv, solve_token
+from .stacked import StackedReadouts, train_stacked
+
 RECIPES: dict[str, dict] = {
-    "fast": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=256, epochs=30,
-                 schedule="cosine", scale_features=True),
-    "paper": dict(optimizer="sgd_nesterov", lr=0.01, momentum=0.975, weight_decay=1e-3,
+    "lbfgs": dict(solver="lbfgs", weight_decay=1e-3, max_iter=300, tolerance=1e-5, scale_features=True),
+    "paper": dict(solver="minibatch", optimizer="sgd_nesterov", lr=0.01, momentum=0.975, weight_decay=1e-3,
                   batch_size=100, epochs=200, schedule="exp0.975", scale_features=False),
 }
+DEFAULT_RECIPE = "lbfgs"
+# Options a recipe may be given beyond its own (the minibatch solver's knobs, for ablations).
+MINIBATCH_OPTIONS = {"optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs", "schedule",
+                     "scale_features"}
 
 
 class Readout(nn.Module):
@@ -109,24 +121,78 @@ def evaluate(readout: Readout, x: Tensor, y: Tensor, batch_size: int = 512,
     return correct / max(x.shape[0], 1)
 
 
-def _optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if cfg["optimizer"] == "sgd_nesterov":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
-                               weight_decay=cfg["weight_decay"])
-    raise ValueError(f"unknown optimizer {cfg['optimizer']!r}")
+def readout_config(recipe: str, overrides: dict | None = None) -> dict:
+    """The recipe's settings with ``overrides`` applied; raises ``ValueError`` naming a bad recipe or option."""
+    if recipe not in RECIPES:
+        raise ValueError(f"readout recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    allowed = set(RECIPES[recipe]) - {"solver"}
+    if RECIPES[recipe]["solver"] == "minibatch":
+        allowed |= MINIBATCH_OPTIONS
+    unknown = sorted(set(overrides or {}) - allowed)
+    if unknown:
+        raise ValueError(f"readout option {unknown[0]!r} does not apply to recipe {recipe!r} "
+                         f"(options: {', '.join(sorted(allowed))})")
+    return {**RECIPES[recipe], **(overrides or {}), "recipe": recipe}
 
 
-def _lr_factor(cfg: dict, epoch: int, step: int, steps_per_epoch: int) -> float:
-    if cfg["schedule"] == "cosine":
-        progress = (epoch * steps_per_epoch + step) / (cfg["epochs"] * steps_per_epoch)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if cfg["schedule"] == "exp0.975":
-        return 0.975 ** epoch
-    if cfg["schedule"] == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule {cfg['schedule']!r}")
+def train_readouts(
+    features: dict[str, Tensor],
+    kinds: dict[str, str],
+    train_y: Tensor,
+    num_classes: int,
+    recipe: str = DEFAULT_RECIPE,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    **overrides,
+) -> dict[str, ReadoutResult]:
+    """Train one fresh bias-free readout per tap on cached features ``{tap: (N, ...)}``.
+
+    Minibatch recipes train all taps of the same kind and feature shape in one stacked loop
+    (``stacked.py``: exact, each tap gets the trajectory it would get alone with the same shuffle);
+    the ``lbfgs`` solver fits one tap at a time. Results carry train accuracy; test accuracy is
+    filled in by the caller's test pass (0.0 here).
+    """
+    cfg = readout_config(recipe, overrides)
+    device = torch.device(device)
+    train_y = train_y.long().to(device)
+    for tap, x in features.items():
+        kind = kinds[tap]
+        if kind == "conv" and x.dim() != 4 or kind == "token" and x.dim() != 3:
+            raise ValueError(f"{tap}: {kind} tap features have the wrong shape {tuple(x.shape)}")
+    results: dict[str, ReadoutResult] = {}
+    if cfg["solver"] == "lbfgs":
+        for tap, x in features.items():
+            results[tap] = _fit_lbfgs(x, train_y, kinds[tap], num_classes, cfg, device)
+        return results
+    groups: dict[tuple, list[str]] = {}
+    for tap, x in features.items():
+        groups.setdefault((kinds[tap], tuple(x.shape[1:])), []).append(tap)
+    for (kind, shape), taps in groups.items():
+        in_features = math.prod(shape) if kind == "conv" else shape[-1]
+        scales = [feature_rms(features[t]) if cfg["scale_features"] else 1.0 for t in taps]
+        stacked = StackedReadouts(kind, len(taps), in_features, num_classes, scales).to(device)
+        losses = train_stacked([features[t] for t in taps], train_y, stacked, cfg, seed)
+        for i, tap in enumerate(taps):
+            readout = Readout(kind, in_features, num_classes, scale=scales[i]).to(device)
+            with torch.no_grad():
+                readout.fc.weight.copy_(stacked.weight[i])
+                if kind == "token":
+                    readout.pool.copy_(stacked.pool[i])
+            results[tap] = ReadoutResult(readout=readout.eval(), test_accuracy=0.0,
+                                         train_accuracy=evaluate(readout, features[tap], train_y),
+                                         recipe={**cfg, "stacked_with": len(taps)}, losses=losses)
+    return results
+
+
+def _fit_lbfgs(x: Tensor, y: Tensor, kind: str, num_classes: int, cfg: dict, device: torch.device) -> ReadoutResult:
+    in_features = x[0].numel() if kind == "conv" else x.shape[-1]
+    scale = feature_rms(x) if cfg["scale_features"] else 1.0
+    readout = Readout(kind, in_features, num_classes, scale=scale).to(device)
+    solve = solve_conv if kind == "conv" else solve_token
+    report = solve(readout, x, y, cfg["weight_decay"] / scale**2, int(cfg["max_iter"]), float(cfg["tolerance"]))
+    return ReadoutResult(readout=readout.eval(), test_accuracy=0.0, train_accuracy=evaluate(readout, x, y),
+                         recipe={**cfg, "solver_report": asdict(report)}, losses=[report.objective])
 
 
 def train_readout(
@@ -136,65 +202,20 @@ def train_readout(
     test_y: Tensor,
     kind: str,
     num_classes: int,
-    recipe: str = "fast",
+    recipe: str = DEFAULT_RECIPE,
     *,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    on_epoch: Callable[[int, float], None] | None = None,
     **overrides,
 ) -> ReadoutResult:
-    """Train a fresh bias-free readout on cached tap features; report train and test accuracy.
+    """Train a fresh bias-free readout on one tap's cached features; report train and test accuracy.
 
     ``train_x``/``test_x`` are tap features, ``(N, C, H, W)`` for ``kind="conv"`` or ``(N, T, D)`` for
     ``kind="token"``, any float dtype, on any device (batches are moved to ``device``).
-    ``recipe`` picks the defaults in ``RECIPES``; keyword ``overrides`` replace any of them
-    (``epochs``, ``lr``, ``batch_size``, ``weight_decay``, ``momentum``, ``schedule``,
-    ``scale_features``). ``on_epoch(epoch, mean_loss)`` is called after each epoch.
+    ``recipe`` picks the defaults in ``RECIPES``; keyword ``overrides`` replace any of them (see
+    ``readout_config``).
     """
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
-    unknown = set(overrides) - set(RECIPES[recipe]) - {"momentum"}
-    if unknown:
-        raise ValueError(f"unknown readout options {sorted(unknown)}")
-    cfg = {**RECIPES[recipe], **overrides, "recipe": recipe}
-    if kind == "conv" and train_x.dim() != 4 or kind == "token" and train_x.dim() != 3:
-        raise ValueError(f"{kind} tap features have the wrong shape {tuple(train_x.shape)}")
-
-    in_features = train_x[0].numel() if kind == "conv" else train_x.shape[-1]
-    scale = feature_rms(train_x) if cfg["scale_features"] else 1.0
-    readout = Readout(kind, in_features, num_classes, scale=scale).to(device)
-    opt = _optimizer(readout.parameters(), cfg)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    gen = torch.Generator().manual_seed(seed)
-    n, bs = train_x.shape[0], int(cfg["batch_size"])
-    steps = max(1, math.ceil(n / bs))
-    train_y = train_y.long()
-    losses: list[float] = []
-
-    for epoch in range(int(cfg["epochs"])):
-        readout.train()
-        order = torch.randperm(n, generator=gen)
-        total = 0.0
-        for step in range(steps):
-            factor = _lr_factor(cfg, epoch, step, steps)
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * factor
-            idx = order[step * bs:(step + 1) * bs]
-            xb = train_x[idx.to(train_x.device)].to(device, torch.float32)
-            yb = train_y[idx.to(train_y.device)].to(device)
-            loss = nn.functional.cross_entropy(readout(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * idx.numel()
-        losses.append(total / n)
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-
-    return ReadoutResult(
-        readout=readout.eval(),
-        test_accuracy=evaluate(readout, test_x, test_y.long(), device=device),
-        train_accuracy=evaluate(readout, train_x, train_y, device=device),
-        recipe=cfg,
-        losses=losses,
-    )
+    result = train_readouts({"tap": train_x}, {"tap": kind}, train_y, num_classes, recipe, device=device,
+                            seed=seed, **overrides)["tap"]
+    result.test_accuracy = evaluate(result.readout, test_x, test_y.long(), device=device)
+    return result

@@ -10,7 +10,16 @@ Files (``write_results``):
   head rows the head-structure measures next to the shuffled-node control.
 - ``taps.json``: ``{"meta": ..., "taps": {tap: summary without per-unit lists}}``.
 - ``label_sets.json``: ``{"threshold", "num_classes", "taps": {tap: {unit_kind: [labels of unit 0, ...]}}}``.
-- ``matrices.npz`` (optional): key ``"TAP/KIND"`` -> (U, L, C) float32 unit matrices.
+- ``matrices.npz`` (optional): key ``"TAP/KIND"`` -> (U, L, C) unit matrices, each divided by its
+  largest absolute entry and stored as **float16** (compressed), with those (U,) float32 maxima
+  under ``"TAP/KIND/scale"``: every entry to about 1e-3 of its unit's largest one (the analysis
+  itself ran in float64). Exact values follow from ``readouts.npz``.
+- ``readouts.npz``: everything needed to recompute every matrix exactly from the model and the
+  data: ``TAP/weight`` (C, F) float32 readout weight acting on the scaled readout input,
+  ``TAP/scale`` (the scalar the tap features are divided by), ``TAP/pool`` (D,) float32 pooling
+  vector for token taps, ``test_rows`` and ``train_rows`` (int64 rows of the dataset's source test
+  and training splits the matrices and readouts used). Plain arrays: load with
+  ``np.load(path, allow_pickle=False)`` (``load_readouts``).
 - ``figures/``: see ``figures.py``.
 
 Non-finite floats (an infinite SNR when no unit has noise, NaN when no unit has a cluster) stay
@@ -103,22 +112,61 @@ def write_results(result: AnalysisResult, out_dir: str | Path, save_matrices: bo
     (out / "taps.json").write_text(json.dumps(tap_json(result), indent=1))
     (out / "label_sets.json").write_text(json.dumps(label_sets(result)))
     if save_matrices:
-        np.savez_compressed(out / "matrices.npz", **{f"{tap}/{kind}": m.astype(np.float32)
-                                                     for tap, kinds in result.matrices.items()
-                                                     for kind, m in kinds.items()})
+        np.savez_compressed(out / "matrices.npz", **matrix_arrays(result.matrices))
+    np.savez_compressed(out / "readouts.npz", **readout_arrays(result))
     if figures:
         from .figures import write_figures  # matplotlib only when figures are wanted
         write_figures(result, out / "figures")
     return out
 
 
-def load_matrices(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """``matrices.npz`` as ``{tap: {unit_kind: (U, L, C) float32}}``."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path) as data:
+def matrix_arrays(matrices: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of ``matrices.npz``: per unit kind, float16 matrices scaled to max |entry| 1, and the scales."""
+    arrays = {}
+    for tap, kinds in matrices.items():
+        for kind, m in kinds.items():
+            scale = np.abs(m).reshape(len(m), -1).max(axis=1) if m.size else np.zeros(len(m))
+            scale = np.where(scale > 0, scale, 1.0)
+            arrays[f"{tap}/{kind}"] = (m / scale[:, None, None]).astype(np.float16)
+            arrays[f"{tap}/{kind}/scale"] = scale.astype(np.float32)
+    return arrays
+
+
+def readout_arrays(result: AnalysisResult) -> dict[str, np.ndarray]:
+    """The arrays of ``readouts.npz``: each tap's readout parameters plus the train and test rows."""
+    arrays = {"test_rows": np.asarray(result.test_rows, dtype=np.int64),
+              "train_rows": np.asarray(result.train_rows, dtype=np.int64)}
+    for tap, res in result.readouts.items():
+        arrays[f"{tap}/weight"] = res.readout.fc.weight.detach().float().cpu().numpy()
+        arrays[f"{tap}/scale"] = np.float32(res.readout.scale)
+        if res.readout.pool is not None:
+            arrays[f"{tap}/pool"] = res.readout.pool.detach().float().cpu().numpy()
+    return arrays
+
+
+def load_readouts(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``readouts.npz`` as (``{tap: {"weight", "scale"[, "pool"]}}``, ``{"test_rows", "train_rows"}``)."""
+    taps: dict[str, dict[str, np.ndarray]] = {}
+    rows: dict[str, np.ndarray] = {}
+    with np.load(path, allow_pickle=False) as data:
         for key in data.files:
+            if "/" in key:
+                tap, name = key.rsplit("/", 1)
+                taps.setdefault(tap, {})[name] = data[key]
+            else:
+                rows[key] = data[key]
+    return taps, rows
+
+
+def load_matrices(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """``matrices.npz`` as ``{tap: {unit_kind: (U, L, C) float32}}`` (stored as scaled float16)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in data.files:
+            if key.endswith("/scale"):
+                continue
             tap, kind = key.rsplit("/", 1)
-            out.setdefault(tap, {})[kind] = data[key]
+            out.setdefault(tap, {})[kind] = data[key].astype(np.float32) * data[f"{key}/scale"][:, None, None]
     return out
 
 

@@ -2,13 +2,14 @@
 
     python -m analysis.run --run-dir runs/demo --out runs/demo/analysis
     python -m analysis.run --checkpoint MODEL.pt --spec SPEC.json --data cifar100 [--data-dir DIR] \\
-        [--taps a,b] [--threshold 0.3] [--recipe fast|paper] [--train-size N] [--test-size N] --out DIR
+        [--taps a,b] [--threshold 0.3] [--recipe lbfgs|paper] [--train-size N] [--test-size N] --out DIR
 
 ``--run-dir`` is a ``trainables.train.run_job`` output folder (``spec.json``, ``model.pt``,
 ``config.json``): the data config, normalisation and seed then come from its ``config.json``.
 ``--data`` is a dataset name or a YAML file holding a data mapping (or a job config with ``data:``).
 Readouts train on the training split (its first ``--train-size`` images), unit matrices come from
-the test split (its first ``--test-size`` images). Bad input prints one line and exits with 2
+the test split: all of it, or with ``--test-size N`` a class-balanced subset (the first
+``N // labels`` images of every label, in split order). ``readouts.npz`` records the rows used. Bad input prints one line and exits with 2
 before anything is written. See ``results.py`` for the files written.
 """
 
@@ -31,7 +32,7 @@ from trainables.models import SpecError, build_model
 
 from .clusters import DEFAULT_THRESHOLD
 from .pipeline import DEFAULT_MAX_BYTES, AnalysisResult, analyse
-from .readout import RECIPES
+from .readout import DEFAULT_RECIPE, RECIPES, readout_config
 from .results import primary_kind, write_results
 
 
@@ -39,12 +40,15 @@ class InputError(ValueError):
     """Bad analysis input (checkpoint, taps, threshold, data); the message is one line."""
 
 
-def check_options(model: nn.Module, taps: Sequence[str] | None, threshold: float, recipe: str) -> list[str]:
+def check_options(model: nn.Module, taps: Sequence[str] | None, threshold: float, recipe: str,
+                  readout_options: dict | None = None) -> list[str]:
     """Validate the analysis options against the model; returns the taps (all when None), in depth order."""
     if not 0.0 < threshold < 1.0:
         raise InputError(f"--threshold: must be in (0, 1), got {threshold}")
-    if recipe not in RECIPES:
-        raise InputError(f"--recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    try:
+        readout_config(recipe, readout_options)
+    except ValueError as exc:
+        raise InputError(f"--recipe: {exc}") from None
     if taps is None:
         return list(model.taps)
     unknown = [t for t in taps if t not in model.taps]
@@ -67,7 +71,7 @@ def analyze(
     splits: Splits,
     taps: Sequence[str] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
-    recipe: str = "fast",
+    recipe: str = DEFAULT_RECIPE,
     device: str | torch.device = "cpu",
     out_dir: str | Path | None = None,
     *,
@@ -89,7 +93,7 @@ def analyze(
     splits' statistics). ``train_size`` / ``test_size`` keep the first images of each split.
     With ``out_dir`` the results folder is written there (``results.write_results``).
     """
-    taps = check_options(model, taps, threshold, recipe)
+    taps = check_options(model, taps, threshold, recipe, readout_options)
     check_data(model, splits.num_classes, splits.image_size)
     device = torch.device(device)
     model = model.to(device).eval()
@@ -101,14 +105,32 @@ def analyze(
         return to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean_t, std_t)
 
     train = (splits.train.images[:train_size], splits.train.labels[:train_size])
-    test = (splits.test.images[:test_size], splits.test.labels[:test_size])
+    picked = balanced_subset(splits.test.labels, test_size, model.num_classes)
+    test = (splits.test.images[picked], splits.test.labels[picked])
     result = analyse(model, train, test, transform, taps, threshold=threshold, recipe=recipe,
                      readout_options=readout_options, device=device, batch_size=batch_size,
                      max_bytes=max_bytes, n_control=n_control, seed=seed, log=log)
     result.meta["dataset"] = splits.name
+    result.meta["test_subset"] = "all" if len(picked) == len(splits.test) else "class-balanced"
+    result.train_rows = splits.train.indices[:train_size]
+    result.test_rows = splits.test.indices[picked]
     if out_dir is not None:
         write_results(result, out_dir, save_matrices=save_matrices, figures=figures)
     return result
+
+
+def balanced_subset(labels: np.ndarray, size: int | None, num_labels: int) -> np.ndarray:
+    """Positions of all images (``size`` None or >= all), else of the first ``size // num_labels``
+    images of every label (fewer if a label has fewer), in split order."""
+    if size is None or size >= len(labels):
+        return np.arange(len(labels))
+    per_label = size // num_labels
+    if per_label < 1:
+        raise InputError(f"--test-size: a class-balanced subset needs at least one image per label "
+                         f"({num_labels}), got {size}")
+    per_label = min(per_label, min(int((labels == l).sum()) for l in range(num_labels)))
+    picked = [np.flatnonzero(labels == l)[:per_label] for l in range(num_labels)]
+    return np.sort(np.concatenate(picked))
 
 
 # ---------------------------------------------------------------- inputs from files
@@ -173,10 +195,10 @@ def norm_of(data_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]] | Non
 
 def analyze_files(spec_path: str | Path, checkpoint_path: str | Path, data_cfg: dict, out_dir: str | Path,
                   seed: int = 0, taps: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD,
-                  recipe: str = "fast", device: str = "auto", **options) -> AnalysisResult:
+                  recipe: str = DEFAULT_RECIPE, device: str = "auto", **options) -> AnalysisResult:
     """Validate everything cheap first (model, options, data shape), then load data and analyse."""
     model = load_model(spec_path, checkpoint_path)
-    check_options(model, taps, threshold, recipe)
+    check_options(model, taps, threshold, recipe, options.get("readout_options"))
     check_data(model, *dataset_shape(data_cfg))
     splits = load_splits(data_cfg, seed)
     if device == "auto":
@@ -197,8 +219,9 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by this CLI and ``orchestrator.analyze``."""
     parser.add_argument("--taps", default=None, help="comma-separated tap names (default: all)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="binarisation threshold in (0, 1)")
-    parser.add_argument("--recipe", default="fast", help=f"readout recipe: {', '.join(RECIPES)}")
-    parser.add_argument("--readout-epochs", type=int, default=None, help="override the recipe's epochs")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"readout recipe: {', '.join(RECIPES)}")
+    parser.add_argument("--readout-epochs", type=int, default=None, help="override the paper recipe's epochs")
+    parser.add_argument("--readout-max-iter", type=int, default=None, help="override the lbfgs recipe's iterations")
     parser.add_argument("--train-size", type=int, default=None, help="first N training images for the readouts")
     parser.add_argument("--test-size", type=int, default=None, help="first N test images for the matrices")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -210,7 +233,7 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
 
 def analysis_options(args: argparse.Namespace) -> dict:
     """Keyword options of ``analyze_files`` from parsed ``add_analysis_options`` arguments."""
-    for name in ("train_size", "test_size", "readout_epochs"):
+    for name in ("train_size", "test_size", "readout_epochs", "readout_max_iter"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
@@ -218,9 +241,15 @@ def analysis_options(args: argparse.Namespace) -> dict:
         "taps": [t for t in args.taps.split(",") if t] if args.taps is not None else None,
         "threshold": args.threshold, "recipe": args.recipe, "device": args.device,
         "train_size": args.train_size, "test_size": args.test_size, "batch_size": args.batch_size,
-        "readout_options": {"epochs": args.readout_epochs} if args.readout_epochs else None,
+        "readout_options": readout_overrides(args.readout_epochs, args.readout_max_iter),
         "max_bytes": int(args.max_gib * 2**30), "save_matrices": not args.no_matrices,
     }
+
+
+def readout_overrides(epochs: int | None, max_iter: int | None) -> dict | None:
+    """Readout overrides from the CLI's --readout-epochs / --readout-max-iter (None when neither)."""
+    out = {**({"epochs": epochs} if epochs else {}), **({"max_iter": max_iter} if max_iter else {})}
+    return out or None
 
 
 def print_table(result: AnalysisResult) -> None:

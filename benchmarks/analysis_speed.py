@@ -1,9 +1,9 @@
 """Speed of the unit-matrix analysis: fast path (class means) vs brute force (one readout pass per unit).
 
-    python benchmarks/analysis_speed.py [--data-dir DIR] [--test-size 10000] [--narrow-run-dir runs/demo]
+    python benchmarks/analysis_speed.py [--data-dir DIR] [--test-size 10000] [--run-dir RUN] [--recipes lbfgs,paper]
 
 Part 1, CCT-7/3x1 (random-init weights, every tap): readouts are trained on the cached features of
-``--train-size`` training images (``--readout-epochs`` epochs of the fast recipe). The test split then
+``--train-size`` training images (at most ``--readout-max-iter`` L-BFGS iterations). The test split then
 goes through the model once, in chunks; on each chunk's features (the *same* tensors for both) the
 fast path feeds the per-label input sums (``pipeline.TapAccumulator``, also counting the readout's
 correct answers) and the brute force runs, for a random subset of ``--units-per-kind`` units of each
@@ -12,9 +12,11 @@ sums. Brute-force time is measured on the subset and extrapolated linearly to al
 path's time (sums plus the final products with W for all units) is measured in full. The equality
 check compares the two on the subset.
 
-Part 2: the whole analysis (features, readout training, test pass, clusters) of ``cct_narrow`` on
-CPU with the default fast recipe, trained weights from ``--narrow-run-dir`` when given (its
-results folder is written to ``--narrow-out``; writing is not timed).
+Part 2: the whole analysis (features, readout training, test pass, clusters) of one CCT, trained
+weights from ``--run-dir`` (else a random-init ``cct_narrow``), once per recipe in ``--recipes``
+(default: our ``lbfgs`` and the authors' ``paper`` schedule), readouts on ``--analysis-train-size``
+training images, matrices on the whole test split. Prints each recipe's wall time and per-tap
+statistics, and their differences (results folders under ``--out``; writing is not timed).
 
 Prints one JSON object.
 """
@@ -33,7 +35,7 @@ import torch
 from analysis.features import collect_features
 from analysis.pipeline import TapAccumulator, matrices_from_means, plan_groups, tap_shapes
 from analysis.readout import Readout, ReadoutResult, train_readout
-from analysis.results import write_results
+from analysis.results import primary_kind, write_results
 from analysis.run import analyze, load_model, norm_of, run_dir_inputs
 from analysis.units import unit_groups
 from trainables.data import load_splits
@@ -76,7 +78,7 @@ def bench_fast_vs_brute(args: argparse.Namespace) -> dict:
         for tap in group:
             f = feats.pop(tap)
             readouts[tap] = train_readout(f, labels, f[:0], labels[:0], model.taps[tap].kind, model.num_classes,
-                                          epochs=args.readout_epochs)
+                                          "lbfgs", max_iter=args.readout_max_iter)
     readout_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     subsets: dict[tuple[str, str], tuple[list[int], list[Readout], int, int]] = {}
@@ -137,7 +139,7 @@ def bench_fast_vs_brute(args: argparse.Namespace) -> dict:
     return {
         "model": "cct_7_3x1, random-init weights (timing only), every tap",
         "data": f"CIFAR-100 test, first {len(test_y)} images; readouts on {len(train_y)} training images, "
-                f"{args.readout_epochs} epochs of the fast recipe",
+                f"at most {args.readout_max_iter} L-BFGS iterations",
         "taps": len(taps),
         "units_total": units_total,
         "units_brute_forced": units_measured,
@@ -154,28 +156,45 @@ def bench_fast_vs_brute(args: argparse.Namespace) -> dict:
     }
 
 
-def bench_narrow(args: argparse.Namespace) -> dict:
-    if args.narrow_run_dir:
-        spec_path, ckpt, data_cfg, seed = run_dir_inputs(args.narrow_run_dir)
-        model, weights = load_model(spec_path, ckpt), f"trained ({args.narrow_run_dir})"
+def bench_full_analysis(args: argparse.Namespace) -> dict:
+    """The whole analysis of one trained CCT, once per readout recipe, with per-tap statistics."""
+    if args.run_dir:
+        spec_path, ckpt, data_cfg, seed = run_dir_inputs(args.run_dir)
+        model, weights = load_model(spec_path, ckpt), f"trained ({args.run_dir})"
     else:
         torch.manual_seed(0)
         model, data_cfg, seed, weights = build_model({"preset": "cct_narrow"}), cifar(args.data_dir), 0, "random-init"
-        data_cfg["train_size"] = 10000
     if args.data_dir:
         data_cfg["data_dir"] = args.data_dir
+    data_cfg["train_size"] = None  # the readouts take --analysis-train-size images of the full training split
     splits = load_splits(data_cfg, seed)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    result = analyze(model, splits, norm=norm_of(data_cfg), seed=seed, max_bytes=int(args.max_gib * 2**30),
-                     log=lambda message: print(f"{time.perf_counter() - start:7.1f}s {message}", file=sys.stderr, flush=True))
-    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    if args.narrow_out:
-        write_results(result, args.narrow_out)
-    return {"model": f"cct_narrow, {weights}", "train_images": len(splits.train), "test_images": len(splits.test),
-            "taps": len(result.taps), "recipe": "fast (defaults)", "total_s": round(total, 1),
-            "process_cpu_s": round(cpu, 1), "threads": torch.get_num_threads(),
-            "stages_s": {k: round(v, 1) for k, v in result.meta["timings"].items()},
-            "groups": result.meta["groups"], "under_10_min": total < 600}
+    out = {"model": f"width {model.spec['width']}, {model.spec['blocks']} blocks, {model.spec['heads']} heads, {weights}",
+           "train_images": min(args.analysis_train_size, len(splits.train)), "test_images": len(splits.test),
+           "threads": torch.get_num_threads(), "recipes": {}}
+    for recipe in args.recipes.split(","):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = analyze(model, splits, recipe=recipe, norm=norm_of(data_cfg), seed=seed,
+                         train_size=args.analysis_train_size, max_bytes=int(args.max_gib * 2**30),
+                         log=lambda m: print(f"{recipe} {time.perf_counter() - start:7.1f}s {m}", file=sys.stderr, flush=True))
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if args.out:
+            write_results(result, f"{args.out}/{recipe}")
+        taps = {}
+        for tap, info in result.taps.items():
+            s = info["kinds"][primary_kind(info)]["summary"]
+            taps[tap] = {"accuracy": round(info["accuracy"], 4), "labels_per_unit": round(s["mean_labels_per_unit"], 3),
+                         "noise_per_unit": round(s["mean_noise_per_unit"], 2), "snr": round(s["snr"], 4)}
+        out["recipes"][recipe] = {"total_s": round(total, 1), "process_cpu_s": round(cpu, 1),
+                                  "stages_s": {k: round(v, 1) for k, v in result.meta["timings"].items()},
+                                  "under_10_min": total < 600, "taps": taps}
+        print(json.dumps({recipe: out["recipes"][recipe]}), file=sys.stderr, flush=True)
+    if {"lbfgs", "paper"} <= set(out["recipes"]):
+        a, b = out["recipes"]["lbfgs"]["taps"], out["recipes"]["paper"]["taps"]
+        out["lbfgs_vs_paper"] = {tap: {"accuracy_points": round(100 * (a[tap]["accuracy"] - b[tap]["accuracy"]), 2),
+                                       **{k: round(a[tap][k] / b[tap][k] - 1, 4) for k in ("labels_per_unit", "snr")}}
+                                 for tap in a}
+        out["speedup"] = round(out["recipes"]["paper"]["total_s"] / out["recipes"]["lbfgs"]["total_s"], 1)
+    return out
 
 
 def main() -> None:
@@ -183,19 +202,21 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR"))
     parser.add_argument("--test-size", type=int, default=10000)
     parser.add_argument("--train-size", type=int, default=500)
-    parser.add_argument("--readout-epochs", type=int, default=3)
+    parser.add_argument("--readout-max-iter", type=int, default=30)
     parser.add_argument("--units-per-kind", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=100)
     parser.add_argument("--max-gib", type=float, default=3.0)
-    parser.add_argument("--narrow-run-dir", default=None, help="run_job folder of a trained cct_narrow")
-    parser.add_argument("--narrow-out", default=None, help="also write the cct_narrow results folder here")
-    parser.add_argument("--skip", choices=("fast-vs-brute", "narrow"), action="append", default=[])
+    parser.add_argument("--run-dir", default=None, help="run_job folder of a trained CCT (default: random-init cct_narrow)")
+    parser.add_argument("--analysis-train-size", type=int, default=10000, help="training images for the readouts")
+    parser.add_argument("--recipes", default="lbfgs,paper", help="readout recipes to time on that model")
+    parser.add_argument("--out", default=None, help="also write each recipe's results folder under here")
+    parser.add_argument("--skip", choices=("fast-vs-brute", "full"), action="append", default=[])
     args = parser.parse_args()
     out = {"device": "cpu", "cpu_count": os.cpu_count()}
     if "fast-vs-brute" not in args.skip:
         out["fast_vs_brute_force"] = bench_fast_vs_brute(args)
-    if "narrow" not in args.skip:
-        out["cct_narrow_full_analysis"] = bench_narrow(args)
+    if "full" not in args.skip:
+        out["full_analysis"] = bench_full_analysis(args)
     print(json.dumps(out, indent=1))
 
 

@@ -1,8 +1,8 @@
 """The sweep spec's after-training sections: ``analyze`` (per trial) and ``prune`` (a second stage).
 
     analyze: true                    # or a mapping of analysis options:
-    analyze: {threshold: 0.3, recipe: fast, train_size: 2000, test_size: null, taps: null,
-              readout_epochs: null, max_gib: 4, save_matrices: true}
+    analyze: {threshold: 0.3, recipe: lbfgs, train_size: 2000, test_size: null, taps: null,
+              readout_epochs: null, readout_max_iter: null, max_gib: 4, save_matrices: true}
     prune:                           # one pruned trial per finished trial x cell (methods.md 5)
       methods: [none, afcc, random]  # also andc, nodal, random_labels; none: fine-tuning only;
                                      # random: the first guided method's mask (else the family's:
@@ -28,15 +28,17 @@ from analysis.clusters import DEFAULT_THRESHOLD
 from analysis.pipeline import DEFAULT_MAX_BYTES
 from analysis.prune_job import GUIDED_METHODS, METHODS, PruneConfig, prune_layers
 from analysis.pruning import PruneError, check_fraction
-from analysis.readout import RECIPES
+from analysis.readout import DEFAULT_RECIPE, RECIPES, readout_config
+from analysis.run import readout_overrides
 from orchestrator.schema import SweepError, check_choice, check_fields, check_min
 from trainables.models.taps import TappedModel
 
 _NONE = type(None)
 _ANALYZE = {
     "threshold": ((int, float), DEFAULT_THRESHOLD),
-    "recipe": ((str,), "fast"),
+    "recipe": ((str,), DEFAULT_RECIPE),
     "readout_epochs": ((int, _NONE), None),
+    "readout_max_iter": ((int, _NONE), None),
     "train_size": ((int, _NONE), None),
     "test_size": ((int, _NONE), None),
     "taps": ((list, _NONE), None),
@@ -63,8 +65,13 @@ def parse_analyze(raw: bool | dict) -> dict | None:
     if not 0 < a["threshold"] < 1:
         raise SweepError(f"sweep.analyze.threshold: must be in (0, 1), got {a['threshold']}")
     check_choice(a["recipe"], tuple(RECIPES), "sweep.analyze.recipe")
-    for key in ("readout_epochs", "train_size", "test_size"):
+    for key in ("readout_epochs", "readout_max_iter", "train_size", "test_size"):
         check_min(a[key], 1, f"sweep.analyze.{key}")
+    readout_options = readout_overrides(a["readout_epochs"], a["readout_max_iter"])
+    try:
+        readout_config(a["recipe"], readout_options)
+    except ValueError as exc:
+        raise SweepError(f"sweep.analyze: {exc}") from None
     if a["taps"] is not None and (not a["taps"] or not all(isinstance(t, str) for t in a["taps"])):
         raise SweepError(f"sweep.analyze.taps: must be a non-empty list of tap names, got {a['taps']!r}")
     if a["max_gib"] <= 0:
@@ -72,7 +79,7 @@ def parse_analyze(raw: bool | dict) -> dict | None:
     return {
         "taps": a["taps"], "threshold": float(a["threshold"]), "recipe": a["recipe"], "device": "auto",
         "train_size": a["train_size"], "test_size": a["test_size"],
-        "readout_options": {"epochs": a["readout_epochs"]} if a["readout_epochs"] else None,
+        "readout_options": readout_options,
         "max_bytes": int(a["max_gib"] * 2**30), "save_matrices": a["save_matrices"],
     }
 
@@ -138,7 +145,7 @@ def parse_prune(raw: dict | None, analyze: dict | None, require_analysis: bool =
     if analyze:
         base.update(readout_recipe=analyze["recipe"], analysis_train_size=analyze["train_size"],
                     analysis_test_size=analyze["test_size"],
-                    readout_epochs=(analyze["readout_options"] or {}).get("epochs"))
+                    readout_options=analyze["readout_options"])
     guided = [m for m in methods if m in GUIDED_METHODS]
     if guided:  # random controls copy the first guided method's layers and per-layer dilution
         base["control_of"] = guided[0]

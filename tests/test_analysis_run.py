@@ -14,7 +14,7 @@ import yaml
 
 from analysis.features import collect_features
 from analysis.reference import reference_unit_matrices
-from analysis.results import load_label_sets, load_matrices
+from analysis.results import load_label_sets, load_matrices, load_readouts
 from analysis.run import analyze, load_model, main
 from trainables.data import load_splits
 from trainables.loader import to_model_input
@@ -23,7 +23,7 @@ from trainables.train import run_job
 from conftest import synthetic_job
 
 TINY = {"preset": "cct_tiny", "blocks": 2, "n_conv_blocks": 1}
-FAST = ["--readout-epochs", "4", "--batch-size", "64"]
+FAST = ["--readout-max-iter", "60", "--batch-size", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_fast_path_equals_brute_force_on_trained_taps(trained):
     splits = load_splits(cfg["data"], cfg["seed"])
     model = load_model(trained / "spec.json", trained / "model.pt")
     taps = ["conv_block.0", "block.1.heads"]
-    result = analyze(model, splits, taps, readout_options={"epochs": 4}, batch_size=50)
+    result = analyze(model, splits, taps, readout_options={"max_iter": 40}, batch_size=50)
     mean, std = torch.tensor(splits.mean), torch.tensor(splits.std)
     test_x = to_model_input(torch.from_numpy(splits.test.images), mean, std)
     feats = collect_features(model, test_x, taps)
@@ -92,6 +92,42 @@ def test_fast_path_equals_brute_force_on_trained_taps(trained):
             assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max(), (tap, kind)
         assert result.taps[tap]["accuracy"] == pytest.approx(
             float((readout(feats[tap]).argmax(1) == y).float().mean()))
+
+
+def test_matrices_rebuild_from_saved_readouts_and_rows(trained, tmp_path):
+    """readouts.npz + the model + the data recompute every stored unit matrix; the test subset is balanced."""
+    cfg = json.loads((trained / "config.json").read_text())
+    splits = load_splits(cfg["data"], cfg["seed"])
+    model = load_model(trained / "spec.json", trained / "model.pt")
+    result = analyze(model, splits, readout_options={"epochs": 3}, recipe="paper", test_size=41,
+                     out_dir=tmp_path, figures=False)
+    params, rows = load_readouts(tmp_path / "readouts.npz")
+    stored = load_matrices(tmp_path / "matrices.npz")
+    assert result.meta["test_subset"] == "class-balanced"
+    where = {int(r): i for i, r in enumerate(splits.test.indices)}
+    positions = np.array([where[int(r)] for r in rows["test_rows"]])
+    labels = torch.from_numpy(splits.test.labels[positions])
+    assert torch.bincount(labels, minlength=4).tolist() == [10, 10, 10, 10]  # 41 // 4 per label
+    assert rows["train_rows"].tolist() == splits.train.indices.tolist()
+    mean, std = torch.tensor(splits.mean), torch.tensor(splits.std)
+    feats = collect_features(model, to_model_input(torch.from_numpy(splits.test.images[positions]), mean, std),
+                             list(model.taps))
+    for tap, info in model.taps.items():
+        p = params[tap]
+        z = feats[tap].double() / float(p["scale"])
+        if info.kind == "token":  # sequence pooling with the saved vector, then the unit's own weights
+            g = torch.softmax(z @ torch.from_numpy(p["pool"]).double(), dim=1)
+            z = torch.einsum("nt,ntd->nd", g, z)
+        r = z.flatten(1)
+        w = torch.from_numpy(p["weight"]).double()
+        for kind, matrices in result.matrices[tap].items():
+            size = r.shape[1] // matrices.shape[0]
+            for u in range(matrices.shape[0]):
+                field = r[:, u * size:(u + 1) * size] @ w[:, u * size:(u + 1) * size].T  # (N, C)
+                rebuilt = torch.stack([field[labels == l].mean(0) for l in range(4)]).numpy()
+                scale = max(np.abs(rebuilt).max(), 1e-12)
+                assert np.abs(matrices[u] - rebuilt).max() <= 1e-5 * scale, (tap, kind, u)
+                assert np.abs(stored[tap][kind][u] - rebuilt).max() <= 2e-3 * scale, (tap, kind, u)
 
 
 def _write(path: Path, data: dict) -> str:
