@@ -220,7 +220,7 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--taps", default=None, help="comma-separated tap names (default: all)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="binarisation threshold in (0, 1)")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"readout recipe: {', '.join(RECIPES)}")
-    parser.add_argument("--readout-epochs", type=int, default=None, help="override the paper recipe's epochs")
+    parser.add_argument("--readout-epochs", type=int, default=None, help="override the epochs of a minibatch recipe (paper100, paper)")
     parser.add_argument("--readout-max-iter", type=int, default=None, help="override the lbfgs recipe's iterations")
     parser.add_argument("--train-size", type=int, default=None, help="first N training images for the readouts")
     parser.add_argument("--test-size", type=int, default=None, help="first N test images for the matrices")

@@ -61,9 +61,9 @@ def lr_factor(cfg: dict, epoch: int, step: int, steps_per_epoch: int) -> float:
     raise ValueError(f"unknown schedule {cfg['schedule']!r}")
 
 
-def train_stacked(features: list[Tensor], labels: Tensor, stacked: StackedReadouts, cfg: dict, seed: int,
+def train_stacked(features: Tensor, labels: Tensor, stacked: StackedReadouts, cfg: dict, seed: int,
                   on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``stacked`` on the K cached feature tensors (same N and shape); mean loss per tap and epoch.
+    """Train ``stacked`` on cached features (K, N, ...) of K taps; mean loss per tap and epoch.
 
     ``labels`` (N,) lives on the readouts' device; features may be float16 anywhere (each batch is
     gathered, moved and cast to float32). Returns the mean over taps of each epoch's mean loss.
@@ -72,7 +72,7 @@ def train_stacked(features: list[Tensor], labels: Tensor, stacked: StackedReadou
     opt = optimizer(stacked.parameters(), cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(seed)
-    n, bs, k = labels.shape[0], int(cfg["batch_size"]), len(features)
+    n, bs, k = labels.shape[0], int(cfg["batch_size"]), features.shape[0]
     steps = max(1, math.ceil(n / bs))
     losses: list[float] = []
     for epoch in range(int(cfg["epochs"])):
@@ -84,7 +84,7 @@ def train_stacked(features: list[Tensor], labels: Tensor, stacked: StackedReadou
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * factor
             idx = order[step * bs:(step + 1) * bs]
-            xb = torch.stack([f[idx.to(f.device)].to(device, torch.float32) for f in features])
+            xb = features[:, idx.to(features.device)].to(device, torch.float32)
             yb = labels[idx.to(device)]
             logits = stacked(xb)
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.repeat(k),

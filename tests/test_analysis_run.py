@@ -23,7 +23,7 @@ from trainables.train import run_job
 from conftest import synthetic_job
 
 TINY = {"preset": "cct_tiny", "blocks": 2, "n_conv_blocks": 1}
-FAST = ["--readout-max-iter", "60", "--batch-size", "64"]
+FAST = ["--readout-epochs", "4", "--batch-size", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_fast_path_equals_brute_force_on_trained_taps(trained):
     splits = load_splits(cfg["data"], cfg["seed"])
     model = load_model(trained / "spec.json", trained / "model.pt")
     taps = ["conv_block.0", "block.1.heads"]
-    result = analyze(model, splits, taps, readout_options={"max_iter": 40}, batch_size=50)
+    result = analyze(model, splits, taps, readout_options={"epochs": 4}, batch_size=50)
     mean, std = torch.tensor(splits.mean), torch.tensor(splits.std)
     test_x = to_model_input(torch.from_numpy(splits.test.images), mean, std)
     feats = collect_features(model, test_x, taps)

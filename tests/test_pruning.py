@@ -201,7 +201,7 @@ def test_feature_cache_groups_fit_the_budget():
     assert _tap_groups(shapes, n_images=2, max_bytes=1000) == [["a", "b", "c", "d"]]
 
 
-FAST = {"finetune_epochs": 1, "readout_options": {"max_iter": 60}, "analysis_train_size": 128}
+FAST = {"finetune_epochs": 1, "readout_options": {"epochs": 4}, "analysis_train_size": 128}
 
 
 @pytest.fixture(scope="module")

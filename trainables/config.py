@@ -56,6 +56,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
 RECIPE_DEFAULTS = {
     "adamw_cosine": {"lr": 6e-4, "weight_decay": 0.06, "warmup_epochs": 10},
     "sgd_step": {"lr": 0.05, "weight_decay": 1e-3, "warmup_epochs": 0},
+    # SGD Nesterov with warm-up and cosine decay: the CNN recipe for short CPU-scale schedules.
+    "sgd_cosine": {"lr": 0.05, "weight_decay": 5e-4, "warmup_epochs": 1},
 }
 CHOICES = {
     "recipe.name": tuple(RECIPE_DEFAULTS),

@@ -100,7 +100,7 @@ def lr_lambda(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
     def step_decay(step: int) -> float:
         return recipe["step_gamma"] ** ((step // steps_per_epoch) // recipe["step_epochs"])
 
-    return cosine if recipe["name"] == "adamw_cosine" else step_decay
+    return step_decay if recipe["name"] == "sgd_step" else cosine
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
