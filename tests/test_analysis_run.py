@@ -185,7 +185,7 @@ def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
             "labels_per_head/block.1.heads", "head_max_share_control/block.1.heads"} <= set(expected)
     logged = {f.path for f in client.list_artifacts(trial, "analysis")}
     assert {"analysis/taps.json", "analysis/units.parquet", "analysis/label_sets.json",
-            "analysis/matrices.npz", "analysis/figures"} <= logged
+            "analysis/matrices.npz", "analysis/readouts.npz", "analysis/figures"} <= logged
     assert client.get_run(trial).data.tags["unitlab.analysis.threshold"] == "0.3"
 
     assert orchestrate([parent, "--tracking-uri", uri, "--taps", taps]) == 0  # already analysed: skipped
