@@ -154,3 +154,15 @@ def test_narrow_cct_learns_real_cifar100(data_dir, tmp_path):
     }
     summary = run_job(job, tmp_path)
     assert summary["test_acc"] > 0.03  # chance is 0.01
+
+
+def test_sgd_cosine_recipe_warms_up_then_decays_with_nesterov_sgd():
+    from trainables.config import resolve_config
+    from trainables.train import lr_lambda, make_optimizer
+    cfg = resolve_config({"recipe": {"name": "sgd_cosine"}, "epochs": 4})
+    assert (cfg["recipe"]["lr"], cfg["recipe"]["weight_decay"], cfg["recipe"]["warmup_epochs"]) == (0.05, 5e-4, 1)
+    factor = lr_lambda(cfg, steps_per_epoch=10)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(39) < 0.01
+    optimizer = make_optimizer(build_model({"preset": "cct_tiny", "num_classes": 4, "image_size": 16}), cfg)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
