@@ -158,7 +158,7 @@ def analyse(
     ``readout_options`` overrides the readout recipe (e.g. ``{"epochs": 5}``).
     """
     device = torch.device(device)
-    readout_config(recipe, readout_options)
+    readout_cfg = readout_config(recipe, readout_options)
     num_labels = int(model.num_classes)
     train_x, train_y = train
     test_x, test_y = test
@@ -205,7 +205,7 @@ def analyse(
     timings["summary_s"] = time.perf_counter() - start
     meta = {
         "threshold": threshold, "recipe": recipe,
-        "readout": {**readout_config(recipe, readout_options),
+        "readout": {**readout_cfg,
                     "solver_reports": {t: r.recipe.get("solver_report") for t, r in readouts.items()}},
         "num_classes": num_labels, "train_size": len(train_y), "test_size": len(test_y),
         "taps": list(taps), "groups": groups, "timings": timings, "seed": seed, "n_control": n_control,

@@ -14,7 +14,8 @@ threshold 0.3), plus each variant's seconds for all taps. Variants:
 - ``adamw_wd1e-3_30ep``: the same with the authors' weight decay;
 - ``paper_seed1``: the authors' schedule with another shuffle (SGD's own seed-to-seed spread);
 - ``paper_100ep`` / ``paper_50ep``: the authors' schedule stopped after 100 / 50 epochs;
-- ``lbfgs_wd1e-4``: L-BFGS with weight decay 1e-4.
+- ``lbfgs_wd1e-4``, ``lbfgs_wd4e-3``, ``lbfgs_wd8e-3``: L-BFGS with other weight decays (does a
+  larger penalty stand in for the authors' early stopping? Not within 10 % at every tap).
 
 Prints one JSON object: per variant and tap the statistics, plus each variant's difference from
 ``paper`` (accuracy in points, labels per unit and SNR relative).
