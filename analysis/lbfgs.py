@@ -16,20 +16,16 @@ for token taps). Here ``J`` is minimised directly on cached features:
   ``grad F(p) = dJ/dp`` at that ``W`` (the envelope theorem) takes one more pass over the tokens.
   ``F`` lives in only ``D`` dimensions, so L-BFGS needs few of the expensive token passes.
 
-The readout works on features divided by a scalar ``s`` (``Readout.scale``); the penalty is then
+``readout`` is an ``analysis.readout.Readout`` (its ``fc``, ``pool`` and ``readout_input``). The readout works on features divided by a scalar ``s`` (``Readout.scale``); the penalty is then
 ``lam / s^2`` on the scaled parameters, which is the same objective in the raw ones.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from .readout import Readout
 
 
 @dataclass
@@ -76,7 +72,7 @@ def fit_linear(r: Tensor, y: Tensor, weight: Tensor, lam: float, max_iter: int, 
 
 
 @torch.enable_grad()
-def solve_conv(readout: Readout, x: Tensor, y: Tensor, lam: float, max_iter: int, tol: float,
+def solve_conv(readout: nn.Module, x: Tensor, y: Tensor, lam: float, max_iter: int, tol: float,
                chunk: int = 2048) -> LbfgsReport:
     """Fit a conv readout's ``W`` to the optimum of ``J`` on features ``x`` (N, C, H, W)."""
     weight = readout.fc.weight
@@ -100,14 +96,14 @@ def solve_conv(readout: Readout, x: Tensor, y: Tensor, lam: float, max_iter: int
 
 
 @torch.no_grad()
-def _pooled(readout: Readout, x: Tensor, chunk: int) -> Tensor:
+def _pooled(readout: nn.Module, x: Tensor, chunk: int) -> Tensor:
     device = readout.fc.weight.device
     return torch.cat([readout.readout_input(x[part].to(device, torch.float32))
                       for part in _chunks(x.shape[0], chunk)])
 
 
 @torch.enable_grad()
-def solve_token(readout: Readout, x: Tensor, y: Tensor, lam: float, max_iter: int, tol: float,
+def solve_token(readout: nn.Module, x: Tensor, y: Tensor, lam: float, max_iter: int, tol: float,
                 inner_max_iter: int = 500, chunk: int = 512) -> LbfgsReport:
     """Fit a token readout's pooling vector and ``W`` to a stationary point of ``J`` (variable projection)."""
     pool, weight = readout.pool, readout.fc.weight
