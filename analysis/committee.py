@@ -27,7 +27,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainables.schema import Settings, setting
+
 METHODS = ("greedy", "topk", "diverse")
+
+
+@dataclass(frozen=True)
+class CommitteeConfig(Settings):
+    """How a committee is built from candidate runs (all selection on validation)."""
+
+    SECTION = "committee"
+
+    size: int = setting(5, "committee size K (selection steps)", low=1)
+    method: str = setting("greedy", "member selection", choices=METHODS)
+    diversity_weight: float = setting(0.05, "diverse: lambda", low=0)
+    mechanism_weight: float = setting(0.5, "diverse: share of mechanism distance in the diversity", low=0, high=1)
+    profile_artifact: str = setting("analysis/label_sets.json",
+                                    "diverse: the runs' label sets for mechanism diversity ('' turns it off)")
+    seed_control: bool = setting(False, "fail unless the same-architecture seed committee can be formed "
+                                 "(it is reported whenever it can)")
 _EPS = 1e-12
 
 

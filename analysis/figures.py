@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from .clusters import binarize  # noqa: E402
 from .pipeline import AnalysisResult  # noqa: E402
-from .results import primary_kind  # noqa: E402
+from .summary import primary_kind  # noqa: E402
 
 
 def cluster_order(clusters: list[list[int]], num_labels: int) -> list[int]:

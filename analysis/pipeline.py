@@ -22,14 +22,69 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainables.schema import InputError, Settings, setting
+
 from .clusters import DEFAULT_THRESHOLD
 from .features import collect_features
-from .readout import DEFAULT_RECIPE, Readout, ReadoutResult, readout_config, train_readouts
+from .readout import DEFAULT_RECIPE, RECIPES, Readout, ReadoutResult, readout_config, train_readouts
 from .summary import summarise_tap
 from .units import check_decomposition, full_field, unit_groups, unit_matrices
 
-DEFAULT_MAX_BYTES = 4 * 2**30
 Transform = Callable[[np.ndarray], Tensor]
+
+
+@dataclass(frozen=True)
+class AnalysisConfig(Settings):
+    """Settings of one single-unit analysis (``analyze:`` in a sweep, flags of ``analysis.run`` and
+    ``orchestrator analyze``, the label sets of a prune job)."""
+
+    SECTION = "analysis"
+
+    taps: tuple[str, ...] | None = setting(None, "tap names, comma-separated (default: all)")
+    threshold: float = setting(DEFAULT_THRESHOLD, "binarisation threshold of the unit matrices", gt=0, lt=1)
+    recipe: str = setting(DEFAULT_RECIPE, "readout recipe", choices=tuple(RECIPES))
+    readout_epochs: int | None = setting(None, "override the epochs of a minibatch recipe (paper100, paper)", low=1)
+    readout_max_iter: int | None = setting(None, "override the lbfgs recipe's iterations", low=1)
+    train_size: int | None = setting(None, "first N training images for the readouts (default: all)", low=1)
+    test_size: int | None = setting(None, "class-balanced N test images for the matrices (default: all)", low=1)
+    batch_size: int = setting(256, "images per forward pass", low=1)
+    max_gib: float = setting(4.0, "limit of cached training features per group of taps (GiB)", gt=0)
+    save_matrices: bool = setting(True, "write matrices.npz")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+
+    def check(self) -> None:
+        if self.taps is not None and not self.taps:
+            raise InputError("taps", "needs at least one tap name")
+        try:
+            readout_config(self.recipe, self.readout_options)
+        except ValueError as exc:
+            field = "readout_epochs" if self.readout_epochs else "readout_max_iter"
+            raise InputError(field, str(exc)) from None
+
+    @property
+    def readout_options(self) -> dict | None:
+        """Overrides of the readout recipe (``readout.readout_config``), None when none are set."""
+        out = {**({"epochs": self.readout_epochs} if self.readout_epochs else {}),
+               **({"max_iter": self.readout_max_iter} if self.readout_max_iter else {})}
+        return out or None
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_gib * 2**30)
+
+    def model_taps(self, model: nn.Module) -> list[str]:
+        """The taps to analyse (all when ``taps`` is None), in the model's depth order."""
+        if self.taps is None:
+            return list(model.taps)
+        unknown = [t for t in self.taps if t not in model.taps]
+        if unknown:
+            raise InputError("--taps", f"unknown tap {unknown[0]!r} (known: {', '.join(model.taps)})")
+        return [t for t in model.taps if t in set(self.taps)]
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device", "cuda requested but no CUDA device is visible")
+        return torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -140,32 +195,28 @@ def analyse(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
     transform: Transform,
-    taps: Sequence[str],
+    config: AnalysisConfig,
     *,
-    threshold: float = DEFAULT_THRESHOLD,
-    recipe: str = DEFAULT_RECIPE,
-    readout_options: dict | None = None,
     device: str | torch.device = "cpu",
-    batch_size: int = 256,
-    max_bytes: int = DEFAULT_MAX_BYTES,
     n_control: int = 20,
     seed: int = 0,
     log: Callable[[str], None] = lambda message: None,
 ) -> AnalysisResult:
-    """Analyse ``taps`` of a frozen ``model`` on (images, labels) train and test arrays.
+    """Analyse the configured taps of a frozen ``model`` on (images, labels) train and test arrays.
 
     ``transform`` turns a slice of raw images into the model's input on ``device``.
-    ``readout_options`` overrides the readout recipe (e.g. ``{"epochs": 5}``).
     """
     device = torch.device(device)
-    readout_cfg = readout_config(recipe, readout_options)
+    taps = config.model_taps(model)
+    recipe, threshold, batch_size = config.recipe, config.threshold, config.batch_size
+    readout_cfg = readout_config(recipe, config.readout_options)
     num_labels = int(model.num_classes)
     train_x, train_y = train
     test_x, test_y = test
     train_labels = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     timings = {"train_features_s": 0.0, "readouts_s": 0.0}
     shapes = tap_shapes(model, transform(test_x[:1]), taps)
-    groups = plan_groups(shapes, len(train_y), max_bytes)
+    groups = plan_groups(shapes, len(train_y), config.max_bytes)
     readouts: dict[str, ReadoutResult] = {}
     for i, group in enumerate(groups):
         log(f"train features {i + 1}/{len(groups)}: {', '.join(group)}")
@@ -175,7 +226,7 @@ def analyse(
         timings["train_features_s"] += time.perf_counter() - start
         start = time.perf_counter()
         trained = train_readouts(feats, {t: model.taps[t].kind for t in group}, train_labels, num_labels, recipe,
-                                 device=device, seed=seed, **(readout_options or {}))
+                                 device=device, seed=seed, **(config.readout_options or {}))
         for tap in group:
             log(f"readout {tap}: train accuracy {trained[tap].train_accuracy:.3f}")
         readouts.update(trained)

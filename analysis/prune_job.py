@@ -9,194 +9,205 @@ parent's ``spec.json``, ``config.json`` and ``model.pt`` (the ``run_job`` layout
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from analysis.features import collect_features
-from analysis.pipeline import tap_shapes as pipeline_tap_shapes
-from analysis.pruning import (CLUSTER_METHODS, LabelSets, Layer, Masks, PruneError, apply_masks,
-                              check_fraction, full_masks, layer_connections, mask_stats,
-                              needed_taps, plan_layers, random_at_level, random_connections,
-                              random_label_sets, save_masks)
-from analysis.readout import DEFAULT_RECIPE, readout_config, train_readout
-from analysis.summary import analyse_units
-from analysis.units import tap_unit_matrices
+from analysis.pipeline import AnalysisConfig, AnalysisResult, tap_shapes
+from analysis.pruning import (Connection, LabelSets, Masks, PruneError, apply_masks, family_method,
+                              full_masks, layer_connections, mask_stats, needed_taps, plan_layers,
+                              random_at_level, random_connections, random_label_sets, save_masks)
+from analysis.results import label_set_layout, save_label_sets
+from analysis.summary import primary_kind
+from analysis.run import analyze, load_model, norm_of, run_dir_inputs
+from trainables.config import JobConfig
 from trainables.data import Splits, load_splits
 from trainables.loader import DeviceLoader
-from trainables.models import build_model
 from trainables.models.taps import TappedModel
 from trainables.probs import write_probs
-from trainables.train import (evaluate, lr_lambda, make_loaders, make_optimizer, prepare,
-                              select_device, train_epoch)
+from trainables.schema import InputError, Settings, setting
+from trainables.train import device_flags, evaluate, fit, make_loaders, select_device
 
 METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels")
 GUIDED_METHODS = ("afcc", "andc", "nodal")
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """Settings of one pruning job (the ``prune:`` keys of a config file, minus ``methods``).
+class PruneConfig(Settings):
+    """Settings of one pruning job (methods.md 5).
 
-    - ``method``: ``none`` (no mask: the fine-tuning-only control), ``afcc`` (VGG convs), ``nodal``
-      (VGG FC layers), ``andc`` (CCT), ``random`` (the layers of the guided method ``control_of``,
-      by default the family's: afcc for VGG, andc for CCT; each with a random mask of the same
-      dilution as the guided mask, or of ``level`` when set),
-      ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random labels,
-      then the guided rule).
-    - ``threshold``: binarisation threshold of the unit matrices (methods.md 2.5).
-    - ``finetune_lr``: None means 0.1 x the parent's learning rate; no warm-up.
-    - ``analysis_train_size`` / ``analysis_test_size``: images of the train split the readouts
-      learn from and of the test split the unit matrices average over (None: the whole split).
+    ``method``: ``none`` (no mask: the fine-tuning-only control), ``afcc`` (VGG convs), ``nodal``
+    (VGG FC layers), ``andc`` (CCT), ``random`` (the layers of the guided method ``control_of``, by
+    default the family's, each with a random mask of the guided mask's dilution, or of ``level``
+    when set), ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random
+    labels, then the guided rule). ``analysis`` computes the label sets (its ``threshold`` is the
+    binarisation threshold of methods.md 2.5).
     """
 
-    method: str = "afcc"
-    threshold: float = 0.3
-    level: float | None = None
-    finetune_epochs: int = 2
-    finetune_lr: float | None = None
-    seed: int = 0
-    start_tap: str | None = None
-    random_labels_k: int = 5
-    control_of: str | None = None
-    readout_recipe: str = DEFAULT_RECIPE
-    readout_options: dict | None = None  # overrides of the readout recipe (readout.readout_config)
-    analysis_train_size: int | None = 5000
-    analysis_test_size: int | None = None
+    SECTION = "prune"
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise PruneError(f"prune.method: must be one of {', '.join(METHODS)}, got {self.method!r}")
-        check_fraction("prune.threshold", self.threshold, high_open=True)
-        if self.level is not None:
-            if self.method != "random":
-                raise PruneError(f"prune.level: only for method random, got method {self.method!r}")
-            check_fraction("prune.level", self.level, high_open=False)
-        if self.control_of is not None and self.control_of not in GUIDED_METHODS:
-            raise PruneError(f"prune.control_of: must be one of {', '.join(GUIDED_METHODS)}, got {self.control_of!r}")
-        try:
-            readout_config(self.readout_recipe, self.readout_options)
-        except ValueError as exc:
-            raise PruneError(f"prune.readout_recipe: {exc}") from None
-        for name, low in (("finetune_epochs", 0), ("random_labels_k", 1),
-                          ("analysis_train_size", 1), ("analysis_test_size", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if value is None and name not in ("finetune_epochs", "random_labels_k", "seed"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PruneError(f"prune.{name}: must be an integer >= {low}, got {value!r}")
-        if self.finetune_lr is not None and not (isinstance(self.finetune_lr, (int, float))
-                                                 and self.finetune_lr > 0):
-            raise PruneError(f"prune.finetune_lr: must be > 0, got {self.finetune_lr!r}")
+    method: str = setting("afcc", "pruning method", choices=METHODS)
+    level: float | None = setting(None, "dilution of a random mask (method random)", low=0, high=1)
+    finetune_epochs: int = setting(1, "fine-tuning epochs after pruning (0: none)", low=0)
+    finetune_lr: float | None = setting(None, "fine-tuning learning rate (default: 0.1 x the parent's)", gt=0)
+    seed: int = setting(0, "mask and fine-tuning seed", low=0)
+    start_tap: str | None = setting(None, "prune only layers fed by this tap or deeper ones")
+    random_labels_k: int = setting(5, "labels per unit (method random_labels)", low=1)
+    control_of: str | None = setting(None, "random: copy this guided method's layers and dilution",
+                                     choices=GUIDED_METHODS)
+    analysis: AnalysisConfig = setting(factory=lambda: AnalysisConfig(train_size=5000))
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
-        known = {f.name for f in fields(cls)}
-        for key in values:
-            if key not in known:
-                raise PruneError(f"prune.{key}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**values)
+    def check(self) -> None:
+        if self.level is not None and self.method != "random":
+            raise InputError("level", f"only for method random, got method {self.method!r}")
+
+    @property
+    def threshold(self) -> float:
+        return self.analysis.threshold
 
     @property
     def needs_label_sets(self) -> bool:
         return self.method in GUIDED_METHODS or (self.method == "random" and self.level is None)
 
 
-# ---------------------------------------------------------------- label sets from the analysis core
+@dataclass(frozen=True)
+class PrunePlan(Settings):
+    """A ``prune:`` section (a sweep's prune stage, ``analysis.prune --config``): one pruning job
+    per method x threshold, plus fixed-dilution ``random`` cells at ``levels``. Every other key is a
+    ``PruneConfig`` field shared by all cells (``base``), written flat beside ``methods``.
 
-def compute_label_sets(model: TappedModel, train: DeviceLoader, test: DeviceLoader, taps: list[str],
-                       threshold: float = 0.3, recipe: str = DEFAULT_RECIPE, readout_options: dict | None = None,
-                       seed: int = 0, max_bytes: int = 2 * 2**30) -> tuple[LabelSets, dict[str, dict]]:
-    """Per-unit label sets (filters at conv taps, nodes at token taps) and per-tap readout stats.
-
-    For each tap: features of ``train`` and ``test`` (float16 on the CPU) -> bias-free readout
-    trained on ``train`` -> unit matrices on ``test`` -> greedy clusters at ``threshold``; a unit's
-    label set is the union of its clusters. Taps are read in groups whose feature cache stays under
-    ``max_bytes`` (one forward pass per group; a tap larger than that is read alone).
+    ``random`` copies the first guided method's layers and per-layer dilution (else the family's
+    guided method); ``thresholds`` default to the analysis threshold.
     """
-    sets: LabelSets = {}
-    stats: dict[str, dict] = {}
-    overrides = readout_options or {}
-    for group in _tap_groups(tap_shapes(model, taps), len(train.labels) + len(test.labels), max_bytes):
-        feats = {name: collect_features(model, loader, group, device=train.device, dtype=torch.float16)
-                 for name, loader in (("train", train), ("test", test))}
-        for tap in group:
-            kind = model.taps[tap].kind
-            train_x, test_x = feats["train"].pop(tap), feats["test"].pop(tap)
-            res = train_readout(train_x, train.labels.cpu(), test_x, test.labels.cpu(), kind,
-                                model.num_classes, recipe, device=train.device, seed=seed, **overrides)
-            matrices = tap_unit_matrices(res.readout, test_x, test.labels.cpu(), model.num_classes,
-                                         device=train.device)
-            units = analyse_units(matrices.units["filter" if kind == "conv" else "node"], threshold)
-            sets[tap] = [set(u.labels) for u in units]
-            stats[tap] = {"readout_test_acc": res.test_accuracy, "readout_train_acc": res.train_accuracy,
-                          "units": len(units), "units_with_labels": sum(u.has_cluster for u in units),
-                          "mean_labels_per_unit": float(np.mean([u.n_labels for u in units]))}
-    return sets, stats
+
+    SECTION = "prune"
+    OWN = ("methods", "thresholds", "levels")
+
+    methods: tuple[str, ...] = setting(("afcc",), f"comma-separated: {', '.join(METHODS)}")
+    thresholds: tuple[float, ...] | None = setting(None, "cluster thresholds (default: the analysis threshold)")
+    levels: tuple[float, ...] = setting((), "fixed dilutions for extra method-random cells")
+    base: PruneConfig = setting(factory=PruneConfig, flag=False)
+
+    @classmethod
+    def parse(cls, raw: Any, where: str | None = None) -> PrunePlan:
+        where = cls.SECTION if where is None else where
+        if not isinstance(raw, dict):
+            raise InputError(where, f"must be a mapping, got {raw!r}")
+        if "method" in raw:
+            raise InputError(f"{where}.method", "list the methods under methods")
+        if "base" in raw:
+            raise InputError(f"{where}.base", "unknown key; write the prune options beside methods")
+        own = {k: raw[k] for k in cls.OWN if k in raw}
+        base = PruneConfig.parse({k: v for k, v in raw.items() if k not in cls.OWN}, where)
+        return super().parse({**own, "base": base}, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat section as written (the base's per-cell fields ``method`` and ``level`` left out)."""
+        base = {k: v for k, v in self.base.to_dict().items() if k not in ("method", "level")}
+        return {**{k: v for k, v in super().to_dict().items() if k != "base"}, **base}
+
+    @classmethod
+    def from_flags(cls, args: Any, **fixed: Any) -> PrunePlan:
+        given = {k: getattr(args, k) for k in cls.OWN if hasattr(args, k)}
+        try:
+            return cls.parse({**PruneConfig._given(args), **given, **fixed}, where="")
+        except InputError as exc:
+            field = exc.field.split(".")[-1]
+            raise InputError(f"--{field.replace('_', '-')}" if hasattr(args, field) else exc.field,
+                             exc.problem) from None
+
+    def check(self) -> None:
+        if not self.methods:
+            raise InputError("methods", "needs at least one method")
+        for method in self.methods:
+            if method not in METHODS:
+                raise InputError("methods", f"must be one of {', '.join(METHODS)}, got {method!r}")
+        for key in self.OWN:
+            values = getattr(self, key) or ()
+            if len(set(values)) != len(values):
+                raise InputError(key, "duplicate values")
+        for t in self.thresholds or ():
+            if not 0 < t < 1:
+                raise InputError("thresholds", f"must be in (0, 1), got {t}")
+        for level in self.levels:
+            if not 0 <= level <= 1:
+                raise InputError("levels", f"must be in [0, 1], got {level}")
+        if self.levels and "random" not in self.methods:
+            raise InputError("levels", "fixed dilutions are cells of method random; add it to methods")
+        guided = [m for m in self.methods if m in GUIDED_METHODS]
+        if guided and self.thresholds == ():
+            raise InputError("thresholds", f"method {guided[0]} needs at least one threshold")
+
+    def cells(self, analysis: AnalysisConfig | None = None) -> dict[str, PruneConfig]:
+        """Every job of the plan by label; label sets come from ``analysis`` (default: the base's)."""
+        source = analysis or self.base.analysis
+        thresholds = self.thresholds if self.thresholds is not None else (source.threshold,)
+        guided = [m for m in self.methods if m in GUIDED_METHODS]
+        base = self.base
+        if guided and base.control_of is None:
+            base = base.replace(control_of=guided[0])
+        configs = []
+        for method in self.methods:
+            if method in GUIDED_METHODS + ("random",):
+                configs += [base.replace(method=method, analysis=source.replace(threshold=t)) for t in thresholds]
+            else:
+                configs.append(base.replace(method=method, analysis=source))
+        configs += [base.replace(method="random", level=level, analysis=source) for level in self.levels]
+        if not configs:
+            raise InputError(f"{self.SECTION}", "no cells (method random with no thresholds and no levels)")
+        return {cell_label(c): c for c in configs}
 
 
-def _tap_groups(shapes: dict[str, tuple[int, ...]], n_images: int, max_bytes: int) -> list[list[str]]:
-    """Consecutive taps packed so that each group's float16 cache of ``n_images`` fits ``max_bytes``."""
-    groups: list[list[str]] = []
-    used = max_bytes
-    for tap, shape in shapes.items():
-        need = 2 * n_images * int(np.prod(shape))
-        if used + need > max_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(tap)
-        used += need
-    return groups
+def cell_label(config: PruneConfig) -> str:
+    """``afcc,threshold=0.3``, ``random,level=0.5``, ``random_labels``, ``none``."""
+    if config.method == "random" and config.level is not None:
+        return f"random,level={config.level:g}"
+    if config.needs_label_sets:
+        return f"{config.method},threshold={config.threshold:g}"
+    return config.method
 
 
-def tap_shapes(model: TappedModel, taps: list[str]) -> dict[str, tuple[int, ...]]:
-    """Per-image feature shape of each tap, from one forward pass of a blank image."""
-    param = next(model.parameters())
-    blank = torch.zeros(1, model.in_channels, model.image_size, model.image_size, device=param.device)
-    return pipeline_tap_shapes(model, blank, taps)
+# ---------------------------------------------------------------- label sets from the analysis
+
+def unit_label_sets(layout: dict[str, dict[str, list[set[int]]]]) -> LabelSets:
+    """Per-unit label sets of each tap from the ``label_sets.json`` layout (``results.load_label_sets``):
+    filters at conv taps, nodes at token taps."""
+    out: LabelSets = {}
+    for tap, kinds in layout.items():
+        kind = next((k for k in ("filter", "node") if k in kinds), None)
+        if kind is None:
+            raise PruneError(f"label sets: tap {tap!r} has no 'filter' or 'node' entry")
+        out[tap] = kinds[kind]
+    return out
+
+
+def analyse_label_sets(model: TappedModel, splits: Splits, norm: tuple | None, config: AnalysisConfig,
+                       taps: list[str], seed: int) -> tuple[AnalysisResult, dict[str, dict]]:
+    """The unit analysis of ``taps`` (the same path as ``analysis.run``) and per-tap readout stats."""
+    result = analyze(model, splits, config.replace(taps=tuple(taps), save_matrices=False),
+                     norm=norm, seed=seed, figures=False)
+    stats = {}
+    for tap, info in result.taps.items():
+        summary = info["kinds"][primary_kind(info)]["summary"]
+        stats[tap] = {"readout_test_acc": info["accuracy"], "readout_train_acc": info["train_accuracy"],
+                      "units": summary["n_units"], "units_with_labels": summary["n_units_with_cluster"],
+                      "mean_labels_per_unit": summary["mean_labels_per_unit"]}
+    return result, stats
 
 
 def unit_counts(model: TappedModel, taps: list[str]) -> dict[str, int]:
     """Units per tap: channels of a conv map (C, H, W), width of a token sequence (N, D)."""
-    return {t: s[0] if model.taps[t].kind == "conv" else s[-1] for t, s in tap_shapes(model, taps).items()}
-
-
-def save_label_sets(path: Path, label_sets: LabelSets, threshold: float | None) -> None:
-    data = {"threshold": threshold, "taps": {t: [sorted(s) for s in sets] for t, sets in label_sets.items()}}
-    path.write_text(json.dumps(data))
-
-
-def load_label_sets(path: str | Path) -> LabelSets:
-    """Label sets from JSON: ``{"taps": {tap: [[labels of unit 0], ...]}}`` (as written here) or a
-    bare ``{tap: ...}``; a tap may also map unit kinds to lists (``{"filter": [...]}`` /
-    ``{"node": [...]}``), as in ``analysis.run``'s per-kind output."""
-    data = json.loads(Path(path).read_text())
-    taps = data.get("taps", data)
-    out: LabelSets = {}
-    for tap, value in taps.items():
-        if isinstance(value, dict):
-            kinds = [k for k in ("filter", "node") if k in value]
-            if not kinds:
-                raise PruneError(f"label sets {path}: tap {tap!r} has no 'filter' or 'node' entry")
-            value = value[kinds[0]]
-        out[tap] = [set(int(l) for l in unit) for unit in value]
-    return out
+    param = next(model.parameters())
+    blank = torch.zeros(1, model.in_channels, model.image_size, model.image_size, device=param.device)
+    shapes = tap_shapes(model, blank, taps)
+    return {t: s[0] if model.taps[t].kind == "conv" else s[-1] for t, s in shapes.items()}
 
 
 # ---------------------------------------------------------------- the job
-
-def _merge(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
 
 def _accuracies(model, loaders, autocast: bool) -> dict[str, Any]:
     out = {}
@@ -206,16 +217,16 @@ def _accuracies(model, loaders, autocast: bool) -> dict[str, Any]:
     return out
 
 
-def prune_layers(model: TappedModel, config: PruneConfig) -> list[Layer]:
+def prune_layers(model: TappedModel, config: PruneConfig) -> list[Connection]:
     """The layers ``config.method`` prunes: its own plan, or the family's guided plan for controls."""
     if config.method == "none":
         return []
-    guided = config.control_of or CLUSTER_METHODS.get(model.spec["family"], config.method)
+    guided = config.control_of or family_method(model) or config.method
     return plan_layers(model, config.method if config.method in GUIDED_METHODS else guided,
                        config.start_tap)
 
 
-def build_prune_masks(model: TappedModel, config: PruneConfig, layers: list[Layer],
+def build_prune_masks(model: TappedModel, config: PruneConfig, layers: list[Connection],
                       label_sets: LabelSets | None) -> Masks:
     """Full masks of ``layers`` for ``config.method`` (none for method ``none``)."""
     if not layers:
@@ -240,34 +251,33 @@ def build_prune_masks(model: TappedModel, config: PruneConfig, layers: list[Laye
 def run_prune_job(
     parent_dir: str | Path,
     out_dir: str | Path,
-    config: PruneConfig | dict[str, Any] | None = None,
+    config: PruneConfig,
     *,
     overrides: dict[str, Any] | None = None,
-    label_sets: LabelSets | None = None,
+    label_sets: dict[str, dict[str, list[set[int]]]] | None = None,
     splits: Splits | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Prune the parent run's model, fine-tune it with the mask enforced, write artifacts.
 
     ``overrides`` merge into the parent's job config (e.g. ``{"data": {"data_dir": ...},
-    "device": "cpu"}``). ``label_sets`` skips the analysis (e.g. reuse a guided job's
-    ``label_sets.json`` for its random control). ``on_epoch(metrics)`` follows each fine-tuning
-    epoch. Returns the summary also written to ``summary.json``.
+    "device": "cpu"}``). ``label_sets`` (the ``label_sets.json`` layout, ``results.load_label_sets``)
+    skips the analysis, e.g. to reuse a guided job's label sets for its random control.
+    ``on_epoch(metrics)`` follows each fine-tuning epoch. Returns the summary also written to
+    ``summary.json``.
     """
-    config = config if isinstance(config, PruneConfig) else PruneConfig.from_dict(config or {})
     parent_dir, out_dir = Path(parent_dir), Path(out_dir)
     for name in ("spec.json", "config.json", "model.pt"):
         if not (parent_dir / name).is_file():
             raise PruneError(f"parent {parent_dir}: {name} not found (expected a run_job output folder)")
-    spec = json.loads((parent_dir / "spec.json").read_text())
-    cfg, _ = prepare(_merge(json.loads((parent_dir / "config.json").read_text()), overrides or {}))
-    splits = splits or load_splits(cfg["data"], cfg["seed"])
+    spec_path, model_path, cfg = run_dir_inputs(parent_dir)
+    cfg = cfg.merged(overrides or {})
+    model = load_model(spec_path, model_path)
+    layers = prune_layers(model, config)
+    splits = splits or load_splits(cfg.data, cfg.seed)
     device = select_device(cfg)
-    autocast = cfg["bf16"] is True or (cfg["bf16"] == "auto" and device.type == "cuda")
-    channels_last = cfg["channels_last"] is True or (cfg["channels_last"] == "auto" and device.type == "cuda")
+    autocast, channels_last = device_flags(cfg, device)
 
-    model = build_model(spec)
-    model.load_state_dict(torch.load(parent_dir / "model.pt", map_location="cpu", weights_only=True))
     model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -276,23 +286,23 @@ def run_prune_job(
     before = _accuracies(model, loaders, autocast)
 
     label_stats: dict[str, dict] = {}
+    analysis = None
     start = time.perf_counter()
-    layers = prune_layers(model, config)
     if label_sets is None and config.needs_label_sets:
-        label_sets, label_stats = compute_label_sets(
-            model, _analysis_loader(splits, loaders["test"], config.analysis_train_size, "train"),
-            _analysis_loader(splits, loaders["test"], config.analysis_test_size, "test"),
-            needed_taps(layers), config.threshold, config.readout_recipe, config.readout_options,
-            config.seed)
+        analysis, label_stats = analyse_label_sets(model, splits, norm_of(cfg.data), config.analysis,
+                                                   needed_taps(layers), config.seed)
+        label_sets = label_set_layout(analysis)
+        model.to(device)
     elif not config.needs_label_sets:
         label_sets = None
     seconds["label_sets"] = time.perf_counter() - start
-    masks = build_prune_masks(model, config, layers, label_sets)
+    masks = build_prune_masks(model, config, layers, unit_label_sets(label_sets) if label_sets else None)
     apply_masks(model, masks)
     pruned = _accuracies(model, loaders, autocast)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    ft_cfg = _finetune_config(cfg, config)
+    ft_cfg = cfg.replace(epochs=max(1, config.finetune_epochs),
+                         recipe=cfg.recipe.replace(lr=config.finetune_lr or 0.1 * cfg.recipe.lr, warmup_epochs=0))
     start = time.perf_counter()
     history = finetune(model, loaders, ft_cfg, autocast, on_epoch) if config.finetune_epochs else []
     seconds["finetune"] = time.perf_counter() - start
@@ -300,10 +310,10 @@ def run_prune_job(
 
     save_masks(out_dir / "masks.pt", masks)
     torch.save(model.state_dict(), out_dir / "model.pt")
-    (out_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-    (out_dir / "config.json").write_text(json.dumps(ft_cfg, indent=1))
+    (out_dir / "spec.json").write_text(json.dumps(cfg.model, indent=1))
+    (out_dir / "config.json").write_text(json.dumps(ft_cfg.to_dict(), indent=1))
     if label_sets is not None:
-        save_label_sets(out_dir / "label_sets.json", label_sets, config.threshold)
+        save_label_sets(out_dir / "label_sets.json", label_sets, config.threshold, model.num_classes)
     for split in ("val", "test"):
         source = getattr(splits, split)
         write_probs(out_dir / f"probs_{split}.parquet", final[split]["probs"], source.labels,
@@ -313,7 +323,7 @@ def run_prune_job(
         stats["layers"][layer.param].update(inputs=layer.inputs, outputs=layer.outputs)
     summary = {
         "method": config.method,
-        "prune": asdict(config),
+        "prune": config.to_dict(),
         "parent": str(parent_dir),
         "dataset": splits.name,
         "num_classes": splits.num_classes,
@@ -330,38 +340,8 @@ def run_prune_job(
     return summary
 
 
-def _analysis_loader(splits: Splits, like: DeviceLoader, size: int | None, split: str) -> DeviceLoader:
-    """An unaugmented, unshuffled loader over the first ``size`` images of a split."""
-    source = getattr(splits, split)
-    n = len(source) if size is None else min(size, len(source))
-    return DeviceLoader(source.images[:n], source.labels[:n], batch_size=like.batch_size,
-                        device=like.device, mean=tuple(like.mean.tolist()), std=tuple(like.std.tolist()),
-                        num_classes=splits.num_classes)
-
-
-def _finetune_config(cfg: dict, config: PruneConfig) -> dict:
-    """The parent's job config with the fine-tuning epochs and learning rate, no warm-up."""
-    ft = copy.deepcopy(cfg)
-    ft["epochs"] = max(1, config.finetune_epochs)
-    ft["recipe"]["lr"] = float(config.finetune_lr or 0.1 * cfg["recipe"]["lr"])
-    ft["recipe"]["warmup_epochs"] = 0
-    return ft
-
-
-def finetune(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: dict, autocast: bool,
+def finetune(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: JobConfig, autocast: bool,
              on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """``cfg["epochs"]`` epochs with the job's optimiser and schedule; the masks hold throughout."""
-    torch.manual_seed(cfg["seed"])
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loaders["train"])))
-    step_model = torch.compile(model) if cfg["compile"] else model
-    history = []
-    for epoch in range(cfg["epochs"]):
-        metrics = train_epoch(step_model, loaders["train"], optimizer, scheduler, cfg, autocast)
-        metrics["val_loss"], metrics["val_acc"], _ = evaluate(step_model, loaders["val"], autocast)
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["epoch"] = epoch
-        history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(dict(metrics))
-    return history
+    """``cfg.epochs`` epochs of the shared training loop; the masks hold throughout."""
+    torch.manual_seed(cfg.seed)
+    return fit(model, loaders, cfg, autocast, None if on_epoch is None else lambda metrics, _state: on_epoch(metrics))

@@ -11,14 +11,14 @@ Masks are built in two steps:
    connection broadcast over its kernel; a linear weight (O, F) with F = U * g gets each input
    unit's ``g`` contiguous columns (g = H*W for a flattened conv map, 1 for nodes).
 
-``plan_layers`` says which parameters a method prunes and which taps' label sets sit on each side.
+``plan_layers`` gives the parameters a method prunes and the taps whose label sets sit on each side,
+as the model declares them (``TappedModel.prunable``).
 Masks are enforced with ``torch.nn.utils.parametrize``: the effective weight is
 ``original * mask`` in every forward pass, so it holds through optimiser steps, and the state_dict
 carries both the original and the mask (``rebuild_pruned`` restores the model exactly).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,29 +27,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from trainables.models import build_model
-from trainables.models.taps import TappedModel
-from trainables.models.vgg import ConvBNReLU
+from trainables.models.taps import Connection, TappedModel
+from trainables.schema import InputError
 
 LabelSets = dict[str, list[set[int]]]
 Masks = dict[str, Tensor]
-CLUSTER_METHODS = {"vgg": "afcc", "cct": "andc"}  # the guided plan a family's random controls copy
-GUIDED = {"vgg": ("afcc", "nodal"), "cct": ("andc",)}  # the cluster-guided methods of each family
 
 
-class PruneError(ValueError):
+class PruneError(InputError):
     """Bad pruning input; the message starts with the offending parameter or field."""
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One prunable weight: its parameter path and the taps whose units feed and read it.
-
-    ``outputs`` is None when the layer's outputs are the class labels (``output_mask`` rule).
-    """
-
-    param: str
-    inputs: str
-    outputs: str | None
 
 
 # ---------------------------------------------------------------- rules on label sets
@@ -86,11 +72,6 @@ def output_mask(in_sets: Sequence[set[int]], num_outputs: int) -> Tensor:
     if _num_labels(in_sets) > num_outputs:
         raise PruneError(f"label sets: label {_num_labels(in_sets) - 1} >= {num_outputs} outputs")
     return _incidence(in_sets, num_outputs).T > 0
-
-
-def nodal_mask(in_sets: Sequence[set[int]], out_sets: Sequence[set[int]], shape: Sequence[int]) -> Tensor:
-    """Nodal pruning between two FC layers: the intersection rule expanded to weight ``shape``."""
-    return expand(connection_mask(in_sets, out_sets), shape, "weight")
 
 
 def expand(keep: Tensor, shape: Sequence[int], name: str) -> Tensor:
@@ -136,40 +117,17 @@ def dilution(mask: Tensor) -> float:
 
 # ---------------------------------------------------------------- which layers a method prunes
 
-def plan_layers(model: TappedModel, method: str, start_tap: str | None = None) -> list[Layer]:
-    """The layers a cluster-guided method prunes, in depth order.
-
-    - ``afcc`` (VGG): each conv layer fed by a conv tap (conv.k -> conv.k+1; the first conv reads
-      pixels and is kept whole), then the first FC layer fed by the last conv tap (filter f owns the
-      H*W contiguous inputs of the flattened, pooled map): the classifier, or hidden layer ``fc.0``.
-    - ``nodal`` (VGG with ``fc_hidden``): FC layer to FC layer (fc.i -> fc.i+1), then the last
-      hidden layer to the classifier.
-    - ``andc`` (CCT): in each transformer block, ``mlp.fc1`` (``block.i.ff_in`` -> ``ff_hidden``)
-      and ``mlp.fc2`` (``ff_hidden`` -> ``block.i.out``).
+def plan_layers(model: TappedModel, method: str, start_tap: str | None = None) -> list[Connection]:
+    """The layers a cluster-guided method prunes, in depth order, as the model declares them
+    (``model.prunable``: afcc and nodal for VGG, andc for CCT).
 
     ``start_tap`` keeps only the layers whose input tap is that tap or a deeper one.
     """
-    family = model.spec["family"]
-    if method not in GUIDED.get(family, ()):
-        hint = f"use {' or '.join(map(repr, GUIDED[family]))}" if family in GUIDED else "no method applies"
+    if method not in model.prunable:
+        family = model.spec["family"]
+        hint = f"use {' or '.join(map(repr, model.prunable))}" if model.prunable else "no method applies"
         raise PruneError(f"method: {method!r} does not apply to a {family} model ({hint})")
-    convs = [t for t in model.taps if t.startswith("conv.")]
-    fcs = [t for t in model.taps if t.startswith("fc.")]
-    if method == "afcc":
-        paths = [f"features.{k}.0.weight" for k, m in enumerate(model.features) if isinstance(m, ConvBNReLU)]
-        layers = [Layer(p, convs[n], convs[n + 1]) for n, p in enumerate(paths[1:])]
-        layers.append(Layer("fc.0.linear.weight", convs[-1], "fc.0") if fcs else
-                      Layer("classifier.weight", convs[-1], None))
-    elif method == "nodal":
-        if not fcs:
-            raise PruneError("method: 'nodal' prunes between FC layers; this model has none (set model.fc_hidden)")
-        layers = [Layer(f"fc.{i}.linear.weight", fcs[i - 1], fcs[i]) for i in range(1, len(fcs))]
-        layers.append(Layer("classifier.weight", fcs[-1], None))
-    else:
-        layers = []
-        for i in model.blocks:
-            layers += [Layer(f"blocks.{i}.mlp.fc1.weight", f"block.{i}.ff_in", f"block.{i}.ff_hidden"),
-                       Layer(f"blocks.{i}.mlp.fc2.weight", f"block.{i}.ff_hidden", f"block.{i}.out")]
+    layers = list(model.prunable[method])
     if start_tap is None:
         return layers
     order = list(model.taps)
@@ -181,12 +139,17 @@ def plan_layers(model: TappedModel, method: str, start_tap: str | None = None) -
     return kept
 
 
-def needed_taps(layers: Sequence[Layer]) -> list[str]:
+def family_method(model: TappedModel) -> str | None:
+    """The family's own cluster-guided method (the plan its random controls copy by default)."""
+    return next(iter(model.prunable), None)
+
+
+def needed_taps(layers: Sequence[Connection]) -> list[str]:
     """Taps whose label sets the layers need, without repeats, in first-use order."""
     return list(dict.fromkeys(t for l in layers for t in (l.inputs, l.outputs) if t is not None))
 
 
-def layer_connections(layers: Sequence[Layer], label_sets: LabelSets, num_classes: int) -> Masks:
+def layer_connections(layers: Sequence[Connection], label_sets: LabelSets, num_classes: int) -> Masks:
     """Connection masks (O, U) per parameter path from the label sets of the layers' taps."""
     missing = [t for t in needed_taps(layers) if t not in label_sets]
     if missing:

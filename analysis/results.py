@@ -35,17 +35,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainables.schema import InputError
+
 from .pipeline import AnalysisResult
+from .summary import primary_kind
 
 SUMMARY_COLUMNS = ("n_units", "n_units_with_cluster", "mean_labels_per_unit", "mean_noise_per_unit",
                    "mean_signal_per_unit", "mean_clusters_per_unit", "mean_cluster_size",
                    "unit_cluster_fraction", "snr", "labels_uncovered")
 HEAD_COLUMNS = ("mean_max_share", "mean_entropy", "jaccard")
-
-
-def primary_kind(tap: dict) -> str:
-    """The unit kind the per-tap headline numbers use: filter (conv taps) or node (token taps)."""
-    return "filter" if tap["kind"] == "conv" else "node"
 
 
 def unit_rows(result: AnalysisResult) -> list[dict]:
@@ -83,10 +81,18 @@ def coverage_rows(result: AnalysisResult) -> list[dict]:
             for label, count in enumerate(block["summary"]["coverage"])]
 
 
-def label_sets(result: AnalysisResult) -> dict:
-    return {"threshold": result.meta["threshold"], "num_classes": result.meta["num_classes"],
-            "taps": {tap: {kind: [u["labels"] for u in block["units"]] for kind, block in info["kinds"].items()}
-                     for tap, info in result.taps.items()}}
+def label_set_layout(result: AnalysisResult) -> dict[str, dict[str, list[set[int]]]]:
+    """``{tap: {unit_kind: [set of labels per unit]}}`` of an analysis."""
+    return {tap: {kind: [set(u["labels"]) for u in block["units"]] for kind, block in info["kinds"].items()}
+            for tap, info in result.taps.items()}
+
+
+def save_label_sets(path: str | Path, layout: dict[str, dict[str, list[set[int]]]], threshold: float,
+                    num_classes: int) -> None:
+    """Write ``label_sets.json`` (the one layout, read back by ``load_label_sets``)."""
+    taps = {tap: {kind: [sorted(int(l) for l in unit) for unit in units] for kind, units in kinds.items()}
+            for tap, kinds in layout.items()}
+    Path(path).write_text(json.dumps({"threshold": threshold, "num_classes": num_classes, "taps": taps}))
 
 
 def tap_json(result: AnalysisResult) -> dict:
@@ -110,7 +116,8 @@ def write_results(result: AnalysisResult, out_dir: str | Path, save_matrices: bo
     _parquet(tap_rows(result), out / "taps.parquet")
     _parquet(coverage_rows(result), out / "coverage.parquet")
     (out / "taps.json").write_text(json.dumps(tap_json(result), indent=1))
-    (out / "label_sets.json").write_text(json.dumps(label_sets(result)))
+    save_label_sets(out / "label_sets.json", label_set_layout(result), result.meta["threshold"],
+                    result.meta["num_classes"])
     if save_matrices:
         np.savez_compressed(out / "matrices.npz", **matrix_arrays(result.matrices))
     np.savez_compressed(out / "readouts.npz", **readout_arrays(result))
@@ -172,6 +179,12 @@ def load_matrices(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 def load_label_sets(path: str | Path) -> dict[str, dict[str, list[set[int]]]]:
     """``label_sets.json`` as ``{tap: {unit_kind: [set of labels per unit]}}``."""
-    data = json.loads(Path(path).read_text())
-    return {tap: {kind: [set(labels) for labels in units] for kind, units in kinds.items()}
-            for tap, kinds in data["taps"].items()}
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return {tap: {kind: [set(int(l) for l in labels) for labels in units] for kind, units in kinds.items()}
+                for tap, kinds in data["taps"].items()}
+    except FileNotFoundError:
+        raise InputError(str(path), "not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise InputError(str(path), f"not a label_sets.json file ({type(exc).__name__}: {exc})") from None

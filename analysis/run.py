@@ -25,38 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainables.config import ConfigError, load_yaml, resolve_config
-from trainables.data import KNOWN_DATASETS, DataError, Splits, dataset_shape, load_splits
+from trainables.config import JobConfig, load_yaml, prepare
+from trainables.data import KNOWN_DATASETS, DataConfig, Splits, dataset_shape, load_splits
 from trainables.loader import to_model_input
-from trainables.models import SpecError, build_model
+from trainables.models import build_model
+from trainables.schema import InputError
 
-from .clusters import DEFAULT_THRESHOLD
-from .pipeline import DEFAULT_MAX_BYTES, AnalysisResult, analyse
-from .readout import DEFAULT_RECIPE, RECIPES, readout_config
-from .results import primary_kind, write_results
-
-
-class InputError(ValueError):
-    """Bad analysis input (checkpoint, taps, threshold, data); the message is one line."""
-
-
-def check_options(model: nn.Module, taps: Sequence[str] | None, threshold: float, recipe: str,
-                  readout_options: dict | None = None) -> list[str]:
-    """Validate the analysis options against the model; returns the taps (all when None), in depth order."""
-    if not 0.0 < threshold < 1.0:
-        raise InputError(f"--threshold: must be in (0, 1), got {threshold}")
-    try:
-        readout_config(recipe, readout_options)
-    except ValueError as exc:
-        raise InputError(f"--recipe: {exc}") from None
-    if taps is None:
-        return list(model.taps)
-    unknown = [t for t in taps if t not in model.taps]
-    if unknown:
-        raise InputError(f"--taps: unknown tap {unknown[0]!r} (known: {', '.join(model.taps)})")
-    if not taps:
-        raise InputError("--taps: no tap given")
-    return [t for t in model.taps if t in set(taps)]
+from .pipeline import AnalysisConfig, AnalysisResult, analyse
+from .results import write_results
+from .summary import primary_kind
 
 
 def check_data(model: nn.Module, num_classes: int, image_size: int) -> None:
@@ -69,33 +46,24 @@ def check_data(model: nn.Module, num_classes: int, image_size: int) -> None:
 def analyze(
     model: nn.Module,
     splits: Splits,
-    taps: Sequence[str] | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    recipe: str = DEFAULT_RECIPE,
-    device: str | torch.device = "cpu",
+    config: AnalysisConfig,
     out_dir: str | Path | None = None,
     *,
     norm: tuple[Sequence[float], Sequence[float]] | None = None,
-    train_size: int | None = None,
-    test_size: int | None = None,
-    readout_options: dict | None = None,
-    batch_size: int = 256,
-    max_bytes: int = DEFAULT_MAX_BYTES,
     n_control: int = 20,
     seed: int = 0,
-    save_matrices: bool = True,
     figures: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> AnalysisResult:
     """Analyse a frozen model on ``splits`` (readouts on train, unit matrices on test).
 
     ``norm`` = (mean, std) of the input normalisation the model was trained with (default: the
-    splits' statistics). ``train_size`` / ``test_size`` keep the first images of each split.
-    With ``out_dir`` the results folder is written there (``results.write_results``).
+    splits' statistics). With ``out_dir`` the results folder is written there
+    (``results.write_results``).
     """
-    taps = check_options(model, taps, threshold, recipe, readout_options)
+    config.model_taps(model)
     check_data(model, splits.num_classes, splits.image_size)
-    device = torch.device(device)
+    device = config.resolved_device()
     model = model.to(device).eval()
     mean, std = norm or (splits.mean, splits.std)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
@@ -104,18 +72,17 @@ def analyze(
     def transform(images: np.ndarray) -> torch.Tensor:
         return to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean_t, std_t)
 
+    train_size = config.train_size
     train = (splits.train.images[:train_size], splits.train.labels[:train_size])
-    picked = balanced_subset(splits.test.labels, test_size, model.num_classes)
+    picked = balanced_subset(splits.test.labels, config.test_size, model.num_classes)
     test = (splits.test.images[picked], splits.test.labels[picked])
-    result = analyse(model, train, test, transform, taps, threshold=threshold, recipe=recipe,
-                     readout_options=readout_options, device=device, batch_size=batch_size,
-                     max_bytes=max_bytes, n_control=n_control, seed=seed, log=log)
+    result = analyse(model, train, test, transform, config, device=device, n_control=n_control, seed=seed, log=log)
     result.meta["dataset"] = splits.name
     result.meta["test_subset"] = "all" if len(picked) == len(splits.test) else "class-balanced"
     result.train_rows = splits.train.indices[:train_size]
     result.test_rows = splits.test.indices[picked]
     if out_dir is not None:
-        write_results(result, out_dir, save_matrices=save_matrices, figures=figures)
+        write_results(result, out_dir, save_matrices=config.save_matrices, figures=figures)
     return result
 
 
@@ -126,7 +93,7 @@ def balanced_subset(labels: np.ndarray, size: int | None, num_labels: int) -> np
         return np.arange(len(labels))
     per_label = size // num_labels
     if per_label < 1:
-        raise InputError(f"--test-size: a class-balanced subset needs at least one image per label "
+        raise InputError("analysis.test_size", f"a class-balanced subset needs at least one image per label "
                          f"({num_labels}), got {size}")
     per_label = min(per_label, min(int((labels == l).sum()) for l in range(num_labels)))
     picked = [np.flatnonzero(labels == l)[:per_label] for l in range(num_labels)]
@@ -163,7 +130,7 @@ def load_model(spec_path: str | Path, checkpoint_path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def data_config(data: str, data_dir: str | None = None) -> dict:
+def data_config(data: str, data_dir: str | None = None) -> DataConfig:
     """A validated data config from a dataset name or a YAML file (a data mapping or a job config)."""
     if Path(data).is_file():
         loaded = load_yaml(data)
@@ -171,86 +138,47 @@ def data_config(data: str, data_dir: str | None = None) -> dict:
     elif data in KNOWN_DATASETS:
         user = {"name": data}
     else:
-        raise InputError(f"--data: {data!r} is neither a file nor a dataset ({', '.join(KNOWN_DATASETS)})")
-    cfg = resolve_config({"data": user})["data"]
-    if data_dir:
-        cfg["data_dir"] = data_dir
-    return cfg
+        raise InputError("--data", f"{data!r} is neither a file nor a dataset ({', '.join(KNOWN_DATASETS)})")
+    cfg = DataConfig.parse(user)
+    return cfg.replace(data_dir=data_dir) if data_dir else cfg
 
 
-def run_dir_inputs(run_dir: str | Path) -> tuple[Path, Path, dict, int]:
-    """(spec path, checkpoint path, data config, seed) of a run_job output folder."""
+def run_dir_inputs(run_dir: str | Path) -> tuple[Path, Path, JobConfig]:
+    """(spec path, checkpoint path, job config) of a run_job output folder."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
-        raise InputError(f"--run-dir: {config_path} not found")
-    cfg = json.loads(config_path.read_text())
-    return run_dir / "spec.json", run_dir / "model.pt", resolve_config({"data": cfg["data"]})["data"], cfg.get("seed", 0)
+        raise InputError("--run-dir", f"{config_path} not found")
+    try:
+        cfg = prepare(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise InputError(str(config_path), f"not valid JSON ({exc})") from None
+    return run_dir / "spec.json", run_dir / "model.pt", cfg
 
 
-def norm_of(data_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+def norm_of(data_cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """Input normalisation as in training: fixed [-1, 1] scaling for "unit", else the data's own."""
-    return ((0.5,) * 3, (0.5,) * 3) if data_cfg.get("normalize") == "unit" else None
+    return ((0.5,) * 3, (0.5,) * 3) if data_cfg.normalize == "unit" else None
 
 
-def analyze_files(spec_path: str | Path, checkpoint_path: str | Path, data_cfg: dict, out_dir: str | Path,
-                  seed: int = 0, taps: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD,
-                  recipe: str = DEFAULT_RECIPE, device: str = "auto", **options) -> AnalysisResult:
+def analyze_files(spec_path: str | Path, checkpoint_path: str | Path, data_cfg: DataConfig, out_dir: str | Path,
+                  config: AnalysisConfig, seed: int = 0, **options) -> AnalysisResult:
     """Validate everything cheap first (model, options, data shape), then load data and analyse."""
     model = load_model(spec_path, checkpoint_path)
-    check_options(model, taps, threshold, recipe, options.get("readout_options"))
+    config.model_taps(model)
+    config.resolved_device()
     check_data(model, *dataset_shape(data_cfg))
     splits = load_splits(data_cfg, seed)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return analyze(model, splits, taps, threshold, recipe, device, out_dir, norm=norm_of(data_cfg),
-                   seed=seed, **options)
+    return analyze(model, splits, config, out_dir, norm=norm_of(data_cfg), seed=seed, **options)
 
 
-def analyze_run_dir(run_dir: str | Path, out_dir: str | Path, **options) -> AnalysisResult:
+def analyze_run_dir(run_dir: str | Path, out_dir: str | Path, config: AnalysisConfig, **options) -> AnalysisResult:
     """Analyse the model of a run_job output folder with its own data config (the trainable's hook)."""
-    spec_path, checkpoint_path, data_cfg, seed = run_dir_inputs(run_dir)
-    return analyze_files(spec_path, checkpoint_path, data_cfg, out_dir, seed=seed, **options)
+    spec_path, checkpoint_path, job = run_dir_inputs(run_dir)
+    return analyze_files(spec_path, checkpoint_path, job.data, out_dir, config, seed=job.seed, **options)
 
 
 # ---------------------------------------------------------------- CLI
-
-def add_analysis_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by this CLI and ``orchestrator.analyze``."""
-    parser.add_argument("--taps", default=None, help="comma-separated tap names (default: all)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="binarisation threshold in (0, 1)")
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"readout recipe: {', '.join(RECIPES)}")
-    parser.add_argument("--readout-epochs", type=int, default=None, help="override the epochs of a minibatch recipe (paper100, paper)")
-    parser.add_argument("--readout-max-iter", type=int, default=None, help="override the lbfgs recipe's iterations")
-    parser.add_argument("--train-size", type=int, default=None, help="first N training images for the readouts")
-    parser.add_argument("--test-size", type=int, default=None, help="first N test images for the matrices")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-gib", type=float, default=DEFAULT_MAX_BYTES / 2**30,
-                        help="limit of cached training features per group of taps (GiB)")
-    parser.add_argument("--no-matrices", action="store_true", help="do not write matrices.npz")
-
-
-def analysis_options(args: argparse.Namespace) -> dict:
-    """Keyword options of ``analyze_files`` from parsed ``add_analysis_options`` arguments."""
-    for name in ("train_size", "test_size", "readout_epochs", "readout_max_iter"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-    return {
-        "taps": [t for t in args.taps.split(",") if t] if args.taps is not None else None,
-        "threshold": args.threshold, "recipe": args.recipe, "device": args.device,
-        "train_size": args.train_size, "test_size": args.test_size, "batch_size": args.batch_size,
-        "readout_options": readout_overrides(args.readout_epochs, args.readout_max_iter),
-        "max_bytes": int(args.max_gib * 2**30), "save_matrices": not args.no_matrices,
-    }
-
-
-def readout_overrides(epochs: int | None, max_iter: int | None) -> dict | None:
-    """Readout overrides from the CLI's --readout-epochs / --readout-max-iter (None when neither)."""
-    out = {**({"epochs": epochs} if epochs else {}), **({"max_iter": max_iter} if max_iter else {})}
-    return out or None
-
 
 def print_table(result: AnalysisResult) -> None:
     print(f"{'tap':<20} {'units':>5} {'acc':>6} {'labels/unit':>11} {'noise/unit':>10} {'SNR':>7}")
@@ -269,22 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="Parquet data root (default: DATA_DIR)")
     parser.add_argument("--seed", type=int, default=0, help="data split and readout seed (without --run-dir)")
     parser.add_argument("--out", required=True, help="results folder")
-    add_analysis_options(parser)
+    AnalysisConfig.add_flags(parser)
     args = parser.parse_args(argv)
     try:
-        options = analysis_options(args)
+        config = AnalysisConfig.from_flags(args)
         if args.run_dir:
-            spec_path, checkpoint_path, data_cfg, seed = run_dir_inputs(args.run_dir)
+            spec_path, checkpoint_path, job = run_dir_inputs(args.run_dir)
+            data_cfg, seed = job.data, job.seed
             if args.data_dir:
-                data_cfg["data_dir"] = args.data_dir
+                data_cfg = data_cfg.replace(data_dir=args.data_dir)
         elif args.checkpoint and args.spec and args.data:
             spec_path, checkpoint_path, seed = args.spec, args.checkpoint, args.seed
             data_cfg = data_config(args.data, args.data_dir)
         else:
             raise InputError("give --run-dir, or all of --checkpoint, --spec and --data")
-        result = analyze_files(spec_path, checkpoint_path, data_cfg, args.out, seed=seed,
-                               log=lambda m: print(m, file=sys.stderr, flush=True), **options)
-    except (InputError, ConfigError, SpecError, DataError, MemoryError) as exc:
+        result = analyze_files(spec_path, checkpoint_path, data_cfg, args.out, config, seed=seed,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (InputError, MemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_table(result)

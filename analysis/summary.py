@@ -56,6 +56,11 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def primary_kind(tap: dict) -> str:
+    """The unit kind a tap's headline numbers use: filter (conv taps) or node (token taps)."""
+    return "filter" if tap["kind"] == "conv" else "node"
+
+
 def tap_summary(units: list[UnitResult], num_labels: int, accuracy: float | None = None) -> dict:
     """Per-tap statistics of one unit kind: means over units with a cluster, SNR, coverage."""
     with_cluster = [u for u in units if u.has_cluster]

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from analysis.features import collect_features
-from analysis.pipeline import TapAccumulator, matrices_from_means, plan_groups, tap_shapes
+from analysis.pipeline import AnalysisConfig, TapAccumulator, matrices_from_means, plan_groups, tap_shapes
 from analysis.readout import Readout, ReadoutResult, train_readout
-from analysis.results import primary_kind, write_results
+from analysis.results import write_results
+from analysis.summary import primary_kind
 from analysis.run import analyze, load_model, norm_of, run_dir_inputs
 from analysis.units import unit_groups
-from trainables.data import load_splits
+from trainables.data import DataConfig, load_splits
 from trainables.loader import to_model_input
 from trainables.models import build_model
 
@@ -53,9 +54,8 @@ def silenced(readout: Readout, start: int, stop: int) -> Readout:
     return copy_
 
 
-def cifar(data_dir: str | None) -> dict:
-    return {"name": "cifar100", "data_dir": data_dir, "val_size": 5000, "train_size": None, "test_size": None,
-            "val_seed": 0, "normalize": "dataset"}
+def cifar(data_dir: str | None) -> DataConfig:
+    return DataConfig(name="cifar100", data_dir=data_dir)
 
 
 def bench_fast_vs_brute(args: argparse.Namespace) -> dict:
@@ -159,22 +159,23 @@ def bench_fast_vs_brute(args: argparse.Namespace) -> dict:
 def bench_full_analysis(args: argparse.Namespace) -> dict:
     """The whole analysis of one trained CCT, once per readout recipe, with per-tap statistics."""
     if args.run_dir:
-        spec_path, ckpt, data_cfg, seed = run_dir_inputs(args.run_dir)
+        spec_path, ckpt, job = run_dir_inputs(args.run_dir)
+        data_cfg, seed = job.data, job.seed
         model, weights = load_model(spec_path, ckpt), f"trained ({args.run_dir})"
     else:
         torch.manual_seed(0)
         model, data_cfg, seed, weights = build_model({"preset": "cct_narrow"}), cifar(args.data_dir), 0, "random-init"
-    if args.data_dir:
-        data_cfg["data_dir"] = args.data_dir
-    data_cfg["train_size"] = None  # the readouts take --analysis-train-size images of the full training split
+    # the readouts take --analysis-train-size images of the full training split
+    data_cfg = data_cfg.replace(train_size=None, data_dir=args.data_dir or data_cfg.data_dir)
     splits = load_splits(data_cfg, seed)
     out = {"model": f"width {model.spec['width']}, {model.spec['blocks']} blocks, {model.spec['heads']} heads, {weights}",
            "train_images": min(args.analysis_train_size, len(splits.train)), "test_images": len(splits.test),
            "threads": torch.get_num_threads(), "recipes": {}}
     for recipe in args.recipes.split(","):
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = analyze(model, splits, recipe=recipe, norm=norm_of(data_cfg), seed=seed,
-                         train_size=args.analysis_train_size, max_bytes=int(args.max_gib * 2**30),
+        config = AnalysisConfig(recipe=recipe, train_size=args.analysis_train_size, max_gib=args.max_gib,
+                                device="cpu")
+        result = analyze(model, splits, config, norm=norm_of(data_cfg), seed=seed,
                          log=lambda m: print(f"{recipe} {time.perf_counter() - start:7.1f}s {m}", file=sys.stderr, flush=True))
         total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if args.out:

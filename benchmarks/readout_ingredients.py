@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from analysis.features import collect_features
-from analysis.results import primary_kind
+from analysis.summary import primary_kind
 from analysis.run import load_model, norm_of, run_dir_inputs
 from analysis.summary import summarise_tap
 from analysis.readout import evaluate, train_readouts
@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--variants", default="paper,paper_seed1,paper_100ep,paper_50ep,lbfgs,adamw_wd1e-4_30ep,adamw_wd1e-3_30ep")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    spec, ckpt, data_cfg, seed = run_dir_inputs(args.run_dir)
+    spec, ckpt, job = run_dir_inputs(args.run_dir)
+    data_cfg, seed = job.data, job.seed
     model = load_model(spec, ckpt)
     splits = load_splits(data_cfg, seed)
     mean, std = norm_of(data_cfg) or (splits.mean, splits.std)

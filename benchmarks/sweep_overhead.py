@@ -25,6 +25,7 @@ import yaml
 
 from orchestrator.sweep import run_sweep
 from orchestrator.sweep_spec import load_spec
+from trainables.config import JobConfig
 from trainables.train import run_job
 
 
@@ -54,12 +55,12 @@ def plain_loop(spec_file: Path, work: Path) -> list[float]:
     times = []
     for i, point in enumerate(spec.grid_points()):
         start = time.perf_counter()
-        run_job(spec.job_config(point), work / f"job{i}")
+        run_job(spec.job(point), work / f"job{i}")
         times.append(time.perf_counter() - start)
     return times
 
 
-def _job(job: dict, out: Path, threads: int) -> None:
+def _job(job: JobConfig, out: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     run_job(job, out)
 
@@ -67,7 +68,7 @@ def _job(job: dict, out: Path, threads: int) -> None:
 def plain_parallel(spec_file: Path, work: Path, concurrent: int) -> float:
     """Wall time of the same jobs, ``concurrent`` at a time, in plain worker processes."""
     spec = load_spec(spec_file)
-    jobs = [spec.job_config(p) for p in spec.grid_points()]
+    jobs = [spec.job(p) for p in spec.grid_points()]
     start = time.perf_counter()
     with ProcessPoolExecutor(concurrent, mp_context=get_context("spawn")) as pool:
         list(pool.map(_job, jobs, [work / f"job{i}" for i in range(len(jobs))], [spec.threads] * len(jobs)))

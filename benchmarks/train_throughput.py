@@ -43,9 +43,9 @@ class ArrayImages(Dataset):
 def load_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Real CIFAR-100 training images when DATA_DIR is set, else random uint8 images of the same shape."""
     if os.environ.get("DATA_DIR"):
-        from trainables.data import load_splits
+        from trainables.data import DataConfig, load_splits
 
-        splits = load_splits({"name": "cifar100", "val_size": 5000, "train_size": n})
+        splits = load_splits(DataConfig(name="cifar100", train_size=n))
         return splits.train.images, splits.train.labels, "cifar100"
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, n), "random-uint8"

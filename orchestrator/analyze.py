@@ -1,6 +1,6 @@
 """Single-unit analysis of finished trial runs, logged into the same MLflow runs (issue 4).
 
-``python -m orchestrator.analyze RUN_ID|SWEEP_NAME [--tracking-uri URI] [analysis options]``
+``python -m orchestrator analyze RUN_ID|SWEEP_NAME [--tracking-uri URI] [analysis flags]``
 
 A RUN_ID names one trial run (or a sweep's parent run: then all its finished trials); any other
 target is a sweep (experiment) name: all its finished trial runs. Per run, the artifacts
@@ -34,10 +34,9 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from analysis.run import InputError, add_analysis_options, analysis_options, analyze_run_dir
-from trainables.config import ConfigError
-from trainables.data import DataError
-from trainables.models import SpecError
+from analysis.pipeline import AnalysisConfig
+from analysis.run import analyze_run_dir
+from trainables.schema import InputError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "analysis"
@@ -153,12 +152,12 @@ def log_analysis(run_id: str, results_dir: str | Path, client: MlflowClient | No
     return metrics
 
 
-def analyze_and_log(client: MlflowClient, run, options: dict, keep: Path | None = None) -> dict[str, float]:
+def analyze_and_log(client: MlflowClient, run, config: AnalysisConfig, keep: Path | None = None) -> dict[str, float]:
     """Fetch one trial, analyse it and log the results into it."""
     with tempfile.TemporaryDirectory(prefix="unitlab-analysis-") as tmp:
         run_dir = fetch_run_dir(client, run, Path(tmp))
         results = keep / run.info.run_id if keep else Path(tmp) / "results"
-        analyze_run_dir(run_dir, results, **options)
+        analyze_run_dir(run_dir, results, config)
         return log_analysis(run.info.run_id, results, client)
 
 
@@ -166,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     """Handle a parsed ``analyze`` command; bad input gives one line per run on stderr and exit code 2."""
     client = MlflowClient(tracking_uri=resolve_tracking_uri(args.tracking_uri))
     try:
-        options = analysis_options(args)
+        config = AnalysisConfig.from_flags(args)
         runs = target_runs(client, args.target)
     except (InputError, MlflowException) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
@@ -178,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{run_id}: already analysed (--force to redo)")
             continue
         try:
-            metrics = analyze_and_log(client, trial, options, Path(args.out) if args.out else None)
-        except (InputError, ConfigError, SpecError, DataError, MemoryError, MlflowException) as err:
+            metrics = analyze_and_log(client, trial, config, Path(args.out) if args.out else None)
+        except (InputError, MemoryError, MlflowException) as err:
             print(f"error: run {run_id}: {_one_line(err)}", file=sys.stderr)
             failed += 1
             continue
@@ -199,7 +198,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
     parser.add_argument("--force", action="store_true", help="re-analyse runs already tagged as analysed")
     parser.add_argument("--out", default=None, help="also keep each results folder as OUT/RUN_ID")
-    add_analysis_options(parser)
+    AnalysisConfig.add_flags(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -209,12 +208,3 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     return configure(subparsers.add_parser("analyze", help="single-unit analysis of finished trial runs",
                                            description=__doc__.split("\n\n")[0]))
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m orchestrator.analyze TARGET [options]``."""
-    args = configure(argparse.ArgumentParser(prog="python -m orchestrator.analyze")).parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,11 +13,8 @@ from orchestrator.committee import add_committee_parser
 from orchestrator.prune_cmd import add_prune_parser
 from orchestrator.runs import format_runs
 from orchestrator.sweep import resume_sweep, run_sweep
-from orchestrator.sweep_spec import SweepError
 from orchestrator.tracking import open_client
-from trainables.config import ConfigError
-from trainables.data import DataError
-from trainables.models import SpecError
+from trainables.schema import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return run_sweep(args.spec, args.address, args.tracking_uri, args.storage_path)
         return resume_sweep(args.name, args.address, args.tracking_uri, args.storage_path)
-    except (SweepError, ConfigError, SpecError, DataError) as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,8 +8,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.sweep_spec import EPOCH_METRICS, SweepError, SweepSpec
-from trainables.data import DataError, load_splits
-from trainables.train import prepare
+from trainables.data import DataConfig, DataError, load_splits
 
 
 def connect_ray(address: str | None) -> None:
@@ -44,17 +43,13 @@ def check_resources(spec: SweepSpec) -> None:
 
 
 @ray.remote(num_cpus=0)
-def _decode(data_cfg: dict) -> None:
+def _decode(data_cfg: DataConfig) -> None:
     load_splits(data_cfg)
 
 
 def warm_data_cache(spec: SweepSpec) -> None:
     """Decode each real dataset once on every node that runs trials, before the trials start."""
-    datas = {}
-    for point in spec.check_points().values():
-        data = prepare(spec.job_config(point))[0]["data"]
-        if data["name"] != "synthetic":
-            datas[repr(sorted(data.items()))] = data
+    datas = {repr(job.data): job.data for job in spec.jobs.values() if job.data.name != "synthetic"}
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
     tasks = [_decode.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(data)
              for node in nodes for data in datas.values()]

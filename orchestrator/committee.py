@@ -11,7 +11,6 @@ equal-weight committee of its seeds) is added whenever available. ``--method div
 mechanism diversity from the runs' ``analysis/label_sets.json`` when every valid run has one
 (param ``mechanism_diversity`` says whether it was on, and why not).
 ``python -m orchestrator committee show RUN_ID`` prints a committee run.
-Standalone: ``python -m orchestrator.committee ...`` takes the same arguments.
 """
 from __future__ import annotations
 
@@ -29,17 +28,16 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from analysis.committee import METHODS, evaluate, label_set_profile, seed_control, select
+from trainables.schema import InputError
+from analysis.committee import CommitteeConfig, evaluate, label_set_profile, seed_control, select
 from analysis.committee_inputs import SPLITS, Candidate, partition, read_files, stack
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_SIZE = 5
-DEFAULT_PROFILE = "analysis/label_sets.json"
 ARTIFACT_DIR = "committee"
 MEMBER_FIELDS = ("run_id", "variant", "seed", "val_acc", "test_acc", "count", "weight")
 
 
-class CommitteeError(Exception):
+class CommitteeError(InputError):
     """Bad input: reported as one line with exit code 2."""
 
 
@@ -174,10 +172,11 @@ def _seed_groups(valid: list[Candidate]) -> dict[str, list[int]]:
     return groups
 
 
-def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filter: str | None, size: int,
-            method: str, require_seed_control: bool, profile_artifact: str | None, diversity_weight: float,
-            mechanism_weight: float) -> Record:
+def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filter: str | None,
+            config: CommitteeConfig) -> Record:
     """Load and check the trial runs, select on validation, evaluate on test, seed control."""
+    method, size = config.method, config.size
+    profile_artifact = config.profile_artifact or None
     runs = trial_runs(client, experiment_id, user_filter)
     with tempfile.TemporaryDirectory() as tmp:
         wanted = profile_artifact if method == "diverse" else None
@@ -192,13 +191,13 @@ def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filt
     options = {}
     if method == "diverse":
         profiles, mechanism = _profile_matrix(valid, {c.run_id: p for c, _, p in loaded}, profile_artifact)
-        options = {"lam": diversity_weight, "mu": mechanism_weight, "profiles": profiles}
-        params.update(diversity_weight=diversity_weight, mechanism_weight=mechanism_weight,
+        options = {"lam": config.diversity_weight, "mu": config.mechanism_weight, "profiles": profiles}
+        params.update(diversity_weight=config.diversity_weight, mechanism_weight=config.mechanism_weight,
                       mechanism_diversity=mechanism)
     selection = select(val, size, method, **options)
     result = evaluate(selection, val, test)
     seed = seed_control(val, test, _seed_groups(valid))
-    if seed is None and require_seed_control:
+    if seed is None and config.seed_control:
         raise CommitteeError("seed control unavailable: no variant has >= 2 valid runs")
 
     ids = [c.run_id for c in valid]
@@ -253,19 +252,12 @@ def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> s
     return run_id
 
 
-def build(client: MlflowClient, experiment: str, user_filter: str | None = None, size: int = DEFAULT_SIZE,
-          method: str = "greedy", require_seed_control: bool = False, profile_artifact: str | None = DEFAULT_PROFILE,
-          diversity_weight: float = 0.05, mechanism_weight: float = 0.5) -> str:
+def build(client: MlflowClient, experiment: str, user_filter: str | None, config: CommitteeConfig) -> str:
     """Check the input, then select, evaluate and log one committee; returns the committee run id."""
-    if method not in METHODS:
-        raise CommitteeError(f"unknown method {method!r} (choose {', '.join(METHODS)})")
-    if size < 1:
-        raise CommitteeError(f"--size must be >= 1, got {size}")
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise CommitteeError(f"unknown experiment {experiment!r}")
-    record = compose(client, exp.experiment_id, experiment, user_filter, size, method, require_seed_control,
-                     profile_artifact, diversity_weight, mechanism_weight)
+    record = compose(client, exp.experiment_id, experiment, user_filter, config)
     return log_committee(client, exp.experiment_id, record)
 
 
@@ -310,17 +302,17 @@ def run(args: argparse.Namespace) -> int:
     """Handle a parsed ``committee`` command; bad input gives one line on stderr and exit code 2."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        client = open_client(args.tracking_uri)
         if args.committee_command == "show":
-            print(show(client, args.run_id))
+            print(show(open_client(args.tracking_uri), args.run_id))
             return 0
+        config = CommitteeConfig.from_flags(args)
         if not args.experiment:
             raise CommitteeError("--experiment is required")
-        run_id = build(client, args.experiment, args.filter, args.size, args.method, args.seed_control,
-                       args.profile_artifact, args.diversity_weight, args.mechanism_weight)
+        client = open_client(args.tracking_uri)
+        run_id = build(client, args.experiment, args.filter, config)
         print(show(client, run_id))
         return 0
-    except CommitteeError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
     except MlflowException as err:
         print(f"error: {str(err.message).splitlines()[0]}", file=sys.stderr)
@@ -333,16 +325,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the committee options and its nested ``show`` command to ``parser``."""
     parser.add_argument("--experiment", help="experiment (sweep) name")
     parser.add_argument("--filter", help="extra MLflow filter string, ANDed with tags.`unitlab.role` = 'trial'")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"committee size K (default {DEFAULT_SIZE})")
-    parser.add_argument("--method", default="greedy", help=f"one of {', '.join(METHODS)} (default greedy)")
-    parser.add_argument("--seed-control", action="store_true",
-                        help="fail unless the same-architecture seed committee can be formed (always reported when it can)")
-    parser.add_argument("--profile-artifact", default=DEFAULT_PROFILE,
-                        help="diverse: the runs' analysis label sets, for mechanism diversity when every "
-                        f"valid run has them (default {DEFAULT_PROFILE}; '' turns it off)")
-    parser.add_argument("--diversity-weight", type=float, default=0.05, help="diverse: lambda (default 0.05)")
-    parser.add_argument("--mechanism-weight", type=float, default=0.5,
-                        help="diverse: share of mechanism distance in the diversity (default 0.5)")
+    CommitteeConfig.add_flags(parser)
     parser.add_argument("--tracking-uri", help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
     sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show}")
     show_parser = sub.add_parser("show", help="print a committee run")
@@ -357,13 +340,3 @@ def add_committee_parser(subparsers) -> argparse.ArgumentParser:
     return configure(subparsers.add_parser("committee", help="soft committees from finished trial runs",
                                            description=__doc__.split("\n\n")[0]))
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m orchestrator.committee [options] | show RUN_ID``."""
-    parser = configure(argparse.ArgumentParser(prog="python -m orchestrator.committee"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

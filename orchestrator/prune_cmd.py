@@ -22,30 +22,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from analysis.prune_job import PruneConfig, PrunePlan
 from orchestrator.analyze import DONE_TAG, analysed_at
 from orchestrator.cluster import connect_ray, check_resources
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.schema import SweepError
-from orchestrator.stage_spec import PruneSpec, parse_analyze, parse_prune
+from orchestrator.stage_spec import PruneSpec, parse_prune
 from orchestrator.sweep import logged_spec
 from orchestrator.tracking import CELL, ROLE, SWEEP, child_runs, find_parent, open_client, prune_runs
 from trainables.models import build_model
-
-
-def _csv(text: str | None, cast=str) -> list | None:
-    return None if text is None else [cast(v) for v in text.split(",") if v.strip()]
-
-
-def prune_section(args: argparse.Namespace) -> dict:
-    """The ``prune:`` mapping the command line describes (validated by ``parse_prune``)."""
-    raw = {"methods": _csv(args.methods), "finetune_epochs": args.finetune_epochs, "seed": args.seed,
-           "finetune_lr": args.finetune_lr, "random_labels_k": args.random_labels_k, "start_tap": args.start_tap}
-    if args.thresholds is not None:
-        raw["thresholds"] = _csv(args.thresholds, float)
-    if args.levels is not None:
-        raw["levels"] = _csv(args.levels, float)
-    return raw
+from trainables.schema import InputError
 
 
 def target_parents(client: MlflowClient, target: str) -> tuple[Run, list[Run]]:
@@ -87,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         client, uri = open_client(args.tracking_uri, create=False)
         parent, parents = target_parents(client, args.target)
-        analyze = parse_analyze(True) if args.analyze else None
-        prune = parse_prune(prune_section(args), analyze, require_analysis=False)
+        prune = parse_prune(PrunePlan.from_flags(args), None, require_analysis=False)
         if not args.analyze:
             check_analysed(parents, prune)
         spec = dataclasses.replace(logged_spec(client, parent, args.storage_path), prune=prune)
@@ -96,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             prune.check_model(build_model(model_spec), variant)
         connect_ray(args.address)
         check_resources(spec)
-    except (SweepError, MlflowException) as exc:
+    except (InputError, MlflowException) as exc:
         print(f"error: {exc.message if isinstance(exc, MlflowException) else exc}", file=sys.stderr)
         return 2
     run_prune_stage(PruneContext(spec, uri, parent.info.experiment_id), parents)
@@ -123,15 +109,10 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("prune", help="prune finished trials (nested runs with lineage tags)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("target", help="sweep name, or one trial's run id")
-    p.add_argument("--methods", required=True, help="comma-separated: none, afcc, andc, nodal, random, random_labels")
-    p.add_argument("--thresholds", default=None, help="comma-separated cluster thresholds (default 0.3)")
-    p.add_argument("--levels", default=None, help="comma-separated fixed dilutions for method random")
-    p.add_argument("--finetune-epochs", type=int, default=1)
-    p.add_argument("--finetune-lr", type=float, default=None, help="default: 0.1 x the trial's lr")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--random-labels-k", type=int, default=5)
-    p.add_argument("--start-tap", default=None)
-    p.add_argument("--analyze", action="store_true", help="compute label sets where the parents have none")
+    PrunePlan.add_flags(p)
+    PruneConfig.add_flags(p, skip=("method", "level", "control_of", "threshold", "taps", "save_matrices"))
+    p.add_argument("--analyze", action="store_true",
+                   help="compute label sets (with the analysis flags) where the parents have none")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--storage-path", default=None, help="Tune storage (default: the sweep's)")
     p.add_argument("--tracking-uri", default=None,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -31,12 +31,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 from ray import tune
 
-from analysis.prune_job import PruneConfig, load_label_sets, prune_layers, run_prune_job
-from analysis.pruning import LabelSets, needed_taps
+from analysis.prune_job import PruneConfig, prune_layers, run_prune_job, unit_label_sets
+from analysis.pruning import needed_taps
+from analysis.results import load_label_sets
 from orchestrator.analyze import analysed_at, fetch_run_dir
 from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.sweep_spec import SweepSpec
-from orchestrator.tracking import CELL, LINEAGE, ROLE_PRUNE, SWEEP, ChildRun, child_runs, find_child
+from orchestrator.tracking import CELL, LINEAGE, ROLE_PRUNE, SWEEP, ChildRun, find_child, flatten
 from trainables.models import build_model
 
 # Files of a finished prune job and where they go in its run.
@@ -77,7 +78,7 @@ def prune_metrics(summary: dict) -> dict[str, float]:
 
 
 def parent_label_sets(client: MlflowClient, parent: Run, config: PruneConfig, spec: dict,
-                      folder: Path) -> LabelSets | None:
+                      folder: Path) -> dict | None:
     """The label sets the parent's analysis logged, if they hold this cell's threshold and taps."""
     if not config.needs_label_sets or not analysed_at(parent, config.threshold):
         return None
@@ -86,7 +87,7 @@ def parent_label_sets(client: MlflowClient, parent: Run, config: PruneConfig, sp
         return None
     sets = load_label_sets(client.download_artifacts(parent.info.run_id, "analysis/label_sets.json", str(folder)))
     taps = needed_taps(prune_layers(build_model(spec), config))
-    return sets if all(t in sets for t in taps) else None
+    return sets if all(t in unit_label_sets(sets) for t in taps) else None
 
 
 class PruneRun(ChildRun):
@@ -98,7 +99,7 @@ class PruneRun(ChildRun):
         tags = {SWEEP: context.spec.name, LINEAGE: parent.info.run_id, CELL: cell,
                 "unitlab.prune.method": config.method,
                 **{k: parent.data.tags[k] for k in COPIED_TAGS if k in parent.data.tags}}
-        params = {f"prune.{k}": str(v) for k, v in asdict(config).items()}
+        params = flatten(config.to_dict(), "prune.")
         attempt = {"unitlab.node_id": ray.get_runtime_context().get_node_id()}
         name = f"{parent.info.run_name} | {cell}"
         return cls.open(client, context.experiment_id, parent.info.run_id, tags, params, None, attempt,
@@ -146,11 +147,6 @@ def prune_trial(config: dict, context: PruneContext) -> None:
             run.fail(exc)
             raise
     tune.report({**prune_metrics(summary), "val_acc": summary["val_acc"]})
-
-
-def finished_parents(client: MlflowClient, exp_id: str, parent_run_id: str) -> list[Run]:
-    """The sweep's finished training trials, the parents of the prune stage."""
-    return [r for r in child_runs(client, exp_id, parent_run_id) if r.info.status == "FINISHED"]
 
 
 def run_prune_stage(context: PruneContext, parents: list[Run]) -> None:

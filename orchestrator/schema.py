@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from trainables.schema import InputError
 
-class SweepError(ValueError):
+
+class SweepError(InputError):
     """A sweep spec is invalid; the message starts with the field, e.g. ``sweep.axes.heads:``."""
 
 

@@ -29,21 +29,23 @@ whose values are all mappings is tied: each value sets several fields at once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from analysis.pipeline import AnalysisConfig
 from orchestrator.schema import SweepError, check_choice, check_fields, check_positive
 from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze, parse_prune
-from trainables.config import DEFAULT_CONFIG, ConfigError, resolve_config, set_dotted
+from trainables.config import DEFAULT_MODEL, JobConfig, prepare, set_dotted
 from trainables.data import DataError, check_data_available
-from trainables.models import SpecError, build_model
-from trainables.train import prepare
+from trainables.models import build_model
+from trainables.schema import InputError, Settings
 
 # Metrics every epoch reports, and those known only when a trial ends.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")
@@ -146,10 +148,13 @@ class SweepSpec:
     max_concurrent: int | None
     max_failures: int
     keep_checkpoints: int
-    analyze: dict | None
+    analyze: AnalysisConfig | None
     prune: PruneSpec | None
     storage_path: str
     source: str
+    # Resolved job config of every grid cell (and distribution extreme), by ``point_key``: a
+    # trial's config is resolved once, when the spec is loaded.
+    jobs: dict[str, JobConfig] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def threads(self) -> int:
@@ -177,7 +182,7 @@ class SweepSpec:
 
     def max_epochs(self) -> int:
         """The most epochs any trial trains (the ASHA horizon)."""
-        return max(resolve_config(self.job_config(p))["epochs"] for p in self.check_points().values())
+        return max(self.job(p).epochs for p in self.check_points().values())
 
     def num_trials(self) -> int:
         return len(self.grid_points()) * self.num_samples if self.mode == "grid" else self.num_samples
@@ -197,22 +202,37 @@ class SweepSpec:
         """The job config of one trial: base, data, then the trial's assignments."""
         job = copy.deepcopy(self.base)
         job["data"] = copy.deepcopy(self.data)
-        job.setdefault("model", {"preset": DEFAULT_CONFIG["model"]["preset"]})
+        job.setdefault("model", dict(DEFAULT_MODEL))
         for path, value in self.assignments(point).items():
             set_dotted(job, path, value)
         return job
+
+    def job(self, point: dict[str, Any]) -> JobConfig:
+        """The resolved job config of a trial: from the spec's cache (grid cells), else resolved now
+        (an Optuna sample inside the checked extremes)."""
+        cached = self.jobs.get(point_key(point))
+        return cached if cached is not None else prepare(self.job_config(point))
 
     def variant(self, point: dict[str, Any]) -> str:
         """The cell without the seed, e.g. ``heads=16,head_dim=8,n_conv_blocks=1``."""
         return ",".join(f"{_short(p)}={v}" for p, v in self.assignments(point).items() if p != "seed")
 
     def seed(self, point: dict[str, Any]) -> int:
-        return int(resolve_config(self.job_config(point))["seed"])
+        return self.job(point).seed
+
+
+def point_key(point: dict[str, Any]) -> str:
+    """A trial config's key in ``SweepSpec.jobs``."""
+    return json.dumps(point, sort_keys=True, default=str)
+
+
+_JOB_SCALARS = {f.name for f in dataclasses.fields(JobConfig)
+                if not (isinstance(f.default_factory, type) and issubclass(f.default_factory, Settings))} - {"model"}
 
 
 def field_path(name: str) -> str:
     """Job-config path of an axis or distribution name (``heads`` -> ``model.heads``)."""
-    if "." in name or (name in DEFAULT_CONFIG and not isinstance(DEFAULT_CONFIG[name], dict)):
+    if "." in name or name in _JOB_SCALARS:
         return name
     return f"model.{name}"
 
@@ -273,8 +293,7 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
         source=text,
     )
     _check_search(spec)
-    _check_cells(spec)
-    return spec
+    return dataclasses.replace(spec, jobs=_check_cells(spec))
 
 
 # ---------------------------------------------------------------- schema helpers
@@ -386,20 +405,23 @@ def _check_search(spec: SweepSpec) -> None:
             raise SweepError(f"sweep.search.distributions.{dist.name}: already set by an axis")
 
 
-def _check_cells(spec: SweepSpec) -> None:
-    """Build every distinct cell's job config (and each distribution's extremes) and check the data."""
+def _check_cells(spec: SweepSpec) -> dict[str, JobConfig]:
+    """Resolve every distinct cell's job config (and each distribution's extremes), check the stages
+    after training on each distinct model and the data; returns the resolved configs by point key."""
     try:
         prepare(spec.job_config({}))
-    except (ConfigError, SpecError, DataError) as exc:
+    except InputError as exc:
         raise SweepError(f"{_section(exc)}: {exc}") from None
+    jobs: dict[str, JobConfig] = {}
     datas, models = {}, {}
     for label, point in spec.check_points().items():
         try:
-            cfg, model_spec = prepare(spec.job_config(point))
-        except (ConfigError, SpecError, DataError) as exc:
+            job = prepare(spec.job_config(point))
+        except InputError as exc:
             raise SweepError(f"sweep.axes: cell {label}: {exc}") from None
-        datas[repr(sorted(cfg["data"].items()))] = cfg["data"]
-        models.setdefault(json.dumps(model_spec, sort_keys=True), (label, model_spec))
+        jobs[point_key(point)] = job
+        datas[repr(job.data)] = job.data
+        models.setdefault(json.dumps(job.model, sort_keys=True), (label, job.model))
     for label, model_spec in models.values():  # the stages after training, on each distinct model
         if spec.analyze is None and spec.prune is None:
             break
@@ -412,6 +434,7 @@ def _check_cells(spec: SweepSpec) -> None:
             check_data_available(data)
         except DataError as exc:
             raise SweepError(f"sweep.data: {exc}") from None
+    return jobs
 
 
 def _section(exc: Exception) -> str:

@@ -21,7 +21,7 @@ from orchestrator.analyze import log_analysis
 from orchestrator.figures import plot_curves
 from orchestrator.sweep_spec import FINAL_METRICS, SweepSpec
 from orchestrator.tracking import SWEEP, TRIAL_ID, ChildRun, flatten
-from trainables.train import prepare, run_job
+from trainables.train import run_job
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -75,14 +75,13 @@ def train_trial(config: dict, context: TrialContext) -> None:
     """Train the trial's cell; log its child run; report and checkpoint every epoch."""
     spec = context.spec
     torch.set_num_threads(spec.threads)
-    job = spec.job_config(config)
-    cfg, model_spec = prepare(job)
+    cfg = spec.job(config)
     trial_id = tune.get_context().get_trial_id()
     tags = {
         SWEEP: spec.name,
         TRIAL_ID: trial_id,
-        "unitlab.dataset": cfg["data"]["name"],
-        "unitlab.num_classes": str(model_spec["num_classes"]),
+        "unitlab.dataset": cfg.data.name,
+        "unitlab.num_classes": str(cfg.model["num_classes"]),
         "unitlab.variant": spec.variant(config),
         "unitlab.seed": str(spec.seed(config)),
     }
@@ -92,17 +91,17 @@ def train_trial(config: dict, context: TrialContext) -> None:
     with tempfile.TemporaryDirectory(prefix=f"unitlab-{trial_id}-") as tmp:
         resume_from, run_id, start_epoch = restore(tune.get_checkpoint(), Path(tmp) / "restored")
         attempt = {"unitlab.start_epoch": str(start_epoch), "unitlab.node_id": ray.get_runtime_context().get_node_id()}
-        child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg), run_id, attempt)
+        child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg.to_dict()), run_id, attempt)
         if child.finished:  # finished before an interrupted driver could record it: report, do not rerun
             tune.report(child.latest)
             return
-        reporter = EpochReporter(child, cfg["epochs"])
+        reporter = EpochReporter(child, cfg.epochs)
         job_dir = Path(tmp) / "job"
         try:
-            summary = run_job(job, job_dir, on_epoch=reporter, resume_from=resume_from)
+            summary = run_job(cfg, job_dir, on_epoch=reporter, resume_from=resume_from)
             plot_curves(summary["history"], job_dir / "curves.png", title=f"{spec.name}: {tags['unitlab.variant']}")
             if spec.analyze is not None:  # before FINISHED, so a finished run always holds its analysis
-                analyze_run_dir(job_dir, job_dir / "analysis", **spec.analyze)
+                analyze_run_dir(job_dir, job_dir / "analysis", spec.analyze)
                 log_analysis(child.run_id, job_dir / "analysis", client)
             child.finish(summary, job_dir)
         except Exception as exc:

@@ -1,10 +1,11 @@
-"""Shared fixtures: real-data location and small job configs."""
+"""Shared fixtures and helpers: real-data location, small job configs and sweep specs, local Ray."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,6 +25,13 @@ def data_dir() -> Path:
     if root is None:
         pytest.skip("real data not found: set DATA_DIR or provide ../shared/data")
     return root
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that read the real datasets carry the ``realdata`` marker (``-m "not realdata"`` skips them)."""
+    for item in items:
+        if "data_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +54,48 @@ def synthetic_job(**overrides) -> dict:
     for key, value in overrides.items():
         job[key] = value
     return job
+
+
+def sweep_spec(name: str, epochs: int = 2, train_size: int = 256, **overrides) -> dict:
+    """Four cells (2 attention shapes x 2 conv-replaced block counts) of a tiny CCT on synthetic data."""
+    spec = {
+        "name": name,
+        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": train_size,
+                 "val_size": 64, "test_size": 64},
+        "base": {
+            "model": {"preset": "cct_tiny"},
+            "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
+            "epochs": epochs,
+            "batch_size": 32,
+            "latency": {"large_batch": 16, "repeats": 3},
+        },
+        "axes": {
+            "attention": [{"heads": 2, "head_dim": 16}, {"heads": 4, "head_dim": 8}],
+            "n_conv_blocks": [0, 1],
+            "seed": [0],
+        },
+        "resources": {"cpus": 1},
+        "max_concurrent": 2,
+    }
+    spec.update(overrides)
+    return spec
+
+
+def write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli_args(tmp_path: Path) -> list[str]:
+    return ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "store")]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance with 2 CPUs for one test module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -15,7 +15,9 @@ import yaml
 from analysis.features import collect_features
 from analysis.reference import reference_unit_matrices
 from analysis.results import load_label_sets, load_matrices, load_readouts
+from analysis.pipeline import AnalysisConfig
 from analysis.run import analyze, load_model, main
+from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.loader import to_model_input
 from trainables.train import run_job
@@ -30,7 +32,7 @@ FAST = ["--readout-epochs", "4", "--batch-size", "64"]
 def trained(tmp_path_factory) -> Path:
     """A run_job folder of a tiny conv-replaced CCT trained for two epochs on synthetic data."""
     out = tmp_path_factory.mktemp("run")
-    run_job(synthetic_job(model=TINY, checkpoint=False), out)
+    run_job(prepare(synthetic_job(model=TINY, checkpoint=False)), out)
     return out
 
 
@@ -76,11 +78,11 @@ def test_cli_writes_consistent_outputs(results, trained):
 
 
 def test_fast_path_equals_brute_force_on_trained_taps(trained):
-    cfg = json.loads((trained / "config.json").read_text())
-    splits = load_splits(cfg["data"], cfg["seed"])
+    cfg = prepare(json.loads((trained / "config.json").read_text()))
+    splits = load_splits(cfg.data, cfg.seed)
     model = load_model(trained / "spec.json", trained / "model.pt")
     taps = ["conv_block.0", "block.1.heads"]
-    result = analyze(model, splits, taps, readout_options={"epochs": 4}, batch_size=50)
+    result = analyze(model, splits, AnalysisConfig(taps=tuple(taps), readout_epochs=4, batch_size=50))
     mean, std = torch.tensor(splits.mean), torch.tensor(splits.std)
     test_x = to_model_input(torch.from_numpy(splits.test.images), mean, std)
     feats = collect_features(model, test_x, taps)
@@ -96,10 +98,10 @@ def test_fast_path_equals_brute_force_on_trained_taps(trained):
 
 def test_matrices_rebuild_from_saved_readouts_and_rows(trained, tmp_path):
     """readouts.npz + the model + the data recompute every stored unit matrix; the test subset is balanced."""
-    cfg = json.loads((trained / "config.json").read_text())
-    splits = load_splits(cfg["data"], cfg["seed"])
+    cfg = prepare(json.loads((trained / "config.json").read_text()))
+    splits = load_splits(cfg.data, cfg.seed)
     model = load_model(trained / "spec.json", trained / "model.pt")
-    result = analyze(model, splits, readout_options={"epochs": 3}, recipe="paper", test_size=41,
+    result = analyze(model, splits, AnalysisConfig(readout_epochs=3, recipe="paper", test_size=41),
                      out_dir=tmp_path, figures=False)
     params, rows = load_readouts(tmp_path / "readouts.npz")
     stored = load_matrices(tmp_path / "matrices.npz")
@@ -135,8 +137,14 @@ def _write(path: Path, data: dict) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["checkpoint", "tap", "threshold0", "threshold1.5", "classes"])
-def test_bad_input_exits_2_with_one_line(case, trained, tmp_path, capsys):
+@pytest.mark.parametrize("case, names", [
+    ("checkpoint", "does not match"), ("tap", "--taps: unknown tap 'block.9.out'"),
+    ("threshold0", "--threshold: must be in (0, 1), got 0.0"), ("threshold1.5", "--threshold: must be in (0, 1)"),
+    ("classes", "data: 5 classes, but the model has 4 outputs"), ("recipe", "--recipe: must be one of"),
+    ("epochs-lbfgs", "--readout-epochs: readout option 'epochs' does not apply to recipe 'lbfgs'"),
+    ("batch", "--batch-size: must be >= 1, got 0"), ("labels", "label_sets"),
+])
+def test_bad_input_exits_2_with_one_line(case, names, trained, tmp_path, capsys):
     spec = json.loads((trained / "spec.json").read_text())
     data = {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 32, "test_size": 16}
     args = {"--checkpoint": str(trained / "model.pt"), "--spec": str(trained / "spec.json")}
@@ -147,13 +155,22 @@ def test_bad_input_exits_2_with_one_line(case, trained, tmp_path, capsys):
         extra = ["--taps", "block.1.heads,block.9.out"]
     elif case.startswith("threshold"):
         extra = ["--threshold", case.removeprefix("threshold")]
-    else:
+    elif case == "classes":
         data["num_classes"] = 5
+    elif case == "recipe":
+        extra = ["--recipe", "magic"]
+    elif case == "epochs-lbfgs":
+        extra = ["--recipe", "lbfgs", "--readout-epochs", "3"]
+    elif case == "batch":
+        extra = ["--batch-size", "0"]
+    else:
+        extra = ["--test-size", "2"]  # fewer than one image per label
+        names = "test_size: a class-balanced subset needs at least one image per label"
     args["--data"] = _write(tmp_path / "data.yaml", data)
     out = tmp_path / "out"
     code = main([*(x for kv in args.items() for x in kv), "--out", str(out), *extra])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and names in err[0], err
     assert not out.exists()
 
 
@@ -161,7 +178,10 @@ def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.analyze import analysis_metrics, config_from_params
-    from orchestrator.analyze import main as orchestrate
+    from orchestrator.cli import main as cli
+
+    def orchestrate(argv: list[str]) -> int:
+        return cli(["analyze", *argv])
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -17,7 +17,11 @@ from analysis.committee import (
     pairwise_diversity, prediction_diversity, profile_distances, q_statistic, seed_control, topk_select,
 )
 from analysis.committee_inputs import Candidate, ProbsFile, partition, read_files, stack
-from orchestrator.committee import main
+from orchestrator.cli import main as cli
+
+
+def main(argv: list[str]) -> int:
+    return cli(["committee", *argv])
 from trainables.probs import write_probs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,8 +340,12 @@ def test_diverse_with_profiles_and_filter(sweep, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--experiment", "nope"], "error: unknown experiment 'nope'"),
-    (["--experiment", "toy", "--size", "0"], "error: --size must be >= 1, got 0"),
-    (["--experiment", "toy", "--method", "vote"], "error: unknown method 'vote' (choose greedy, topk, diverse)"),
+    (["--experiment", "toy", "--size", "0"], "error: --size: must be >= 1, got 0"),
+    (["--experiment", "toy", "--method", "vote"], "error: --method: must be one of greedy, topk, diverse, got 'vote'"),
+    (["--experiment", "toy", "--method", "diverse", "--diversity-weight", "-1"],
+     "error: --diversity-weight: must be >= 0, got -1.0"),
+    (["--experiment", "toy", "--method", "diverse", "--mechanism-weight", "5"],
+     "error: --mechanism-weight: must be in [0, 1], got 5.0"),
     (["--experiment", "toy", "--filter", "tags.`unitlab.variant` = 'none'"],
      "error: no valid runs in experiment 'toy' (no trial runs)"),
     (["show", "0" * 32], "error: Run with id=" + "0" * 32 + " not found"),
@@ -355,8 +363,8 @@ def test_missing_database_is_bad_input(tmp_path, capsys):
     assert not (tmp_path / "none.db").exists()
 
 
-def test_show_refuses_a_trial_run_and_module_entry_point(sweep):
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.committee", "show", sweep["ids"]["a"],
+def test_show_refuses_a_trial_run_from_the_cli_process(sweep):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "committee", "show", sweep["ids"]["a"],
                            "--tracking-uri", sweep["uri"]], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (

@@ -7,19 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.config import DEFAULT_CONFIG
-from trainables.data import DataError, load_splits
+from trainables.data import DataConfig, DataError, load_splits
 from trainables.loader import Augment, DeviceLoader
 
 
-def cifar_cfg(data_dir, **extra) -> dict:
-    cfg = {"name": "cifar100", "data_dir": str(data_dir), "val_size": 5000, "val_seed": 0}
-    cfg.update(extra)
-    return cfg
+def cifar_cfg(data_dir, **extra) -> DataConfig:
+    return DataConfig.parse({"name": "cifar100", "data_dir": str(data_dir), "val_size": 5000, "val_seed": 0, **extra})
 
 
 def test_synthetic_is_deterministic_and_balanced():
-    cfg = {"name": "synthetic", "num_classes": 5, "image_size": 12, "train_size": 100, "val_size": 25, "test_size": 25}
+    cfg = DataConfig(name="synthetic", num_classes=5, image_size=12, train_size=100, val_size=25, test_size=25)
     a, b = load_splits(cfg), load_splits(cfg)
     assert a.train.images.shape == (100, 12, 12, 3) and a.train.images.dtype == np.uint8
     assert np.array_equal(a.train.images, b.train.images)
@@ -41,7 +38,7 @@ def test_cifar100_official_split_and_heldout_validation(data_dir):
 
 
 def test_flowers102_uses_official_validation(data_dir):
-    splits = load_splits({"name": "flowers102", "data_dir": str(data_dir), "val_size": None})
+    splits = load_splits(DataConfig(name="flowers102", data_dir=str(data_dir), val_size=None))
     assert splits.image_size == 64 and splits.num_classes == 102
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1020, 1020, 6149)
 
@@ -58,9 +55,9 @@ def test_corrupt_parquet_names_the_file(data_dir, tmp_path):
 def test_missing_data_names_data_dir_and_torchvision(tmp_path, monkeypatch):
     monkeypatch.delenv("DATA_DIR", raising=False)
     with pytest.raises(DataError, match="DATA_DIR.*torchvision"):
-        load_splits({"name": "cifar100", "torchvision_root": str(tmp_path / "tv"), "val_size": 10})
+        load_splits(DataConfig(torchvision_root=str(tmp_path / "tv"), val_size=10))
     with pytest.raises(DataError, match="no .*train-\\*.parquet"):
-        load_splits({"name": "cifar100", "data_dir": str(tmp_path), "val_size": 10})
+        load_splits(DataConfig(data_dir=str(tmp_path), val_size=10))
 
 
 def make_loader(augment: Augment | None, seed: int = 0, **kw) -> DeviceLoader:
@@ -106,7 +103,3 @@ def test_mixup_and_cutmix_give_soft_targets_that_sum_to_one():
         x, y = next(iter(make_loader(aug)))
         assert y.shape == (16, 4) and torch.allclose(y.sum(1), torch.ones(16))
         assert x.shape == (16, 3, 8, 8) and torch.isfinite(x).all()
-
-
-def test_default_config_is_complete():
-    assert DEFAULT_CONFIG["data"]["val_size"] == 5000

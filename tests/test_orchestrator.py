@@ -20,48 +20,14 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, cli_args, sweep_spec, write
 from orchestrator.cli import main
 from orchestrator.sweep_spec import FINAL_METRICS, load_spec
+from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.models import build_model
 from trainables.probs import read_probs
 from trainables.train import evaluate, make_loaders
-
-
-def sweep_spec(name: str, epochs: int = 2, train_size: int = 256, **overrides) -> dict:
-    """Four cells (2 attention shapes x 2 conv-replaced block counts) of a tiny CCT on synthetic data."""
-    spec = {
-        "name": name,
-        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": train_size,
-                 "val_size": 64, "test_size": 64},
-        "base": {
-            "model": {"preset": "cct_tiny"},
-            "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
-            "epochs": epochs,
-            "batch_size": 32,
-            "latency": {"large_batch": 16, "repeats": 3},
-        },
-        "axes": {
-            "attention": [{"heads": 2, "head_dim": 16}, {"heads": 4, "head_dim": 8}],
-            "n_conv_blocks": [0, 1],
-            "seed": [0],
-        },
-        "resources": {"cpus": 1},
-        "max_concurrent": 2,
-    }
-    spec.update(overrides)
-    return spec
-
-
-def write(tmp_path: Path, spec: dict) -> Path:
-    path = tmp_path / f"{spec['name']}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def cli_args(tmp_path: Path) -> list[str]:
-    return ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "store")]
 
 
 def trial_runs(tmp_path: Path, name: str) -> tuple[list, list]:
@@ -76,13 +42,6 @@ def trial_runs(tmp_path: Path, name: str) -> tuple[list, list]:
 def steps(tmp_path: Path, run_id: str) -> list[int]:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     return sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 # ---------------------------------------------------------------- bad specs
@@ -116,7 +75,7 @@ BAD_SPECS = {
     "analysis threshold": (_set("analyze", {"threshold": 1.5}), "sweep.analyze.threshold: must be in (0, 1)"),
     "unknown analysis tap": (_set("analyze", {"taps": ["block.9.out"]}), "unknown tap 'block.9.out'"),
     "readout option of another recipe": (_set("analyze", {"readout_max_iter": 50}),
-                                         "sweep.analyze: readout option 'max_iter' does not apply to recipe 'paper100'"),
+                                         "sweep.analyze.readout_max_iter: readout option 'max_iter' does not apply to recipe 'paper100'"),
     "unknown readout recipe": (_set("analyze", {"recipe": "fast"}), "sweep.analyze.recipe: must be one of paper100, paper"),
     "prune without analysis": (_set("prune", {"methods": ["andc"]}), "which come from the analysis"),
     "prune method of another family": (lambda s: s.update(analyze=True, prune={"methods": ["afcc"]}),
@@ -189,6 +148,7 @@ def test_shipped_sweep_specs_are_valid(data_dir, monkeypatch):
 
 # ---------------------------------------------------------------- a whole sweep
 
+@pytest.mark.slow
 def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_path, capsys):
     spec = sweep_spec("e2e")
     assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 0
@@ -211,8 +171,8 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
         assert (local / name).is_file(), name
     model = build_model(json.loads((local / "model/spec.json").read_text()))
     model.load_state_dict(torch.load(local / "model/model.pt", weights_only=True))
-    cfg = json.loads((local / "config.json").read_text())
-    loaders = make_loaders(load_splits(cfg["data"], cfg["seed"]), cfg, torch.device("cpu"), False)
+    cfg = prepare(json.loads((local / "config.json").read_text()))
+    loaders = make_loaders(load_splits(cfg.data, cfg.seed), cfg, torch.device("cpu"), False)
     _, acc, probs = evaluate(model, loaders["test"], autocast=False)
     assert acc == run.data.metrics["test_acc"]
     assert read_probs(local / "probs/probs_test.parquet")[2].shape == probs.shape == (64, 4)
@@ -223,6 +183,7 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
     assert "mlflow ui --backend-store-uri sqlite:///" in out
 
 
+@pytest.mark.slow
 def test_optuna_multi_objective_with_asha_ends_every_run(local_ray, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")  # the sweep sets it; restored afterwards
     spec = sweep_spec("optuna", epochs=3, scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
@@ -273,6 +234,7 @@ def trial_workers(root: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(local_ray, tmp_path):
     spec = sweep_spec("workerkill", epochs=4, train_size=2048, axes={"n_conv_blocks": [1]})
     store = tmp_path / "store" / "workerkill"
@@ -300,6 +262,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(local_ray, tm
     assert children[0].data.tags["unitlab.attempts"] == "2" and int(children[0].data.tags["unitlab.start_epoch"]) >= 1
 
 
+@pytest.mark.slow
 def test_killed_driver_is_resumed_without_rerunning_or_duplicating(tmp_path):
     spec = sweep_spec("driverkill", epochs=4, train_size=4096)
     store = tmp_path / "store" / "driverkill"

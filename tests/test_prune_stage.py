@@ -17,9 +17,12 @@ from mlflow import MlflowClient
 
 from analysis.pruning import load_masks, rebuild_pruned
 from orchestrator.cli import main
-from test_orchestrator import cli_args, sweep_spec, write
+from conftest import cli_args, sweep_spec, write
+from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.train import evaluate, make_loaders
+
+pytestmark = pytest.mark.slow
 
 CELLS = {"none", "andc,threshold=0.3", "andc,threshold=0.4", "random,threshold=0.3", "random,threshold=0.4",
          "random,level=0.5"}
@@ -94,8 +97,8 @@ def test_pruned_model_rebuilds_from_its_artifacts(swept):
     masks = load_masks(local / "model/masks.pt")
     model = rebuild_pruned(json.loads((local / "model/spec.json").read_text()),
                            torch.load(local / "model/model.pt", weights_only=True), masks)
-    cfg = json.loads((local / "config.json").read_text())
-    loaders = make_loaders(load_splits(cfg["data"], cfg["seed"]), cfg, torch.device("cpu"), False)
+    cfg = prepare(json.loads((local / "config.json").read_text()))
+    loaders = make_loaders(load_splits(cfg.data, cfg.seed), cfg, torch.device("cpu"), False)
     _, acc, _ = evaluate(model, loaders["test"], autocast=False)
     assert acc == run.data.metrics["test_acc"] == run.data.metrics["acc_finetuned_test"]
     mask = masks["blocks.0.mlp.fc1.weight"]
@@ -121,7 +124,7 @@ def test_resume_of_a_finished_sweep_adds_no_runs(swept, capsys):
     (["nosuch", "--methods", "none"], "prune nosuch: neither a sweep name nor a run id"),
     (["staged", "--methods", "andc", "--thresholds", "0.5"], "was analysed at threshold 0.3, andc,threshold=0.5 needs 0.5"),
     (["staged", "--methods", "afcc"], "'afcc' does not apply to a cct model"),
-    (["staged", "--methods", "random", "--thresholds", "", "--levels", "1.5"], "sweep.prune.levels: must be in [0, 1]"),
+    (["staged", "--methods", "random", "--thresholds", "", "--levels", "1.5"], "--levels: must be in [0, 1], got 1.5"),
 ])
 def test_prune_command_rejects_bad_input(swept, capsys, argv, message):
     tmp, client, exp_id = swept

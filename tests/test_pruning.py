@@ -8,15 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from analysis.pipeline import AnalysisConfig
 from analysis.prune import main as prune_main, split_config
-from analysis.prune_job import PruneConfig, _tap_groups, load_label_sets, run_prune_job
-from analysis.pruning import (Layer, PruneError, apply_masks, connection_mask, dilution, expand,
-                              full_masks, layer_connections, load_masks, model_masks, nodal_mask,
+from analysis.prune_job import PruneConfig, PrunePlan, run_prune_job, unit_label_sets
+from analysis.results import load_label_sets
+from analysis.pruning import (Connection, PruneError, apply_masks, connection_mask, dilution, expand,
+                              full_masks, layer_connections, load_masks, model_masks,
                               output_mask, plan_layers, random_at_level, random_connections,
                               random_label_sets, rebuild_pruned, save_masks)
 from conftest import synthetic_job
+from trainables.config import prepare
 from trainables.models import build_model
 from trainables.probs import read_probs
+from trainables.schema import InputError
 from trainables.train import run_job
 
 T, F_ = True, False
@@ -39,7 +43,6 @@ def test_intersection_and_output_rules_exact():
     assert fc[0].tolist() == [T, T, F_, F_, F_, F_] and fc[2].tolist() == [F_, F_, T, T, F_, F_]
     conv = expand(connection_mask(ins, outs), (4, 3, 3, 3), "conv")
     assert torch.equal(conv, connection_mask(ins, outs)[:, :, None, None].expand(4, 3, 3, 3))
-    assert torch.equal(nodal_mask(ins, outs, (4, 3)), connection_mask(ins, outs))
     assert dilution(connection_mask(ins, outs)) == pytest.approx(1 - 4 / 12)
     with pytest.raises(PruneError, match="do not fit"):
         expand(connection_mask(ins, outs), (4, 5), "blocks.0.mlp.fc1.weight")
@@ -71,18 +74,16 @@ def test_afcc_plan_and_masks_on_vgg():
 def test_nodal_plan_and_masks_between_fc_layers():
     model = build_model({**TINY_VGG, "fc_hidden": [128, 96]})  # 8 and 6 FC nodes after the 32 filters
     assert list(model.taps)[-2:] == ["fc.0", "fc.1"]
-    assert plan_layers(model, "afcc")[-1] == Layer("fc.0.linear.weight", "conv.9", "fc.0")
+    assert plan_layers(model, "afcc")[-1] == Connection("fc.0.linear.weight", "conv.9", "fc.0")
     layers = plan_layers(model, "nodal")
-    assert layers == [Layer("fc.1.linear.weight", "fc.0", "fc.1"), Layer("classifier.weight", "fc.1", None)]
+    assert layers == [Connection("fc.1.linear.weight", "fc.0", "fc.1"), Connection("classifier.weight", "fc.1", None)]
     label_sets = {"fc.0": [{u % 5} for u in range(8)], "fc.1": [{u % 5, (u + 1) % 5} for u in range(6)]}
     masks = full_masks(model, layer_connections(layers, label_sets, 5))
     expected = torch.tensor([[bool(label_sets["fc.0"][i] & label_sets["fc.1"][j]) for i in range(8)] for j in range(6)])
     assert torch.equal(masks["fc.1.linear.weight"], expected)
     assert torch.equal(masks["classifier.weight"], output_mask(label_sets["fc.1"], 5))
-    with pytest.raises(PruneError, match="'nodal' prunes between FC layers; this model has none"):
-        plan_layers(build_model(TINY_VGG), "nodal")
-    with pytest.raises(PruneError, match="model.fc_hidden"):
-        plan_layers(build_model(TINY_VGG), "nodal")
+    with pytest.raises(PruneError, match="method: 'nodal' does not apply to a vgg model \\(use 'afcc'\\)"):
+        plan_layers(build_model(TINY_VGG), "nodal")  # no hidden FC layers
 
 
 def test_andc_plan_and_masks_on_cct():
@@ -171,37 +172,51 @@ def test_bad_masks_and_settings_name_the_field():
         apply_masks(model, {"features.99.weight": torch.ones(1, dtype=torch.bool)})
     with pytest.raises(PruneError, match=r"^level: must be in \[0, 1\], got 1.5"):
         random_at_level((3, 3), 1.5, torch.Generator())
-    with pytest.raises(PruneError, match=r"^prune.threshold: must be in \[0, 1\), got 1.0"):
-        PruneConfig(threshold=1.0)
-    with pytest.raises(PruneError, match=r"^prune.level: must be in \[0, 1\], got -0.1"):
-        PruneConfig(method="random", level=-0.1)
-    with pytest.raises(PruneError, match="^prune.level: only for method random"):
-        PruneConfig(method="afcc", level=0.5)
-    with pytest.raises(PruneError, match="^prune.thresold: unknown key"):
-        PruneConfig.from_dict({"thresold": 0.3})
-    with pytest.raises(PruneError, match="^prune.method: list the methods"):
+    with pytest.raises(InputError, match=r"^prune.analysis.threshold: must be in \(0, 1\), got 1.0"):
+        PruneConfig.parse({"analysis": {"threshold": 1.0}})
+    with pytest.raises(InputError, match=r"^prune.level: must be in \[0, 1\], got -0.1"):
+        PruneConfig.parse({"method": "random", "level": -0.1})
+    with pytest.raises(InputError, match="^prune.level: only for method random"):
+        PruneConfig.parse({"method": "afcc", "level": 0.5})
+    with pytest.raises(InputError, match="^prune.thresold: unknown key"):
+        PruneConfig.parse({"thresold": 0.3})
+    with pytest.raises(InputError, match="^prune.finetune_epochs: must be int, got 1.5"):
+        PruneConfig.parse({"finetune_epochs": 1.5})
+    with pytest.raises(InputError, match="^prune.method: list the methods"):
         split_config({"epochs": 1, "prune": {"method": "afcc"}})
+    with pytest.raises(InputError, match="^prune.levels: fixed dilutions are cells of method random"):
+        PrunePlan.parse({"methods": ["afcc"], "levels": [0.5]})
+
+
+def test_prune_plan_cells_take_thresholds_and_the_analysis_settings():
+    plan = PrunePlan.parse({"methods": ["none", "andc", "random"], "thresholds": [0.3, 0.5], "levels": [0.2],
+                            "finetune_epochs": 3})
+    analysis = AnalysisConfig(recipe="lbfgs", train_size=100)
+    cells = plan.cells(analysis)
+    assert list(cells) == ["none", "andc,threshold=0.3", "andc,threshold=0.5", "random,threshold=0.3",
+                           "random,threshold=0.5", "random,level=0.2"]
+    assert all(c.finetune_epochs == 3 and c.control_of == "andc" for c in cells.values())
+    assert cells["andc,threshold=0.5"].analysis == analysis.replace(threshold=0.5)
+    assert PrunePlan.parse({}).cells()["afcc,threshold=0.3"].analysis.train_size == 5000  # the job's default
 
 
 # ---------------------------------------------------------------- the job, end to end
 
-def test_label_sets_files_of_both_formats(tmp_path):
-    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"  # theirs: analysis.run's per-kind layout
-    ours.write_text(json.dumps({"threshold": 0.3, "taps": {"conv.0": [[1, 2], []]}}))
-    theirs.write_text(json.dumps({"threshold": 0.3, "num_classes": 5,
-                                  "taps": {"conv.0": {"filter": [[1, 2], []]},
-                                           "block.0.heads": {"node": [[4]], "head": [[3, 4]]}}}))
-    assert load_label_sets(ours) == {"conv.0": [{1, 2}, set()]}
-    assert load_label_sets(theirs) == {"conv.0": [{1, 2}, set()], "block.0.heads": [{4}]}
+def test_label_sets_file_gives_each_taps_unit_sets(tmp_path):
+    path = tmp_path / "label_sets.json"  # the analysis layout: tap -> unit kind -> labels per unit
+    path.write_text(json.dumps({"threshold": 0.3, "num_classes": 5,
+                                "taps": {"conv.0": {"filter": [[1, 2], []]},
+                                         "block.0.heads": {"node": [[4]], "head": [[3, 4]]}}}))
+    assert unit_label_sets(load_label_sets(path)) == {"conv.0": [{1, 2}, set()], "block.0.heads": [{4}]}
+    path.write_text('{"taps": [1, 2')
+    with pytest.raises(InputError, match="label_sets.json: not a label_sets.json file"):
+        load_label_sets(path)
 
 
-def test_feature_cache_groups_fit_the_budget():
-    shapes = {"a": (2, 5), "b": (10,), "c": (30,), "d": (1,)}  # float16: 20, 20, 60, 2 bytes per image
-    assert _tap_groups(shapes, n_images=1, max_bytes=40) == [["a", "b"], ["c"], ["d"]]
-    assert _tap_groups(shapes, n_images=2, max_bytes=1000) == [["a", "b", "c", "d"]]
-
-
-FAST = {"finetune_epochs": 1, "readout_options": {"epochs": 4}, "analysis_train_size": 128}
+def job(**values) -> PruneConfig:
+    """A fast prune job: 1 fine-tuning epoch, readouts of 4 epochs on 128 images."""
+    return PruneConfig.parse({"finetune_epochs": 1, "analysis": {"readout_epochs": 4, "train_size": 128},
+                              **values})
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +229,7 @@ def parents(tmp_path_factory):
         job = synthetic_job(model=model, epochs=2)
         if name.startswith("vgg"):
             job["recipe"] = {"name": "sgd_step", "lr": 0.05}
-        run_job(job, root / name)
+        run_job(prepare(job), root / name)
         out[name] = root / name
     return out
 
@@ -233,7 +248,7 @@ def _check_artifacts(out, summary):
 
 
 def test_prune_job_vgg_afcc_and_random_control(parents, tmp_path):
-    guided = run_prune_job(parents["vgg"], tmp_path / "afcc", {"method": "afcc", **FAST})
+    guided = run_prune_job(parents["vgg"], tmp_path / "afcc", job(method="afcc"))
     _check_artifacts(tmp_path / "afcc", guided)
     assert set(guided["layers"]) == {f"features.{k}.0.weight" for k in (1, 3, 4, 6, 7, 8, 10, 11, 12)} | {"classifier.weight"}
     assert 0 < guided["dilution_pruned_layers"] < 1 and guided["params_kept"] < guided["params_total"]
@@ -241,7 +256,7 @@ def test_prune_job_vgg_afcc_and_random_control(parents, tmp_path):
     for key in ("acc_before", "acc_pruned", "acc_finetuned"):
         assert set(guided[key]) == {"val", "test"}
     assert len(guided["history"]) == 1
-    control = run_prune_job(parents["vgg"], tmp_path / "random", {"method": "random", **FAST},
+    control = run_prune_job(parents["vgg"], tmp_path / "random", job(method="random"),
                             label_sets=load_label_sets(tmp_path / "afcc" / "label_sets.json"))
     assert control["acc_before"] == guided["acc_before"]
     for param, layer in guided["layers"].items():
@@ -249,26 +264,26 @@ def test_prune_job_vgg_afcc_and_random_control(parents, tmp_path):
     assert not torch.equal(load_masks(tmp_path / "random" / "masks.pt")["classifier.weight"],
                            load_masks(tmp_path / "afcc" / "masks.pt")["classifier.weight"])
     labels = run_prune_job(parents["vgg"], tmp_path / "labels",
-                           {"method": "random_labels", "random_labels_k": 2, "finetune_epochs": 0})
+                           job(method="random_labels", random_labels_k=2, finetune_epochs=0))
     fc = load_masks(tmp_path / "labels" / "masks.pt")["classifier.weight"]  # 2 labels per filter
     assert (fc.sum(0) == 2).all() and not labels["label_stats"]
 
 
 def test_prune_job_nodal_on_fc_layers(parents, tmp_path):
-    summary = run_prune_job(parents["vgg_fc"], tmp_path / "nodal", {"method": "nodal", **FAST})
+    summary = run_prune_job(parents["vgg_fc"], tmp_path / "nodal", job(method="nodal"))
     _check_artifacts(tmp_path / "nodal", summary)
     assert set(summary["layers"]) == {"fc.1.linear.weight", "classifier.weight"}
     assert set(summary["label_stats"]) == {"fc.0", "fc.1"} and summary["label_stats"]["fc.0"]["units"] == 8
     assert 0 < summary["dilution_pruned_layers"] < 1
-    control = run_prune_job(parents["vgg_fc"], tmp_path / "random", {"method": "random", "control_of": "nodal", **FAST},
+    control = run_prune_job(parents["vgg_fc"], tmp_path / "random", job(method="random", control_of="nodal"),
                             label_sets=load_label_sets(tmp_path / "nodal" / "label_sets.json"))
     assert {p: l["kept"] for p, l in control["layers"].items()} == {p: l["kept"] for p, l in summary["layers"].items()}
-    with pytest.raises(PruneError, match="prune.control_of"):
-        PruneConfig(method="random", control_of="magnitude")
+    with pytest.raises(InputError, match="prune.control_of"):
+        PruneConfig.parse({"method": "random", "control_of": "magnitude"})
 
 
 def test_prune_job_cct_andc_and_cli(parents, tmp_path, capsys):
-    summary = run_prune_job(parents["cct"], tmp_path / "andc", {"method": "andc", **FAST})
+    summary = run_prune_job(parents["cct"], tmp_path / "andc", job(method="andc"))
     _check_artifacts(tmp_path / "andc", summary)
     assert set(summary["layers"]) == {f"blocks.{i}.mlp.fc{k}.weight" for i in (0, 1) for k in (1, 2)}
     assert summary["label_stats"]["block.1.ff_in"]["units"] == 32
@@ -280,4 +295,4 @@ def test_prune_job_cct_andc_and_cli(parents, tmp_path, capsys):
     assert prune_main(["--parent", str(parents["cct"]), "--method", "afcc", "--out", str(tmp_path / "x")]) == 2
     assert "method: 'afcc' does not apply to a cct model" in capsys.readouterr().err
     assert prune_main(["--parent", str(parents["cct"]), "--threshold", "2", "--out", str(tmp_path / "x")]) == 2
-    assert "prune.threshold: must be in [0, 1)" in capsys.readouterr().err
+    assert "--threshold: must be in (0, 1), got 2.0" in capsys.readouterr().err

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from analysis.pipeline import AnalysisConfig
 from analysis.readout import DEFAULT_RECIPE, train_readouts
-from analysis.results import primary_kind
+from analysis.summary import primary_kind
 from analysis.run import analyze, load_model
+from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.train import run_job
 
@@ -43,15 +45,15 @@ def trained_cct(tmp_path_factory):
     data = {"name": "cifar100", "data_dir": str(root), "train_size": 6000, "val_size": 1000}
     job = synthetic_job(model=MODEL, data=data, epochs=3, checkpoint=False, batch_size=128,
                         recipe={"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0})
-    run_job(job, out)
-    return load_model(out / "spec.json", out / "model.pt"), load_splits({**job["data"], "val_seed": 0,
-                                                                      "test_size": None}, 0)
+    cfg = prepare(job)
+    run_job(cfg, out)
+    return load_model(out / "spec.json", out / "model.pt"), load_splits(cfg.data, 0)
 
 
 def test_default_readout_matches_paper_per_tap(trained_cct):
     model, splits = trained_cct
-    results = {recipe: analyze(model, splits, recipe=recipe, train_size=1000, test_size=1000, figures=False,
-                               n_control=1)
+    results = {recipe: analyze(model, splits, AnalysisConfig(recipe=recipe, train_size=1000, test_size=1000),
+                               figures=False, n_control=1)
                for recipe in (DEFAULT_RECIPE, "paper")}
     fast, paper = results[DEFAULT_RECIPE], results["paper"]
     assert fast.meta["test_size"] == 1000 and fast.meta["test_subset"] == "class-balanced"

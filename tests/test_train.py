@@ -13,7 +13,8 @@ import yaml
 from conftest import REPO, synthetic_job
 from trainables.models import build_model
 from trainables.probs import read_probs
-from trainables.train import evaluate, main, make_loaders, run_job, prepare
+from trainables.config import prepare
+from trainables.train import evaluate, main, make_loaders, run_job
 from trainables.data import load_splits
 
 
@@ -22,7 +23,7 @@ class StopAfterFirstEpoch(Exception):
 
 
 def test_job_writes_artifacts_and_learns(tmp_path):
-    summary = run_job(synthetic_job(epochs=3), tmp_path)
+    summary = run_job(prepare(synthetic_job(epochs=3)), tmp_path)
     for name in ("spec.json", "model.pt", "probs_val.parquet", "probs_test.parquet", "summary.json", "checkpoint/state.pt"):
         assert (tmp_path / name).exists(), name
     assert summary["test_acc"] > 0.5  # 4 classes: chance is 0.25
@@ -37,15 +38,15 @@ def test_job_writes_artifacts_and_learns(tmp_path):
 def test_resume_after_epoch_one_matches_uninterrupted_run(tmp_path):
     job = synthetic_job(epochs=3, model={"preset": "cct_tiny", "dropout": 0.1, "stochastic_depth": 0.1})
     job["data"]["augment"] = {"mixup": 0.8, "cutmix": 1.0}
-    full = run_job(job, tmp_path / "full")
+    full = run_job(prepare(job), tmp_path / "full")
 
     def stop(metrics, _ckpt):
         if metrics["epoch"] == 0:
             raise StopAfterFirstEpoch
 
     with pytest.raises(StopAfterFirstEpoch):
-        run_job(job, tmp_path / "part", on_epoch=stop)
-    resumed = run_job(job, tmp_path / "part", resume_from=tmp_path / "part" / "checkpoint")
+        run_job(prepare(job), tmp_path / "part", on_epoch=stop)
+    resumed = run_job(prepare(job), tmp_path / "part", resume_from=tmp_path / "part" / "checkpoint")
     for key in ("train_loss", "val_loss", "val_acc"):
         assert [h[key] for h in resumed["history"]] == [h[key] for h in full["history"]], key
     assert resumed["test_acc"] == full["test_acc"] and resumed["test_loss"] == full["test_loss"]
@@ -55,12 +56,12 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(tmp_path):
 
 
 def test_model_rebuilt_from_artifacts_reproduces_test_accuracy(tmp_path):
-    summary = run_job(synthetic_job(), tmp_path)
+    summary = run_job(prepare(synthetic_job()), tmp_path)
     spec = json.loads((tmp_path / "spec.json").read_text())
     model = build_model(spec)
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    cfg, _ = prepare(synthetic_job())
-    loaders = make_loaders(load_splits(cfg["data"]), cfg, torch.device("cpu"), False)
+    cfg = prepare(synthetic_job())
+    loaders = make_loaders(load_splits(cfg.data), cfg, torch.device("cpu"), False)
     _, acc, probs = evaluate(model, loaders["test"], autocast=False)
     assert acc == summary["test_acc"]
     assert np.allclose(probs, read_probs(tmp_path / "probs_test.parquet")[2], atol=1e-6)
@@ -152,15 +153,14 @@ def test_narrow_cct_learns_real_cifar100(data_dir, tmp_path):
         "batch_size": 64,
         "latency": {"large_batch": 16, "repeats": 3},
     }
-    summary = run_job(job, tmp_path)
+    summary = run_job(prepare(job), tmp_path)
     assert summary["test_acc"] > 0.03  # chance is 0.01
 
 
 def test_sgd_cosine_recipe_warms_up_then_decays_with_nesterov_sgd():
-    from trainables.config import resolve_config
     from trainables.train import lr_lambda, make_optimizer
-    cfg = resolve_config({"recipe": {"name": "sgd_cosine"}, "epochs": 4})
-    assert (cfg["recipe"]["lr"], cfg["recipe"]["weight_decay"], cfg["recipe"]["warmup_epochs"]) == (0.05, 5e-4, 1)
+    cfg = prepare({"recipe": {"name": "sgd_cosine"}, "epochs": 4})
+    assert (cfg.recipe.lr, cfg.recipe.weight_decay, cfg.recipe.warmup_epochs) == (0.05, 5e-4, 1)
     factor = lr_lambda(cfg, steps_per_epoch=10)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0) and factor(39) < 0.01

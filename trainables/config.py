@@ -1,56 +1,20 @@
-"""The training job configuration: defaults, merging and validation.
+"""The training job's settings: ``JobConfig`` (YAML on disk, ``config.json`` in a run folder).
 
-A job config is a plain nested dict (YAML on disk). Every key must be known; values are
-type-checked against the defaults, so a typo fails with one line naming the field before any work.
+``prepare(user_dict)`` parses and resolves a job once: every field checked, recipe defaults filled
+(methods.md section 4), the model spec expanded and matched to the data. Everything downstream
+(``run_job``, the sweep's trainable, pruning's fine-tuning) receives the resolved ``JobConfig``.
 """
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-# The model spec is validated by trainables.models.resolve_spec; everything else is checked here.
-DEFAULT_CONFIG: dict[str, Any] = {
-    "model": {"preset": "cct_narrow"},
-    "data": {
-        "name": "cifar100",
-        "data_dir": None,
-        "torchvision_root": None,
-        "train_size": None,
-        "val_size": 5000,
-        "test_size": None,
-        "val_seed": 0,
-        "num_classes": 10,
-        "image_size": 32,
-        "synthetic_seed": 0,
-        "synthetic_noise": 40.0,
-        "normalize": "dataset",
-        "augment": {"flip": True, "translate": 4, "crop_scale": None, "mixup": 0.0, "cutmix": 0.0},
-    },
-    "recipe": {
-        "name": "adamw_cosine",
-        "lr": None,
-        "weight_decay": None,
-        "warmup_epochs": None,
-        "min_lr": 1e-5,
-        "momentum": 0.9,
-        "step_epochs": 20,
-        "step_gamma": 0.6,
-    },
-    "epochs": 5,
-    "batch_size": 128,
-    "eval_batch_size": 500,
-    "seed": 0,
-    "label_smoothing": 0.1,
-    "device": "auto",
-    "bf16": "auto",
-    "channels_last": "auto",
-    "compile": False,
-    "checkpoint": True,
-    "latency": {"large_batch": 256, "repeats": 20},
-}
+from trainables.data import DataConfig, dataset_shape
+from trainables.models import resolve_spec
+from trainables.schema import InputError, Settings, setting
 
 # Recipe defaults from methods.md section 4, filled where the user leaves a field null.
 RECIPE_DEFAULTS = {
@@ -59,102 +23,91 @@ RECIPE_DEFAULTS = {
     # SGD Nesterov with warm-up and cosine decay: the CNN recipe for short CPU-scale schedules.
     "sgd_cosine": {"lr": 0.05, "weight_decay": 5e-4, "warmup_epochs": 1},
 }
-CHOICES = {
-    "recipe.name": tuple(RECIPE_DEFAULTS),
-    "device": ("auto", "cpu", "cuda"),
-    "data.normalize": ("dataset", "unit"),
-}
-# Fields whose default is None but which take a value of this type.
-OPTIONAL_TYPES = {
-    "data.data_dir": str,
-    "data.torchvision_root": str,
-    "data.train_size": int,
-    "data.test_size": int,
-    "data.augment.crop_scale": list,
-    "recipe.lr": float,
-    "recipe.weight_decay": float,
-    "recipe.warmup_epochs": int,
-}
-TRI_STATE = ("bf16", "channels_last")  # "auto", true or false
+TRI_STATE = ("auto", True, False)
+DEFAULT_MODEL = {"preset": "cct_narrow"}
 
 
-class ConfigError(ValueError):
-    """A config field is unknown or has a bad value; the message names the field."""
+@dataclass(frozen=True)
+class RecipeConfig(Settings):
+    """Optimiser and schedule; null fields take the recipe's defaults (``RECIPE_DEFAULTS``)."""
+
+    name: str = setting("adamw_cosine", "optimiser and schedule", choices=tuple(RECIPE_DEFAULTS))
+    lr: float | None = setting(None, "peak learning rate", gt=0)
+    weight_decay: float | None = setting(None, low=0)
+    warmup_epochs: int | None = setting(None, "linear warm-up epochs", low=0)
+    min_lr: float = setting(1e-5, "cosine floor", low=0)
+    momentum: float = setting(0.9, "SGD momentum", low=0, lt=1)
+    step_epochs: int = setting(20, "sgd_step: epochs between decays", low=1)
+    step_gamma: float = setting(0.6, "sgd_step: decay factor", gt=0)
+
+    def check(self) -> None:
+        for key, value in RECIPE_DEFAULTS[self.name].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+
+
+@dataclass(frozen=True)
+class LatencyConfig(Settings):
+    """Inference latency measured after training."""
+
+    large_batch: int = setting(256, low=1)
+    repeats: int = setting(20, low=1)
+
+
+@dataclass(frozen=True)
+class JobConfig(Settings):
+    """One training job. ``model`` is a model spec: a preset name plus overrides, or a full spec;
+    once built, it holds the resolved spec (``trainables.models.resolve_spec``) sized to the data."""
+
+    SECTION = "config"
+
+    model: dict = setting(factory=lambda: dict(DEFAULT_MODEL), flag=False)
+    data: DataConfig = setting(factory=DataConfig)
+    recipe: RecipeConfig = setting(factory=RecipeConfig)
+    epochs: int = setting(5, low=1)
+    batch_size: int = setting(128, low=1)
+    eval_batch_size: int = setting(500, low=1)
+    seed: int = 0
+    label_smoothing: float = setting(0.1, low=0, lt=1)
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    bf16: Any = setting("auto", "bf16 autocast: auto (on CUDA), true or false", choices=TRI_STATE)
+    channels_last: Any = setting("auto", "channels_last memory format: auto, true or false", choices=TRI_STATE)
+    compile: bool = False
+    checkpoint: bool = True
+    latency: LatencyConfig = setting(factory=LatencyConfig)
+
+    def check(self) -> None:
+        num_classes, image_size = dataset_shape(self.data)
+        spec = {"num_classes": num_classes, "image_size": image_size, **self.model}
+        spec = resolve_spec(spec)
+        if spec["num_classes"] != num_classes:
+            raise InputError("model.num_classes", f"{spec['num_classes']} differs from the data's {num_classes} classes")
+        if spec["image_size"] != image_size:
+            raise InputError("model.image_size", f"{spec['image_size']} differs from the data's {image_size} px images")
+        object.__setattr__(self, "model", spec)
+
+
+def prepare(user: dict | JobConfig) -> JobConfig:
+    """The resolved job config of a user mapping (YAML); a JobConfig passes through unchanged."""
+    if isinstance(user, JobConfig):
+        return user
+    if "model" in user and not isinstance(user["model"], dict):
+        raise InputError("config.model", "must be a mapping (a preset name or a full spec)")
+    return JobConfig.parse(user)
 
 
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path}: not found")
+        raise InputError(f"config file {path}", "not found")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"config file {path}", f"not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: must hold a mapping at the top level")
+        raise InputError(f"config file {path}", "must hold a mapping at the top level")
     return data
-
-
-def resolve_config(user: dict) -> dict:
-    """Merge a user config over the defaults, validate it, and fill recipe defaults."""
-    if "model" in user and not isinstance(user["model"], dict):
-        raise ConfigError("config.model: must be a mapping (a preset name or a full spec)")
-    cfg = _merge(DEFAULT_CONFIG, user, "")
-    if "model" in user:
-        cfg["model"] = copy.deepcopy(user["model"])
-    recipe = cfg["recipe"]
-    for key, value in RECIPE_DEFAULTS[recipe["name"]].items():
-        if recipe[key] is None:
-            recipe[key] = value
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"config.{key}: must be >= 1, got {cfg[key]}")
-    if not 0 <= cfg["label_smoothing"] < 1:
-        raise ConfigError(f"config.label_smoothing: must be in [0, 1), got {cfg['label_smoothing']}")
-    if recipe["lr"] <= 0:
-        raise ConfigError(f"config.recipe.lr: must be > 0, got {recipe['lr']}")
-    scale = cfg["data"]["augment"]["crop_scale"]
-    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-        raise ConfigError(f"config.data.augment.crop_scale: must be [low, high] within (0, 1], got {scale}")
-    return cfg
-
-
-def _merge(default: dict, user: dict, prefix: str) -> dict:
-    if not isinstance(user, dict):
-        raise ConfigError(f"config.{prefix.rstrip('.')}: must be a mapping")
-    out = copy.deepcopy(default)
-    for key, value in user.items():
-        path = f"{prefix}{key}"
-        if key not in default:
-            raise ConfigError(f"config.{path}: unknown key (known: {', '.join(sorted(default))})")
-        if key == "model":
-            continue
-        base = default[key]
-        if isinstance(base, dict):
-            out[key] = _merge(base, value, path + ".")
-        else:
-            out[key] = _check_value(path, base, value)
-    return out
-
-
-def _check_value(path: str, default: Any, value: Any) -> Any:
-    if path in TRI_STATE:
-        if value not in ("auto", True, False):
-            raise ConfigError(f"config.{path}: must be auto, true or false, got {value!r}")
-        return value
-    if path in CHOICES and value not in CHOICES[path]:
-        raise ConfigError(f"config.{path}: must be one of {', '.join(CHOICES[path])}, got {value!r}")
-    expected = OPTIONAL_TYPES.get(path, type(default))
-    if value is None and (default is None or path in OPTIONAL_TYPES):
-        return None
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is bool and not isinstance(value, bool) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"config.{path}: must be {expected.__name__}, got {value!r}")
-    if not isinstance(value, expected):
-        raise ConfigError(f"config.{path}: must be {expected.__name__}, got {value!r}")
-    return value
 
 
 def set_dotted(cfg: dict, dotted: str, value: Any) -> None:

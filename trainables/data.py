@@ -15,14 +15,54 @@ from pathlib import Path
 
 import numpy as np
 
+from trainables.schema import InputError, Settings, setting
+
 KNOWN_DATASETS = ("cifar100", "flowers102", "synthetic")
 # Fixed shape of each real dataset: (classes, image size).
 DATASET_SHAPES = {"cifar100": (100, 32), "flowers102": (102, 64)}
 PARQUET_COLUMNS = {"cifar100": ("img", "fine_label"), "flowers102": ("image", "label")}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad data configuration or an unreadable data file; the message names the field or file."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig(Settings):
+    """Training augmentation, applied on the training device to whole batches."""
+
+    flip: bool = setting(True, "random horizontal flips")
+    translate: int = setting(4, "random shifts of up to this many pixels", low=0)
+    crop_scale: tuple[float, float] | None = setting(None, "random-resized-crop area range [low, high]")
+    mixup: float = setting(0.0, "mixup alpha (0: off)", low=0)
+    cutmix: float = setting(0.0, "cutmix alpha (0: off)", low=0)
+
+    def check(self) -> None:
+        scale = self.crop_scale
+        if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+            raise InputError("crop_scale", f"must be [low, high] within (0, 1], got {list(scale)}")
+
+
+@dataclass(frozen=True)
+class DataConfig(Settings):
+    """Which dataset, where it lives, and how it is split and subset."""
+
+    SECTION = "data"
+
+    name: str = setting("cifar100", choices=KNOWN_DATASETS)
+    data_dir: str | None = setting(None, "Parquet root (default: the DATA_DIR environment variable)")
+    torchvision_root: str | None = None
+    train_size: int | None = setting(None, "first N training images (default: all)", low=1)
+    val_size: int | None = setting(5000, "images held out of train for validation (a dataset with an "
+                                   "official validation split: the first N of it, null: all)", low=0)
+    test_size: int | None = setting(None, "first N test images (default: all)", low=1)
+    val_seed: int = 0
+    num_classes: int = setting(10, "synthetic data only", low=2)
+    image_size: int = setting(32, "synthetic data only", low=4)
+    synthetic_seed: int = 0
+    synthetic_noise: float = setting(40.0, low=0)
+    normalize: str = setting("dataset", "dataset: per-channel statistics; unit: [-1, 1]", choices=("dataset", "unit"))
+    augment: AugmentConfig = setting(factory=AugmentConfig)
 
 
 @dataclass
@@ -52,19 +92,16 @@ class Splits:
     class_names: list[str] = field(default_factory=list)
 
 
-def dataset_shape(data_cfg: dict) -> tuple[int, int]:
+def dataset_shape(data_cfg: DataConfig) -> tuple[int, int]:
     """(num_classes, image_size) of the configured dataset without loading it."""
-    name = data_cfg["name"]
-    if name == "synthetic":
-        return int(data_cfg["num_classes"]), int(data_cfg["image_size"])
-    if name not in DATASET_SHAPES:
-        raise DataError(f"data.name: unknown dataset {name!r} (known: {', '.join(KNOWN_DATASETS)})")
-    return DATASET_SHAPES[name]
+    if data_cfg.name == "synthetic":
+        return data_cfg.num_classes, data_cfg.image_size
+    return DATASET_SHAPES[data_cfg.name]
 
 
-def resolve_data_dir(data_cfg: dict) -> Path | None:
+def resolve_data_dir(data_cfg: DataConfig) -> Path | None:
     """The Parquet root: ``data.data_dir``, else the DATA_DIR environment variable, else None."""
-    root = data_cfg.get("data_dir") or os.environ.get("DATA_DIR")
+    root = data_cfg.data_dir or os.environ.get("DATA_DIR")
     return Path(root).expanduser().resolve() if root else None
 
 
@@ -75,13 +112,12 @@ def cache_dir() -> Path:
     return path
 
 
-def check_data_available(data_cfg: dict) -> None:
+def check_data_available(data_cfg: DataConfig) -> None:
     """Raise DataError naming DATA_DIR and the torchvision root when a real dataset cannot be found.
 
     Cheap: looks at file names only; corrupt files are caught when they are read.
     """
-    name = data_cfg["name"]
-    dataset_shape(data_cfg)
+    name = data_cfg.name
     if name == "synthetic":
         return
     root = resolve_data_dir(data_cfg)
@@ -99,7 +135,7 @@ def check_data_available(data_cfg: dict) -> None:
         )
 
 
-def load_splits(data_cfg: dict, seed: int = 0) -> Splits:
+def load_splits(data_cfg: DataConfig, seed: int = 0) -> Splits:
     """Load, split and subset a dataset as configured.
 
     The validation split is held out from train with ``data.val_seed`` (fixed, independent of the
@@ -107,27 +143,27 @@ def load_splits(data_cfg: dict, seed: int = 0) -> Splits:
     ``val_size`` and ``test_size`` take deterministic subsets.
     """
     check_data_available(data_cfg)
-    name = data_cfg["name"]
+    name = data_cfg.name
     if name == "synthetic":
         return _synthetic_splits(data_cfg)
     raw = _load_raw(name, data_cfg)
     train_x, train_y = raw["train"]
-    rng = np.random.default_rng(int(data_cfg.get("val_seed", 0)))
+    rng = np.random.default_rng(data_cfg.val_seed)
     order = rng.permutation(len(train_y))
     if "validation" in raw:
         val_x, val_y = raw["validation"]
         val_idx = np.arange(len(val_y))
         train_idx = order
     else:
-        n_val = int(data_cfg.get("val_size") or 0)
+        n_val = data_cfg.val_size or 0
         if not 0 < n_val < len(train_y):
             raise DataError(f"data.val_size: must be in 1..{len(train_y) - 1} for {name}, got {n_val}")
         val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
         val_x, val_y = train_x, train_y
-    train_idx = _take(train_idx, data_cfg.get("train_size"), "data.train_size")
-    val_idx = _take(val_idx, data_cfg.get("val_size") if "validation" in raw else None, "data.val_size")
+    train_idx = _take(train_idx, data_cfg.train_size)
+    val_idx = _take(val_idx, data_cfg.val_size if "validation" in raw else None)
     test_x, test_y = raw["test"]
-    test_idx = _take(np.arange(len(test_y)), data_cfg.get("test_size"), "data.test_size")
+    test_idx = _take(np.arange(len(test_y)), data_cfg.test_size)
     train = ArraySplit(np.ascontiguousarray(train_x[train_idx]), train_y[train_idx].astype(np.int64), train_idx)
     num_classes, image_size = DATASET_SHAPES[name]
     mean, std = _channel_stats(train.images)
@@ -144,13 +180,8 @@ def load_splits(data_cfg: dict, seed: int = 0) -> Splits:
     )
 
 
-def _take(indices: np.ndarray, size, field_name: str) -> np.ndarray:
-    if size is None:
-        return indices
-    size = int(size)
-    if size < 1:
-        raise DataError(f"{field_name}: must be >= 1, got {size}")
-    return indices[: min(size, len(indices))]
+def _take(indices: np.ndarray, size: int | None) -> np.ndarray:
+    return indices if size is None else indices[: min(size, len(indices))]
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -168,7 +199,7 @@ def _shards(root: Path, name: str, split: str) -> list[Path]:
     return sorted((root / name).glob(f"{split}-*.parquet"))
 
 
-def _load_raw(name: str, data_cfg: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _load_raw(name: str, data_cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     root = resolve_data_dir(data_cfg)
     if root is None:
         return _load_torchvision(name, data_cfg)
@@ -219,7 +250,7 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _class_names(name: str, data_cfg: dict) -> list[str]:
+def _class_names(name: str, data_cfg: DataConfig) -> list[str]:
     root = resolve_data_dir(data_cfg)
     path = root / name / "labels.json" if root else None
     if path is None or not path.exists():
@@ -237,11 +268,11 @@ def _download_allowed() -> bool:
     return os.environ.get("UNITLAB_DOWNLOAD", "1") != "0"
 
 
-def _torchvision_root(data_cfg: dict) -> Path:
-    return Path(data_cfg.get("torchvision_root") or cache_dir() / "torchvision")
+def _torchvision_root(data_cfg: DataConfig) -> Path:
+    return Path(data_cfg.torchvision_root or cache_dir() / "torchvision")
 
 
-def _load_torchvision(name: str, data_cfg: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _load_torchvision(name: str, data_cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     import torchvision
 
     root = _torchvision_root(data_cfg)
@@ -267,22 +298,18 @@ def _load_torchvision(name: str, data_cfg: dict) -> dict[str, tuple[np.ndarray, 
 
 # ---------------------------------------------------------------- synthetic
 
-def _synthetic_splits(data_cfg: dict) -> Splits:
+def _synthetic_splits(data_cfg: DataConfig) -> Splits:
     """Class-conditional images: each class is a smooth random colour pattern; samples add a random
     shift, a brightness change and pixel noise. Learnable in seconds, yet not trivially separable."""
     num_classes, size = dataset_shape(data_cfg)
-    if num_classes < 2:
-        raise DataError(f"data.num_classes: must be >= 2, got {num_classes}")
-    if size < 4:
-        raise DataError(f"data.image_size: must be >= 4, got {size}")
-    rng = np.random.default_rng(int(data_cfg.get("synthetic_seed", 0)))
+    rng = np.random.default_rng(data_cfg.synthetic_seed)
     coarse = rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
     reps = -(-size // 4)
     prototypes = np.kron(coarse, np.ones((reps, reps, 1)))[:, :size, :size]
-    noise = float(data_cfg.get("synthetic_noise", 40.0))
+    noise = data_cfg.synthetic_noise
 
     def draw(n: int, offset: int) -> ArraySplit:
-        local = np.random.default_rng([int(data_cfg.get("synthetic_seed", 0)), offset])
+        local = np.random.default_rng([data_cfg.synthetic_seed, offset])
         labels = np.arange(n) % num_classes
         local.shuffle(labels)
         shifts = local.integers(-2, 3, size=(n, 2))
@@ -292,13 +319,13 @@ def _synthetic_splits(data_cfg: dict) -> Splits:
             images[i] = np.clip(img + local.normal(0, noise, img.shape), 0, 255).astype(np.uint8)
         return ArraySplit(images, labels.astype(np.int64), np.arange(n))
 
-    train = draw(int(data_cfg.get("train_size") or 20 * num_classes), 1)
+    train = draw(data_cfg.train_size or 20 * num_classes, 1)
     mean, std = _channel_stats(train.images)
     return Splits(
         name="synthetic",
         train=train,
-        val=draw(int(data_cfg.get("val_size") or 5 * num_classes), 2),
-        test=draw(int(data_cfg.get("test_size") or 5 * num_classes), 3),
+        val=draw(data_cfg.val_size or 5 * num_classes, 2),
+        test=draw(data_cfg.test_size or 5 * num_classes, 3),
         num_classes=num_classes,
         image_size=size,
         mean=mean,

@@ -20,76 +20,61 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from trainables.config import ConfigError, load_yaml, resolve_config, set_dotted
-from trainables.data import DataError, Splits, dataset_shape, load_splits
+from trainables.config import JobConfig, load_yaml, prepare, set_dotted
+from trainables.data import Splits, load_splits
 from trainables.loader import Augment, DeviceLoader
-from trainables.models import SpecError, build_model, count_macs, count_params, resolve_spec
+from trainables.models import build_model, count_macs, count_params
 from trainables.probs import write_probs
+from trainables.schema import InputError
 
 EpochCallback = Callable[[dict, Path], None]
 CHECKPOINT_FILE = "state.pt"
 
 
-def prepare(user_cfg: dict) -> tuple[dict, dict]:
-    """Validate a job config and its model spec without loading data; returns (config, spec)."""
-    cfg = resolve_config(user_cfg)
-    num_classes, image_size = dataset_shape(cfg["data"])
-    spec = dict(cfg["model"])
-    spec.setdefault("num_classes", num_classes)
-    spec.setdefault("image_size", image_size)
-    spec = resolve_spec(spec)
-    if spec["num_classes"] != num_classes:
-        raise SpecError(f"model.num_classes: {spec['num_classes']} differs from the data's {num_classes} classes")
-    if spec["image_size"] != image_size:
-        raise SpecError(f"model.image_size: {spec['image_size']} differs from the data's {image_size} px images")
-    cfg["model"] = spec
-    return cfg, spec
-
-
-def select_device(cfg: dict) -> torch.device:
+def select_device(cfg: JobConfig) -> torch.device:
     """CUDA when present (or asked for), else CPU."""
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config.device: cuda requested but no CUDA device is visible")
-    if cfg["device"] == "cpu" or not torch.cuda.is_available():
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("config.device", "cuda requested but no CUDA device is visible")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
 
 
-def _flag(value, device: torch.device) -> bool:
-    return device.type == "cuda" if value == "auto" else bool(value)
+def device_flags(cfg: JobConfig, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) on ``device``: "auto" means on for CUDA."""
+    def flag(value) -> bool:
+        return device.type == "cuda" if value == "auto" else bool(value)
+    return flag(cfg.bf16), flag(cfg.channels_last)
 
 
-def _norm_stats(splits: Splits, cfg: dict) -> tuple[tuple, tuple]:
-    if cfg["data"]["normalize"] == "unit":  # pixels scaled to [-1, 1], as in the Kanter-group CNN recipe
+def _norm_stats(splits: Splits, cfg: JobConfig) -> tuple[tuple, tuple]:
+    if cfg.data.normalize == "unit":  # pixels scaled to [-1, 1], as in the Kanter-group CNN recipe
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     return splits.mean, splits.std
 
 
-def make_loaders(splits: Splits, cfg: dict, device: torch.device, channels_last: bool) -> dict[str, DeviceLoader]:
+def make_loaders(splits: Splits, cfg: JobConfig, device: torch.device, channels_last: bool) -> dict[str, DeviceLoader]:
     """Device-resident loaders for train (augmented, shuffled), val and test."""
     mean, std = _norm_stats(splits, cfg)
-    aug_cfg = dict(cfg["data"]["augment"])
-    if aug_cfg["crop_scale"] is not None:
-        aug_cfg["crop_scale"] = tuple(aug_cfg["crop_scale"])
     common = dict(device=device, mean=mean, std=std, num_classes=splits.num_classes, channels_last=channels_last)
     loaders = {
         "train": DeviceLoader(
-            splits.train.images, splits.train.labels, batch_size=cfg["batch_size"], augment=Augment(**aug_cfg),
-            shuffle=True, drop_last=len(splits.train) > cfg["batch_size"], seed=cfg["seed"], **common,
+            splits.train.images, splits.train.labels, batch_size=cfg.batch_size, augment=Augment(**cfg.data.augment.to_dict()),
+            shuffle=True, drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed, **common,
         )
     }
     for name in ("val", "test"):
         split = getattr(splits, name)
-        loaders[name] = DeviceLoader(split.images, split.labels, batch_size=cfg["eval_batch_size"], **common)
+        loaders[name] = DeviceLoader(split.images, split.labels, batch_size=cfg.eval_batch_size, **common)
     return loaders
 
 
-def lr_lambda(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
+def lr_lambda(cfg: JobConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Learning-rate multiplier per optimiser step for the configured recipe."""
-    recipe, epochs = cfg["recipe"], cfg["epochs"]
-    warmup = min(recipe["warmup_epochs"], max(epochs - 1, 0)) * steps_per_epoch
+    recipe, epochs = cfg.recipe, cfg.epochs
+    warmup = min(recipe.warmup_epochs, max(epochs - 1, 0)) * steps_per_epoch
     total = epochs * steps_per_epoch
-    floor = recipe["min_lr"] / recipe["lr"]
+    floor = recipe.min_lr / recipe.lr
 
     def cosine(step: int) -> float:
         if step < warmup:
@@ -98,24 +83,24 @@ def lr_lambda(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def step_decay(step: int) -> float:
-        return recipe["step_gamma"] ** ((step // steps_per_epoch) // recipe["step_epochs"])
+        return recipe.step_gamma ** ((step // steps_per_epoch) // recipe.step_epochs)
 
-    return step_decay if recipe["name"] == "sgd_step" else cosine
+    return step_decay if recipe.name == "sgd_step" else cosine
 
 
-def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
     """AdamW (no decay on norms, biases and embeddings) or SGD with Nesterov momentum."""
-    recipe = cfg["recipe"]
+    recipe = cfg.recipe
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim <= 1 or "pos_emb" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    if recipe["name"] == "adamw_cosine":
-        return torch.optim.AdamW(groups, lr=recipe["lr"])
-    return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.name == "adamw_cosine":
+        return torch.optim.AdamW(groups, lr=recipe.lr)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
 
 
-def train_epoch(model, loader, optimizer, scheduler, cfg: dict, autocast: bool) -> dict:
+def train_epoch(model, loader, optimizer, scheduler, cfg: JobConfig, autocast: bool) -> dict:
     """One pass over the training loader; returns loss, accuracy and throughput."""
     model.train()
     device_type = loader.device.type
@@ -126,7 +111,7 @@ def train_epoch(model, loader, optimizer, scheduler, cfg: dict, autocast: bool) 
     for x, y in loader:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -205,33 +190,19 @@ def load_checkpoint(folder: Path) -> dict:
     """Read a checkpoint folder written by ``save_checkpoint`` (tensors only, weights_only=True)."""
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path}: not found")
+        raise InputError(f"checkpoint {path}", "not found")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def run_job(
-    user_cfg: dict,
-    out_dir: str | Path,
-    on_epoch: EpochCallback | None = None,
-    resume_from: str | Path | None = None,
-    splits: Splits | None = None,
-) -> dict:
-    """Train, evaluate and write artifacts for one job; returns the summary dict.
+def fit(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: JobConfig, autocast: bool,
+        on_epoch: Callable[[dict, dict], None] | None = None, resume_state: dict | None = None) -> list[dict]:
+    """The training loop: ``cfg.epochs`` epochs of the configured optimiser and schedule.
 
-    Validation and data loading happen before anything is written to ``out_dir``.
+    After each epoch the validation split is evaluated and ``on_epoch(metrics, state)`` is called
+    with the resumable training state (what ``save_checkpoint`` writes); ``resume_state`` continues
+    from such a state. Used by ``run_job`` and by pruning's fine-tuning, so both train alike.
     """
-    cfg, spec = prepare(user_cfg)
-    splits = splits or load_splits(cfg["data"], cfg["seed"])
-    resume_state = load_checkpoint(Path(resume_from)) if resume_from else None
-    device = select_device(cfg)
-    autocast = _flag(cfg["bf16"], device)
-    channels_last = _flag(cfg["channels_last"], device)
-
-    torch.manual_seed(cfg["seed"])
-    model = build_model(spec).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loaders = make_loaders(splits, cfg, device, channels_last)
+    device = loaders["train"].device
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loaders["train"])))
     history: list[dict] = []
@@ -246,20 +217,14 @@ def run_job(
             torch.cuda.set_rng_state(resume_state["cuda_rng"])
         history = list(resume_state["history"])
         start_epoch = resume_state["epoch"] + 1
-    step_model = torch.compile(model) if cfg["compile"] else model
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
-    for epoch in range(start_epoch, cfg["epochs"]):
+    step_model = torch.compile(model) if cfg.compile else model
+    for epoch in range(start_epoch, cfg.epochs):
         metrics = train_epoch(step_model, loaders["train"], optimizer, scheduler, cfg, autocast)
         metrics["val_loss"], metrics["val_acc"], _ = evaluate(step_model, loaders["val"], autocast)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch"] = epoch
         history.append(metrics)
-        ckpt_dir = out_dir / "checkpoint"
-        if cfg["checkpoint"]:
+        if on_epoch is not None:
             state = {
                 "epoch": epoch,
                 "model": model.state_dict(),
@@ -271,14 +236,51 @@ def run_job(
             }
             if device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state()
+            on_epoch(dict(metrics), state)
+    return history
+
+
+def run_job(
+    cfg: JobConfig,
+    out_dir: str | Path,
+    on_epoch: EpochCallback | None = None,
+    resume_from: str | Path | None = None,
+    splits: Splits | None = None,
+) -> dict:
+    """Train, evaluate and write artifacts for one resolved job; returns the summary dict.
+
+    Data loading happens before anything is written to ``out_dir``.
+    """
+    if not isinstance(cfg, JobConfig):
+        raise TypeError("run_job takes a resolved JobConfig (trainables.config.prepare)")
+    splits = splits or load_splits(cfg.data, cfg.seed)
+    resume_state = load_checkpoint(Path(resume_from)) if resume_from else None
+    device = select_device(cfg)
+    autocast, channels_last = device_flags(cfg, device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loaders = make_loaders(splits, cfg, device, channels_last)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.json").write_text(json.dumps(cfg.model, indent=1))
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    ckpt_dir = out_dir / "checkpoint"
+
+    def after_epoch(metrics: dict, state: dict) -> None:
+        if cfg.checkpoint:
             save_checkpoint(ckpt_dir, state)
         if on_epoch is not None:
-            on_epoch(dict(metrics), ckpt_dir)
+            on_epoch(metrics, ckpt_dir)
 
-    return finish_job(model, cfg, spec, splits, loaders, history, out_dir, device, autocast)
+    history = fit(model, loaders, cfg, autocast, after_epoch, resume_state)
+    return finish_job(model, cfg, splits, loaders, history, out_dir, device, autocast)
 
 
-def finish_job(model, cfg, spec, splits, loaders, history, out_dir: Path, device, autocast) -> dict:
+def finish_job(model, cfg: JobConfig, splits, loaders, history, out_dir: Path, device, autocast) -> dict:
     """Final evaluation, probabilities, latency, size; writes model.pt, probs_*.parquet, summary.json."""
     summary = {"epochs": len(history), "dataset": splits.name, "num_classes": splits.num_classes}
     for split in ("val", "test"):
@@ -286,7 +288,7 @@ def finish_job(model, cfg, spec, splits, loaders, history, out_dir: Path, device
         summary[f"{split}_loss"], summary[f"{split}_acc"] = loss, acc
         source = getattr(splits, split)
         write_probs(out_dir / f"probs_{split}.parquet", probs, source.labels, source.indices, splits.name, split)
-    summary.update(measure_latency(model, spec["image_size"], device, **cfg["latency"]))
+    summary.update(measure_latency(model, cfg.model["image_size"], device, **cfg.latency.to_dict()))
     summary["params"] = count_params(model)
     summary["macs"] = count_macs(model)
     summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -295,10 +297,6 @@ def finish_job(model, cfg, spec, splits, loaders, history, out_dir: Path, device
     torch.save(model.state_dict(), out_dir / "model.pt")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def _parse_value(text: str):
-    return yaml.safe_load(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,12 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
-                raise ConfigError(f"--set {item}: expected KEY=VALUE")
-            set_dotted(user, key, _parse_value(value))
-        prepare(user)
+                raise InputError(f"--set {item}", "expected KEY=VALUE")
+            set_dotted(user, key, yaml.safe_load(value))
+        cfg = prepare(user)
         out = Path(args.out or Path("runs") / Path(args.config).stem)
-        summary = run_job(user, out, on_epoch=_print_epoch, resume_from=args.resume)
-    except (ConfigError, SpecError, DataError) as exc:
+        summary = run_job(cfg, out, on_epoch=_print_epoch, resume_from=args.resume)
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(

@@ -147,6 +147,8 @@ class CCT(TappedModel):
             self.add_tap(f"block.{i}.ff_in", f"blocks.{i}.norm2", TapInfo("token"))  # FF input
             self.add_tap(f"block.{i}.ff_hidden", f"blocks.{i}.mlp.act", TapInfo("token"))
             self.add_tap(f"block.{i}.out", f"blocks.{i}", TapInfo("token"))
+            self.add_connection("andc", f"blocks.{i}.mlp.fc1.weight", f"block.{i}.ff_in", f"block.{i}.ff_hidden")
+            self.add_connection("andc", f"blocks.{i}.mlp.fc2.weight", f"block.{i}.ff_hidden", f"block.{i}.out")
         self.add_tap("final_norm", "norm", TapInfo("token"))
 
     def pool(self, x: Tensor) -> Tensor:

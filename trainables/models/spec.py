@@ -10,8 +10,10 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from trainables.schema import InputError
 
-class SpecError(ValueError):
+
+class SpecError(InputError):
     """A model spec is invalid; the message starts with the offending field, e.g. `model.heads:`."""
 
 

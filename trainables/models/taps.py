@@ -2,11 +2,14 @@
 
 A model subclasses `TappedModel`, implements `forward_logits`, and declares each tap with
 `add_tap(name, module_path, info)`. `model(x, taps=[...])` then hooks exactly those modules for one
-forward pass and returns `(logits, {name: output})`.
+forward pass and returns `(logits, {name: output})`. Next to its taps a model declares the weights
+that cluster-guided pruning may cut (`add_connection`): which parameter connects which tap's units
+to which, grouped by pruning method, so pruning code needs no family's module paths.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -14,6 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from .spec import TapInfo
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A prunable weight: parameter ``param`` connects the units of tap ``inputs`` to those of tap
+    ``outputs``; ``outputs`` None means the class labels (the output rule of methods.md 5)."""
+
+    param: str
+    inputs: str
+    outputs: str | None
 
 
 class TappedModel(nn.Module):
@@ -27,11 +40,17 @@ class TappedModel(nn.Module):
         self.in_channels: int = spec["in_channels"]
         self.taps: dict[str, TapInfo] = {}  # in depth order
         self._tap_paths: dict[str, str] = {}
+        # pruning method -> its connections in depth order; the first method is the family's own
+        self.prunable: dict[str, list[Connection]] = {}
 
     def add_tap(self, name: str, module_path: str, info: TapInfo) -> None:
         """Declare that the output of submodule `module_path` is readable as tap `name`."""
         self.taps[name] = info
         self._tap_paths[name] = module_path
+
+    def add_connection(self, method: str, param: str, inputs: str, outputs: str | None) -> None:
+        """Declare that pruning ``method`` may cut weight ``param`` between two taps' units."""
+        self.prunable.setdefault(method, []).append(Connection(param, inputs, outputs))
 
     def forward_logits(self, x: Tensor) -> Tensor:
         raise NotImplementedError

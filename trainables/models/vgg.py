@@ -33,6 +33,10 @@ class FCNodes(nn.Module):
 
 
 class VGG(TappedModel):
+    """Taps ``conv.k`` (every conv layer) and ``fc.i`` (hidden FC layers). Prunable: ``afcc`` (conv
+    layer to conv layer, then the last conv map to the first FC layer) and, with hidden FC layers,
+    ``nodal`` (FC layer to FC layer, then to the classifier)."""
+
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
         layers: list[nn.Module] = []
@@ -53,6 +57,20 @@ class VGG(TappedModel):
             n_in = width
         self.fc = nn.Sequential(*fc)
         self.classifier = nn.Linear(n_in, spec["num_classes"], bias=spec["fc_bias"])
+        self._declare_prunable()
+
+    def _declare_prunable(self) -> None:
+        convs = [t for t in self.taps if t.startswith("conv.")]
+        fcs = [t for t in self.taps if t.startswith("fc.")]
+        conv_paths = [self._tap_paths[t] for t in convs]  # the first conv reads pixels: kept whole
+        for n, path in enumerate(conv_paths[1:]):
+            self.add_connection("afcc", f"{path}.0.weight", convs[n], convs[n + 1])
+        last = ("fc.0.linear.weight", "fc.0") if fcs else ("classifier.weight", None)
+        self.add_connection("afcc", last[0], convs[-1], last[1])
+        for i in range(1, len(fcs)):
+            self.add_connection("nodal", f"fc.{i}.linear.weight", fcs[i - 1], fcs[i])
+        if fcs:
+            self.add_connection("nodal", "classifier.weight", fcs[-1], None)
 
     def forward_logits(self, x: Tensor) -> Tensor:
         return self.classifier(self.fc(self.features(x)).flatten(1))
