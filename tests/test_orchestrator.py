@@ -22,12 +22,13 @@ from mlflow import MlflowClient
 
 from conftest import REPO, cli_args, sweep_spec, write
 from orchestrator.cli import main
-from orchestrator.sweep_spec import FINAL_METRICS, load_spec
+from orchestrator.sweep_spec import FINAL_METRICS, load_spec, point_key
+from trainables.config import JobConfig
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.models import build_model
 from trainables.probs import read_probs
-from trainables.train import evaluate, make_loaders
+from trainables.train import evaluate, make_loaders, run_job
 
 
 def trial_runs(tmp_path: Path, name: str) -> tuple[list, list]:
@@ -130,6 +131,22 @@ def test_grid_and_optuna_specs_expand_to_trials(tmp_path):
         "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})))
     assert optuna.num_trials() == 5 and optuna.metrics == {"val_acc": "max", "latency_ms_b1": "min"}
     assert optuna.job_config({"recipe.lr": 0.001})["recipe"]["lr"] == 0.001
+
+
+def test_each_trial_gets_its_job_resolved_once_when_the_spec_loads(tmp_path):
+    """load_spec resolves every grid cell's JobConfig; the trainable takes that object as is, and
+    run_job accepts nothing but a resolved JobConfig."""
+    spec = load_spec(write(tmp_path, sweep_spec("once")))
+    for point in spec.grid_points():
+        job = spec.job(point)
+        assert isinstance(job, JobConfig) and job is spec.jobs[point_key(point)] is spec.job(point)
+        assert job.model["family"] == "cct" and job.model["num_classes"] == 4  # sized to the data
+    optuna = load_spec(write(tmp_path, sweep_spec("opt", search={
+        "mode": "optuna", "num_samples": 2, "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})))
+    point = {**optuna.grid_points()[0], "recipe.lr": 0.002}  # an Optuna sample: resolved when the trial starts
+    assert point_key(point) not in optuna.jobs and optuna.job(point).recipe.lr == 0.002
+    with pytest.raises(TypeError, match="resolved JobConfig"):
+        run_job(spec.job_config(spec.grid_points()[0]), tmp_path / "job")
 
 
 def test_shipped_sweep_specs_are_valid(data_dir, monkeypatch):
