@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,8 +78,35 @@ def cluster(tmp_path):
             if isinstance(item, subprocess.Popen):
                 item.terminate()
                 item.wait(timeout=30)
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+        stop_processes_matching((str(ray_tmp), f"127.0.0.1:{gcs_port}"))
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def stop_processes_matching(needles: tuple[str, ...]) -> None:
+    """Stop this test's Ray nodes only (``ray stop`` would also stop any other Ray on the machine):
+    the processes whose command line names the test's temp folder or GCS port."""
+    def ours() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(needle in cmdline for needle in needles):
+                pids.append(int(proc.name))
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while ours() and time.time() < deadline:
+            time.sleep(0.2)
 
 
 def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
