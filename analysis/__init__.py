@@ -1,13 +1,10 @@
-"""Single-unit performance analysis (SFP / SNP / SHP) of frozen models.
+"""What a trained network learned, and what follows from it (``../shared/docs/methods.md``).
 
-The numerical core of ``../shared/docs/methods.md`` section 2, on plain tensors:
+- ``units``: the single-unit analysis (SFP / SNP / SHP): tap features, readouts, unit matrices,
+  clusters, noise, SNR and head structure; ``python -m analysis.units``.
+- ``pruning``: cluster-guided masks (AFCC, ANDC, nodal) and their controls, and the prune job that
+  applies them and fine-tunes; ``python -m analysis.pruning``.
+- ``committees``: soft committees selected on validation from stored probabilities.
 
-- ``features``: tap features of a frozen model, one forward pass for all taps.
-- ``readout``: the bias-free readout (with sequence pooling for token taps) trained on a tap.
-- ``units``: unit performance matrices of every unit at once, from class-conditional means.
-- ``reference``: a slow brute-force reference for the unit matrices (tests only).
-- ``clusters``: binarisation and the authors' greedy cluster rule.
-- ``summary``: per-unit and per-tap statistics (labels, noise, SNR, coverage, head structure).
-
-Imports only torch and numpy (no ray, mlflow or optuna).
+Imports only torch, numpy and pyarrow (no ray, mlflow or optuna), so it runs on a bare GPU box.
 """

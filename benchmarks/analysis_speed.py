@@ -32,13 +32,13 @@ import time
 import numpy as np
 import torch
 
-from analysis.features import collect_features
-from analysis.pipeline import AnalysisConfig, TapAccumulator, matrices_from_means, plan_groups, tap_shapes
-from analysis.readout import Readout, ReadoutResult, train_readout
-from analysis.results import write_results
-from analysis.summary import primary_kind
-from analysis.run import analyze, load_model, norm_of, run_dir_inputs
-from analysis.units import unit_groups
+from analysis.units.features import collect_features
+from analysis.units.pipeline import AnalysisConfig, TapAccumulator, matrices_from_means, plan_groups, tap_shapes
+from analysis.units.readout import Readout, ReadoutResult, train_readout
+from analysis.units.results import write_results
+from analysis.units.summary import primary_kind
+from analysis.units.run import analyze, load_model, norm_of, run_dir_inputs
+from analysis.units.matrices import unit_groups
 from trainables.data import DataConfig, load_splits
 from trainables.loader import to_model_input
 from trainables.models import build_model

@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.committee import METHODS, Split, evaluate, select  # noqa: E402
-from analysis.committee_inputs import SPLITS, Candidate, partition, read_files, stack  # noqa: E402
+from analysis.committees.selection import METHODS, Split, evaluate, select  # noqa: E402
+from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack  # noqa: E402
 from trainables.probs import write_probs  # noqa: E402
 
 

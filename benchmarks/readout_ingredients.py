@@ -30,12 +30,12 @@ import time
 import numpy as np
 import torch
 
-from analysis.features import collect_features
-from analysis.summary import primary_kind
-from analysis.run import load_model, norm_of, run_dir_inputs
-from analysis.summary import summarise_tap
-from analysis.readout import evaluate, train_readouts
-from analysis.units import tap_unit_matrices
+from analysis.units.features import collect_features
+from analysis.units.summary import primary_kind
+from analysis.units.run import load_model, norm_of, run_dir_inputs
+from analysis.units.summary import summarise_tap
+from analysis.units.readout import evaluate, train_readouts
+from analysis.units.matrices import tap_unit_matrices
 from trainables.data import load_splits
 from trainables.loader import to_model_input
 

@@ -5,7 +5,7 @@
 A RUN_ID names one trial run (or a sweep's parent run: then all its finished trials); any other
 target is a sweep (experiment) name: all its finished trial runs. Per run, the artifacts
 ``model/spec.json``, ``model/model.pt`` and the job config ``config.json`` (run root; else the
-``data.*`` params) are downloaded, ``analysis.run`` analyses the model with the trial's own data
+``data.*`` params) are downloaded, ``analysis.units.run`` analyses the model with the trial's own data
 config and seed, and ``log_analysis`` logs into the run:
 
 - metrics per tap (step 0): ``snr/TAP``, ``labels_per_unit/TAP``, ``noise_per_unit/TAP``,
@@ -34,8 +34,8 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from analysis.pipeline import AnalysisConfig
-from analysis.run import analyze_run_dir
+from analysis.units.pipeline import AnalysisConfig
+from analysis.units.run import analyze_run_dir
 from trainables.schema import InputError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -135,7 +135,7 @@ def analysis_metrics(taps_json: dict) -> dict[str, float]:
 
 
 def log_analysis(run_id: str, results_dir: str | Path, client: MlflowClient | None = None) -> dict[str, float]:
-    """Log a results folder (``analysis.run``) into an MLflow run: metrics, tags, ``analysis/`` artifacts.
+    """Log a results folder (``analysis.units.run``) into an MLflow run: metrics, tags, ``analysis/`` artifacts.
 
     Works on finished runs and inside the trainable's active run alike. Returns the metrics logged.
     """

@@ -29,8 +29,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainables.schema import InputError
-from analysis.committee import CommitteeConfig, evaluate, label_set_profile, seed_control, select
-from analysis.committee_inputs import SPLITS, Candidate, partition, read_files, stack
+from analysis.committees.selection import CommitteeConfig, evaluate, label_set_profile, seed_control, select
+from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "committee"
@@ -66,7 +66,7 @@ def trial_runs(client: MlflowClient, experiment_id: str, user_filter: str | None
 
 
 def _read_profile(path: str) -> np.ndarray:
-    """Mechanism profile from an analysis ``label_sets.json`` (``analysis.results.label_sets``)."""
+    """Mechanism profile from an analysis ``label_sets.json`` (``analysis.units.results.label_sets``)."""
     with open(path) as f:
         data = json.load(f)
     try:

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from analysis.prune_job import PruneConfig, PrunePlan
+from analysis.pruning.job import PruneConfig, PrunePlan
 from orchestrator.analyze import DONE_TAG, analysed_at
 from orchestrator.cluster import connect_ray, check_resources
 from orchestrator.prune_stage import PruneContext, run_prune_stage

@@ -2,7 +2,7 @@
 
 A pruned trial downloads its parent trial's model and job config from MLflow, takes the unit label
 sets the parent's analysis logged (or recomputes them at another threshold), prunes, fine-tunes with
-the mask enforced (``analysis.prune_job.run_prune_job``) and logs everything into its own MLflow run,
+the mask enforced (``analysis.pruning.job.run_prune_job``) and logs everything into its own MLflow run,
 nested under the parent trial's run:
 
 - tags: ``unitlab.role=prune``, ``unitlab.lineage.parent_run`` (the parent trial's run id),
@@ -31,9 +31,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 from ray import tune
 
-from analysis.prune_job import PruneConfig, prune_layers, run_prune_job, unit_label_sets
-from analysis.pruning import needed_taps
-from analysis.results import load_label_sets
+from analysis.pruning.job import PruneConfig, prune_layers, run_prune_job, unit_label_sets
+from analysis.pruning.masks import needed_taps
+from analysis.units.results import load_label_sets
 from orchestrator.analyze import analysed_at, fetch_run_dir
 from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.sweep_spec import SweepSpec

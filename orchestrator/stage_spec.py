@@ -1,8 +1,8 @@
 """The sweep spec's after-training sections: ``analyze`` (per trial) and ``prune`` (a second stage).
 
-    analyze: true                    # or a mapping of analysis.pipeline.AnalysisConfig fields:
+    analyze: true                    # or a mapping of analysis.units.pipeline.AnalysisConfig fields:
     analyze: {threshold: 0.3, recipe: paper100, train_size: 2000, test_size: null, taps: null}
-    prune:                           # analysis.prune_job.PrunePlan: one pruned trial per finished
+    prune:                           # analysis.pruning.job.PrunePlan: one pruned trial per finished
       methods: [none, afcc, random]  # trial x cell (methods.md 5); also andc, nodal, random_labels
       thresholds: [0.3]              # cluster threshold axis (default: the analysis threshold)
       levels: [0.5]                  # fixed dilutions for extra ``random`` cells
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analysis.pipeline import AnalysisConfig
-from analysis.prune_job import PruneConfig, PrunePlan, prune_layers
-from analysis.pruning import PruneError
+from analysis.units.pipeline import AnalysisConfig
+from analysis.pruning.job import PruneConfig, PrunePlan, prune_layers
+from analysis.pruning.masks import PruneError
 from orchestrator.schema import SweepError
 from trainables.models.taps import TappedModel
 from trainables.schema import InputError

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from analysis.pipeline import AnalysisConfig
+from analysis.units.pipeline import AnalysisConfig
 from orchestrator.schema import SweepError, check_choice, check_fields, check_positive
 from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze, parse_prune
 from trainables.config import DEFAULT_MODEL, JobConfig, prepare, set_dotted

@@ -16,7 +16,7 @@ import torch
 from mlflow import MlflowClient
 from ray import tune
 
-from analysis.run import analyze_run_dir
+from analysis.units.run import analyze_run_dir
 from orchestrator.analyze import log_analysis
 from orchestrator.figures import plot_curves
 from orchestrator.sweep_spec import FINAL_METRICS, SweepSpec

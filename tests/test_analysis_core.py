@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.clusters import binarize, greedy_clusters, unit_stats
-from analysis.features import collect_features
-from analysis.readout import Readout, train_readout
-from analysis.reference import reference_unit_matrices
-from analysis.summary import analyse_unit, head_structure, summarise_tap, tap_summary, UnitResult
-from analysis.units import tap_unit_matrices, unit_matrices
+from analysis.units.clusters import binarize, greedy_clusters, unit_stats
+from analysis.units.features import collect_features
+from analysis.units.readout import Readout, train_readout
+from analysis.units.reference import reference_unit_matrices
+from analysis.units.summary import analyse_unit, head_structure, summarise_tap, tap_summary, UnitResult
+from analysis.units.matrices import tap_unit_matrices, unit_matrices
 
 
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:

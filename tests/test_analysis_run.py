@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from analysis.features import collect_features
-from analysis.reference import reference_unit_matrices
-from analysis.results import load_label_sets, load_matrices, load_readouts
-from analysis.pipeline import AnalysisConfig
-from analysis.run import analyze, load_model, main
+from analysis.units.features import collect_features
+from analysis.units.reference import reference_unit_matrices
+from analysis.units.results import load_label_sets, load_matrices, load_readouts
+from analysis.units.pipeline import AnalysisConfig
+from analysis.units.run import analyze, load_model, main
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.loader import to_model_input
@@ -216,7 +216,7 @@ def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
 
 
 def test_report_prints_depth_and_head_tables(results, trained, tmp_path, capsys):
-    from analysis.report import main as report_main
+    from analysis.units.report import main as report_main
     assert report_main([str(results)]) == 0
     out = capsys.readouterr().out
     model = load_model(trained / "spec.json", trained / "model.pt")

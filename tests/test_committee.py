@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis.committee import (
+from analysis.committees.selection import (
     Split, candidate_correct, cooccurrence, disagreement, diverse_select, double_fault, evaluate, greedy_select,
     label_set_profile,
     pairwise_diversity, prediction_diversity, profile_distances, q_statistic, seed_control, topk_select,
 )
-from analysis.committee_inputs import Candidate, ProbsFile, partition, read_files, stack
+from analysis.committees.inputs import Candidate, ProbsFile, partition, read_files, stack
 from orchestrator.cli import main as cli
 
 

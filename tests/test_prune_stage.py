@@ -15,7 +15,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from analysis.pruning import load_masks, rebuild_pruned
+from analysis.pruning.masks import load_masks, rebuild_pruned
 from orchestrator.cli import main
 from conftest import cli_args, sweep_spec, write
 from trainables.config import prepare

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.pipeline import AnalysisConfig
-from analysis.prune import main as prune_main, split_config
-from analysis.prune_job import PruneConfig, PrunePlan, run_prune_job, unit_label_sets
-from analysis.results import load_label_sets
-from analysis.pruning import (Connection, PruneError, apply_masks, connection_mask, dilution, expand,
+from analysis.units.pipeline import AnalysisConfig
+from analysis.pruning.cli import main as prune_main, split_config
+from analysis.pruning.job import PruneConfig, PrunePlan, run_prune_job, unit_label_sets
+from analysis.units.results import load_label_sets
+from analysis.pruning.masks import (Connection, PruneError, apply_masks, connection_mask, dilution, expand,
                               full_masks, layer_connections, load_masks, model_masks,
                               output_mask, plan_layers, random_at_level, random_connections,
                               random_label_sets, rebuild_pruned, save_masks)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.pipeline import AnalysisConfig
-from analysis.readout import DEFAULT_RECIPE, train_readouts
-from analysis.summary import primary_kind
-from analysis.run import analyze, load_model
+from analysis.units.pipeline import AnalysisConfig
+from analysis.units.readout import DEFAULT_RECIPE, train_readouts
+from analysis.units.summary import primary_kind
+from analysis.units.run import analyze, load_model
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.train import run_job

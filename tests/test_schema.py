@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from analysis.committee import CommitteeConfig
-from analysis.pipeline import AnalysisConfig
-from analysis.prune_job import PruneConfig, PrunePlan
+from analysis.committees.selection import CommitteeConfig
+from analysis.units.pipeline import AnalysisConfig
+from analysis.pruning.job import PruneConfig, PrunePlan
 from trainables.config import JobConfig, prepare
 from trainables.data import DataConfig
 from trainables.schema import InputError, Settings

@@ -1,4 +1,4 @@
-"""Markdown tables of a results folder: ``python -m analysis.report RESULTS_DIR [RESULTS_DIR ...]``.
+"""Markdown tables of a results folder: ``python -m analysis.units.report RESULTS_DIR [RESULTS_DIR ...]``.
 
 Per tap (depth order): units, readout accuracy, mean labels per unit, mean noise per unit and SNR
 of the tap's primary unit kind (filters for conv taps, nodes for token taps). Per head tap: labels
@@ -16,7 +16,7 @@ from pathlib import Path
 def _load(folder: Path) -> dict:
     path = folder / "taps.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (expected an analysis.run results folder)")
+        raise FileNotFoundError(f"{path}: not found (expected an analysis.units.run results folder)")
     return json.loads(path.read_text())
 
 
@@ -48,8 +48,8 @@ def heads_table(taps_json: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", help="analysis.run results folders")
+    parser = argparse.ArgumentParser(prog="python -m analysis.units.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="analysis.units.run results folders")
     args = parser.parse_args(argv)
     for folder in map(Path, args.results):
         try:

@@ -1,7 +1,7 @@
-"""Single-unit performance analysis of a trained model: ``python -m analysis.run``.
+"""Single-unit performance analysis of a trained model: ``python -m analysis.units``.
 
-    python -m analysis.run --run-dir runs/demo --out runs/demo/analysis
-    python -m analysis.run --checkpoint MODEL.pt --spec SPEC.json --data cifar100 [--data-dir DIR] \\
+    python -m analysis.units --run-dir runs/demo --out runs/demo/analysis
+    python -m analysis.units --checkpoint MODEL.pt --spec SPEC.json --data cifar100 [--data-dir DIR] \\
         [--taps a,b] [--threshold 0.3] [--recipe lbfgs|paper] [--train-size N] [--test-size N] --out DIR
 
 ``--run-dir`` is a ``trainables.train.run_job`` output folder (``spec.json``, ``model.pt``,
@@ -189,7 +189,7 @@ def print_table(result: AnalysisResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.units", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default=None, help="run_job output folder (spec.json, model.pt, config.json)")
     parser.add_argument("--checkpoint", default=None, help="model state_dict (.pt)")
     parser.add_argument("--spec", default=None, help="model spec JSON")
@@ -220,6 +220,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results -> {args.out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

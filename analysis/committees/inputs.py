@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.committee import Split
+from analysis.committees.selection import Split
 from trainables.probs import read_probs
 
 SPLITS = ("val", "test")

@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 import torch
 
-from analysis.pipeline import AnalysisConfig, AnalysisResult, tap_shapes
-from analysis.pruning import (Connection, LabelSets, Masks, PruneError, apply_masks, family_method,
+from analysis.units.pipeline import AnalysisConfig, AnalysisResult, tap_shapes
+from analysis.pruning.masks import (Connection, LabelSets, Masks, PruneError, apply_masks, family_method,
                               full_masks, layer_connections, mask_stats, needed_taps, plan_layers,
                               random_at_level, random_connections, random_label_sets, save_masks)
-from analysis.results import label_set_layout, save_label_sets
-from analysis.summary import primary_kind
-from analysis.run import analyze, load_model, norm_of, run_dir_inputs
+from analysis.units.results import label_set_layout, save_label_sets
+from analysis.units.summary import primary_kind
+from analysis.units.run import analyze, load_model, norm_of, run_dir_inputs
 from trainables.config import JobConfig
 from trainables.data import Splits, load_splits
 from trainables.loader import DeviceLoader
@@ -76,7 +76,7 @@ class PruneConfig(Settings):
 
 @dataclass(frozen=True)
 class PrunePlan(Settings):
-    """A ``prune:`` section (a sweep's prune stage, ``analysis.prune --config``): one pruning job
+    """A ``prune:`` section (a sweep's prune stage, ``analysis.pruning.cli --config``): one pruning job
     per method x threshold, plus fixed-dilution ``random`` cells at ``levels``. Every other key is a
     ``PruneConfig`` field shared by all cells (``base``), written flat beside ``methods``.
 
@@ -187,7 +187,7 @@ def unit_label_sets(layout: dict[str, dict[str, list[set[int]]]]) -> LabelSets:
 
 def analyse_label_sets(model: TappedModel, splits: Splits, norm: tuple | None, config: AnalysisConfig,
                        taps: list[str], seed: int) -> tuple[AnalysisResult, dict[str, dict]]:
-    """The unit analysis of ``taps`` (the same path as ``analysis.run``) and per-tap readout stats."""
+    """The unit analysis of ``taps`` (the same path as ``analysis.units.run``) and per-tap readout stats."""
     result = analyze(model, splits, config.replace(taps=tuple(taps), save_matrices=False),
                      norm=norm, seed=seed, figures=False)
     stats = {}

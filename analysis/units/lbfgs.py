@@ -16,7 +16,7 @@ for token taps). Here ``J`` is minimised directly on cached features:
   ``grad F(p) = dJ/dp`` at that ``W`` (the envelope theorem) takes one more pass over the tokens.
   ``F`` lives in only ``D`` dimensions, so L-BFGS needs few of the expensive token passes.
 
-``readout`` is an ``analysis.readout.Readout`` (its ``fc``, ``pool`` and ``readout_input``). The readout works on features divided by a scalar ``s`` (``Readout.scale``); the penalty is then
+``readout`` is an ``analysis.units.readout.Readout`` (its ``fc``, ``pool`` and ``readout_input``). The readout works on features divided by a scalar ``s`` (``Readout.scale``); the penalty is then
 ``lam / s^2`` on the scaled parameters, which is the same objective in the raw ones.
 """
 

@@ -1,8 +1,8 @@
-"""Prune a trained run: ``python -m analysis.prune --parent RUN_DIR --method afcc --out DIR``.
+"""Prune a trained run: ``python -m analysis.pruning --parent RUN_DIR --method afcc --out DIR``.
 
 Two modes:
 
-- ``--parent RUN_DIR``: one job (``analysis.prune_job.run_prune_job``) with the flags given.
+- ``--parent RUN_DIR``: one job (``analysis.pruning.job.run_prune_job``) with the flags given.
 - ``--config FILE.yaml --out DIR``: the file is a ``trainables.train`` job config plus a top-level
   ``prune:`` section (stripped by ``split_config`` before the job config is validated). The parent
   is trained into ``DIR/parent`` (skipped when ``DIR/parent/model.pt`` exists, or when
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from analysis.prune_job import PruneConfig, PrunePlan, run_prune_job
-from analysis.results import load_label_sets
+from analysis.pruning.job import PruneConfig, PrunePlan, run_prune_job
+from analysis.units.results import load_label_sets
 from trainables.config import load_yaml, prepare
 from trainables.schema import InputError
 from trainables.train import run_job
@@ -62,7 +62,7 @@ def _line(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.prune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.pruning", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--parent", default=None, help="run_job output folder (spec.json, config.json, model.pt)")
     parser.add_argument("--config", default=None, help="job config YAML with a prune: section")
@@ -89,6 +89,3 @@ def main(argv: list[str] | None = None) -> int:
     print(_line(summary) + f" -> {out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,14 +28,14 @@ from .clusters import DEFAULT_THRESHOLD
 from .features import collect_features
 from .readout import DEFAULT_RECIPE, RECIPES, Readout, ReadoutResult, readout_config, train_readouts
 from .summary import summarise_tap
-from .units import check_decomposition, full_field, unit_groups, unit_matrices
+from .matrices import check_decomposition, full_field, unit_groups, unit_matrices
 
 Transform = Callable[[np.ndarray], Tensor]
 
 
 @dataclass(frozen=True)
 class AnalysisConfig(Settings):
-    """Settings of one single-unit analysis (``analyze:`` in a sweep, flags of ``analysis.run`` and
+    """Settings of one single-unit analysis (``analyze:`` in a sweep, flags of ``analysis.units.run`` and
     ``orchestrator analyze``, the label sets of a prune job)."""
 
     SECTION = "analysis"
