@@ -32,47 +32,32 @@ from pathlib import Path
 import yaml
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from mlflow import MlflowClient
 
 from analysis.units.pipeline import AnalysisConfig
 from analysis.units.run import analyze_run_dir
+from orchestrator.tracking import (ANALYSIS, ANALYSIS_RECIPE, ANALYSIS_THRESHOLD, DEFAULT_TRACKING_URI, PARENT_TAG,
+                                   ROLE, ROLE_SWEEP, ROLE_TRIAL, open_client, search_all)
 from trainables.schema import InputError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "analysis"
-DONE_TAG = "unitlab.analysis"
-
-
-def resolve_tracking_uri(arg: str | None) -> str:
-    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else SQLite in the working folder."""
-    return arg or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def _search(client: MlflowClient, experiment_id: str, query: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def target_runs(client: MlflowClient, target: str) -> list:
     """The finished trial runs a target names (a trial run id, a sweep's parent run id, or a sweep name)."""
-    finished = "tags.`unitlab.role` = 'trial' AND attributes.status = 'FINISHED'"
+    finished = f"tags.`{ROLE}` = '{ROLE_TRIAL}' AND attributes.status = 'FINISHED'"
     try:
         run = client.get_run(target)
     except MlflowException:
         run = None
     if run is not None:
-        if run.data.tags.get("unitlab.role") == "sweep":
-            return _search(client, run.info.experiment_id, f"{finished} AND tags.`mlflow.parentRunId` = '{target}'")
+        if run.data.tags.get(ROLE) == ROLE_SWEEP:
+            return search_all(client, [run.info.experiment_id], f"{finished} AND tags.`{PARENT_TAG}` = '{target}'")
         return [run]
     experiment = client.get_experiment_by_name(target)
     if experiment is None:
         raise InputError(f"{target!r} is neither a run id nor a sweep (experiment) name")
-    runs = _search(client, experiment.experiment_id, finished)
+    runs = search_all(client, [experiment.experiment_id], finished)
     if not runs:
         raise InputError(f"sweep {target!r} has no finished trial runs")
     return runs
@@ -81,7 +66,7 @@ def target_runs(client: MlflowClient, target: str) -> list:
 def analysed_at(run, threshold: float) -> bool:
     """Whether a run's logged analysis used this cluster threshold."""
     tags = run.data.tags
-    return tags.get(DONE_TAG) == "done" and float(tags.get(f"{DONE_TAG}.threshold", "nan")) == threshold
+    return tags.get(ANALYSIS) == "done" and float(tags.get(ANALYSIS_THRESHOLD, "nan")) == threshold
 
 
 def _artifact_paths(client: MlflowClient, run_id: str, folder: str = "") -> set[str]:
@@ -134,18 +119,17 @@ def analysis_metrics(taps_json: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
 
-def log_analysis(run_id: str, results_dir: str | Path, client: MlflowClient | None = None) -> dict[str, float]:
+def log_analysis(run_id: str, results_dir: str | Path, client: MlflowClient) -> dict[str, float]:
     """Log a results folder (``analysis.units.run``) into an MLflow run: metrics, tags, ``analysis/`` artifacts.
 
     Works on finished runs and inside the trainable's active run alike. Returns the metrics logged.
     """
-    client = client or MlflowClient()
     results_dir = Path(results_dir)
     taps_json = json.loads((results_dir / "taps.json").read_text())
     metrics = analysis_metrics(taps_json)
     now = int(time.time() * 1000)
     meta = taps_json["meta"]
-    tags = {DONE_TAG: "done", f"{DONE_TAG}.threshold": str(meta["threshold"]), f"{DONE_TAG}.recipe": meta["recipe"]}
+    tags = {ANALYSIS: "done", ANALYSIS_THRESHOLD: str(meta["threshold"]), ANALYSIS_RECIPE: meta["recipe"]}
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     client.log_artifacts(run_id, str(results_dir), ARTIFACT_DIR)
@@ -163,9 +147,9 @@ def analyze_and_log(client: MlflowClient, run, config: AnalysisConfig, keep: Pat
 
 def run(args: argparse.Namespace) -> int:
     """Handle a parsed ``analyze`` command; bad input gives one line per run on stderr and exit code 2."""
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(args.tracking_uri))
     try:
         config = AnalysisConfig.from_flags(args)
+        client, _ = open_client(args.tracking_uri, create=False)
         runs = target_runs(client, args.target)
     except (InputError, MlflowException) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
@@ -173,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for trial in runs:
         run_id = trial.info.run_id
-        if trial.data.tags.get(DONE_TAG) == "done" and not args.force:
+        if trial.data.tags.get(ANALYSIS) == "done" and not args.force:
             print(f"{run_id}: already analysed (--force to redo)")
             continue
         try:

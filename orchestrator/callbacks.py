@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from ray import tune
 
-from orchestrator.tracking import ERROR, end_run
+from orchestrator.tracking import ERROR, STOPPED, connect, end_run
 
 Locate = Callable[[MlflowClient, "tune.experiment.Trial"], "Run | None"]
 
@@ -23,14 +23,14 @@ class ChildRunCloser(tune.Callback):
         self.tracking_uri, self.locate = tracking_uri, locate
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._close(trial, "KILLED", {"unitlab.stopped": "scheduler"})
+        self._close(trial, "KILLED", {STOPPED: "scheduler"})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         lines = [line for line in str(trial.get_error()).splitlines() if line.strip()]
         self._close(trial, "FAILED", {ERROR: lines[-1] if lines else "unknown error"})
 
     def _close(self, trial, status: str, tags: dict[str, str]) -> None:
-        client = MlflowClient(self.tracking_uri)
+        client = connect(self.tracking_uri)
         run = self.locate(client, trial)
         if run is not None and run.info.status == "RUNNING":
             end_run(client, run.info.run_id, status, tags)

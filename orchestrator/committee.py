@@ -26,13 +26,15 @@ from pathlib import Path
 import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from mlflow import MlflowClient
 
+from orchestrator.tracking import (DATASET, DEFAULT_TRACKING_URI, MEMBERS, METHOD, NUM_CLASSES, ROLE, ROLE_COMMITTEE,
+                                   ROLE_TRIAL, SEED, SEED_MEMBERS, SEED_VARIANT, SWEEP, VARIANT, open_client,
+                                   search_all)
 from trainables.schema import InputError
 from analysis.committees.selection import CommitteeConfig, evaluate, label_set_profile, seed_control, select
 from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "committee"
 MEMBER_FIELDS = ("run_id", "variant", "seed", "val_acc", "test_acc", "count", "weight")
 
@@ -41,28 +43,10 @@ class CommitteeError(InputError):
     """Bad input: reported as one line with exit code 2."""
 
 
-def open_client(arg: str | None) -> MlflowClient:
-    """Client for ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else SQLite in the working folder.
-
-    A SQLite URI whose file does not exist is bad input (MLflow would create an empty database).
-    """
-    uri = arg or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise CommitteeError(f"no MLflow database at {uri.removeprefix('sqlite:///')}")
-    return MlflowClient(tracking_uri=uri)
-
-
 def trial_runs(client: MlflowClient, experiment_id: str, user_filter: str | None) -> list:
     """All active trial runs of the experiment matching ``user_filter``, oldest first."""
-    query = "tags.`unitlab.role` = 'trial'" + (f" AND {user_filter}" if user_filter else "")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    query = f"tags.`{ROLE}` = '{ROLE_TRIAL}'" + (f" AND {user_filter}" if user_filter else "")
+    return search_all(client, [experiment_id], query, order_by=["attributes.start_time ASC"])
 
 
 def _read_profile(path: str) -> np.ndarray:
@@ -83,7 +67,11 @@ def download_candidate(client: MlflowClient, run, dst: Path, profile_artifact: s
     ``CommitteeError``. Runs that are not FINISHED get a ``problem`` and nothing is downloaded.
     """
     run_id = run.info.run_id
-    cand = Candidate(run_id, tags=dict(run.data.tags))
+    tags = run.data.tags
+    classes = tags.get(NUM_CLASSES)
+    cand = Candidate(run_id, variant=tags.get(VARIANT, ""), seed=tags.get(SEED, ""), sweep=tags.get(SWEEP),
+                     recorded_dataset=tags.get(DATASET),
+                     recorded_classes=int(classes) if classes and classes.isdigit() else None)
     if run.info.status != "FINISHED":
         cand.problem = f"status {run.info.status}"
         return cand, {}, None
@@ -167,8 +155,8 @@ class Record:
 def _seed_groups(valid: list[Candidate]) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(valid):
-        if "unitlab.variant" in c.tags:
-            groups.setdefault(c.tags["unitlab.variant"], []).append(i)
+        if c.variant:
+            groups.setdefault(c.variant, []).append(i)
     return groups
 
 
@@ -202,24 +190,23 @@ def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filt
 
     ids = [c.run_id for c in valid]
     counts = selection.counts
-    members = [{"run_id": ids[m], "variant": valid[m].tags.get("unitlab.variant", ""),
-                "seed": valid[m].tags.get("unitlab.seed", ""), "val_acc": result.member_val_acc[m],
+    members = [{"run_id": ids[m], "variant": valid[m].variant,
+                "seed": valid[m].seed, "val_acc": result.member_val_acc[m],
                 "test_acc": result.member_test_acc[m], "count": counts[m],
                 "weight": counts[m] / len(selection.order)} for m in selection.members]
     curve = [{"size": i + 1, "added_run_id": ids[j], "val_acc": v, "test_acc": t}
              for i, (j, v, t) in enumerate(zip(selection.order, result.val_curve, result.test_curve))]
-    tags = {"unitlab.role": "committee", "unitlab.method": method,
-            "unitlab.members": ",".join(ids[m] for m in selection.members)}
-    sweeps = {c.tags.get("unitlab.sweep") for c in valid}
+    tags = {ROLE: ROLE_COMMITTEE, METHOD: method, MEMBERS: ",".join(ids[m] for m in selection.members)}
+    sweeps = {c.sweep for c in valid}
     if len(sweeps) == 1 and None not in sweeps:
-        tags["unitlab.sweep"] = sweeps.pop()
+        tags[SWEEP] = sweeps.pop()
     metrics = {"committee_test_acc": result.committee_test_acc, "best_member_test_acc": result.best_member_test_acc,
                "gain": result.gain, "committee_val_acc": result.committee_val_acc,
                "size": len(selection.order), "n_members": len(members),
                "valid_runs": len(valid), "excluded_runs": len(excluded)}
     if seed:
         seed = {**seed, "size": len(seed["members"]), "members": [ids[i] for i in seed["members"]]}
-        tags.update({"unitlab.seed_variant": seed["variant"], "unitlab.seed_members": ",".join(seed["members"])})
+        tags.update({SEED_VARIANT: seed["variant"], SEED_MEMBERS: ",".join(seed["members"])})
         metrics.update(seed_committee_test_acc=seed["committee_test_acc"], seed_gain=seed["gain"],
                        seed_best_member_test_acc=seed["best_member_test_acc"], seed_size=seed["size"])
     return Record(tags, params, metrics, members, [{"run_id": r, "reason": why} for r, why in excluded],
@@ -229,7 +216,7 @@ def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filt
 def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> str:
     """Log ``record`` as a FINISHED committee run (FAILED if logging breaks); returns its id."""
     run = client.create_run(experiment_id, tags=record.tags,
-                            run_name=f"committee-{record.tags['unitlab.method']}-{record.params['size_requested']}")
+                            run_name=f"committee-{record.tags[METHOD]}-{record.params['size_requested']}")
     run_id = run.info.run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -270,20 +257,20 @@ def show(client: MlflowClient, run_id: str) -> str:
     """A committee run as text: metrics, seed control, member table, excluded runs."""
     run = client.get_run(run_id)
     tags, m = run.data.tags, run.data.metrics
-    if tags.get("unitlab.role") != "committee":
-        raise CommitteeError(f"run {run_id} is not a committee run (unitlab.role={tags.get('unitlab.role')})")
+    if tags.get(ROLE) != ROLE_COMMITTEE:
+        raise CommitteeError(f"run {run_id} is not a committee run ({ROLE}={tags.get(ROLE)})")
     with tempfile.TemporaryDirectory() as tmp:
         members = _read_csv(client, run_id, "members.csv", tmp)
         excluded = _read_csv(client, run_id, "excluded.csv", tmp)
     exp = client.get_experiment(run.info.experiment_id).name
     lines = [
-        f"committee {run_id}  experiment {exp}  method {tags.get('unitlab.method')}  "
+        f"committee {run_id}  experiment {exp}  method {tags.get(METHOD)}  "
         f"size {int(m['size'])}  members {len(members)}",
         f"  test acc {m['committee_test_acc']:.4f}  best member {m['best_member_test_acc']:.4f}  "
         f"gain {m['gain']:+.4f}  val acc {m['committee_val_acc']:.4f}",
     ]
     if "seed_committee_test_acc" in m:
-        lines.append(f"  seed control ({tags['unitlab.seed_variant']}, {int(m['seed_size'])} runs): "
+        lines.append(f"  seed control ({tags[SEED_VARIANT]}, {int(m['seed_size'])} runs): "
                      f"test acc {m['seed_committee_test_acc']:.4f}  best member "
                      f"{m['seed_best_member_test_acc']:.4f}  gain {m['seed_gain']:+.4f}")
     else:
@@ -303,12 +290,12 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if args.committee_command == "show":
-            print(show(open_client(args.tracking_uri), args.run_id))
+            print(show(open_client(args.tracking_uri, create=False)[0], args.run_id))
             return 0
         config = CommitteeConfig.from_flags(args)
         if not args.experiment:
             raise CommitteeError("--experiment is required")
-        client = open_client(args.tracking_uri)
+        client, _ = open_client(args.tracking_uri, create=False)
         run_id = build(client, args.experiment, args.filter, config)
         print(show(client, run_id))
         return 0
@@ -324,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the committee options and its nested ``show`` command to ``parser``."""
     parser.add_argument("--experiment", help="experiment (sweep) name")
-    parser.add_argument("--filter", help="extra MLflow filter string, ANDed with tags.`unitlab.role` = 'trial'")
+    parser.add_argument("--filter", help=f"extra MLflow filter string, ANDed with tags.`{ROLE}` = '{ROLE_TRIAL}'")
     CommitteeConfig.add_flags(parser)
     parser.add_argument("--tracking-uri", help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
     sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show}")

@@ -23,14 +23,15 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from analysis.pruning.job import PruneConfig, PrunePlan
-from orchestrator.analyze import DONE_TAG, analysed_at
+from orchestrator.analyze import analysed_at
 from orchestrator.cluster import connect_ray, check_resources
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.schema import SweepError
 from orchestrator.stage_spec import PruneSpec, parse_prune
 from orchestrator.sweep import logged_spec
-from orchestrator.tracking import CELL, ROLE, SWEEP, child_runs, find_parent, open_client, prune_runs
+from orchestrator.tracking import (ANALYSIS, ANALYSIS_THRESHOLD, CELL, ROLE, ROLE_TRIAL, SWEEP, VARIANT, child_runs,
+                                   find_parent, open_client, prune_runs)
 from trainables.models import build_model
 from trainables.schema import InputError
 
@@ -60,12 +61,12 @@ def check_analysed(parents: list[Run], prune: PruneSpec) -> None:
             continue
         for run in parents:
             tags = run.data.tags
-            if tags.get(DONE_TAG) != "done":
+            if tags.get(ANALYSIS) != "done":
                 raise SweepError(f"prune: run {run.info.run_id} has no analysis, which {label} needs; run "
                                  f"`python -m orchestrator analyze {run.info.run_id}` first or pass --analyze")
             if not analysed_at(run, config.threshold):
                 raise SweepError(f"prune: run {run.info.run_id} was analysed at threshold "
-                                 f"{tags.get(f'{DONE_TAG}.threshold')}, {label} needs {config.threshold:g}; "
+                                 f"{tags.get(ANALYSIS_THRESHOLD)}, {label} needs {config.threshold:g}; "
                                  f"pass --analyze to recompute the label sets")
 
 
@@ -97,7 +98,7 @@ def model_specs(client: MlflowClient, runs: list[Run]) -> dict[str, dict]:
     specs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
-            variant = run.data.tags.get("unitlab.variant", run.info.run_id)
+            variant = run.data.tags.get(VARIANT, run.info.run_id)
             if variant not in specs:
                 path = client.download_artifacts(run.info.run_id, "model/spec.json", f"{tmp}/{run.info.run_id}")
                 specs[variant] = json.loads(Path(path).read_text())

@@ -37,7 +37,8 @@ from analysis.units.results import load_label_sets
 from orchestrator.analyze import analysed_at, fetch_run_dir
 from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.sweep_spec import SweepSpec
-from orchestrator.tracking import CELL, LINEAGE, ROLE_PRUNE, SWEEP, ChildRun, find_child, flatten
+from orchestrator.tracking import (CELL, DATASET, LINEAGE, NODE_ID, NUM_CLASSES, PRUNE_LABEL_SETS, PRUNE_METHOD,
+                                   ROLE_PRUNE, SEED, SWEEP, VARIANT, ChildRun, connect, find_child, flatten)
 from trainables.models import build_model
 
 # Files of a finished prune job and where they go in its run.
@@ -51,7 +52,7 @@ PRUNE_ARTIFACTS = {
     "summary.json": None,
     "label_sets.json": "analysis",
 }
-COPIED_TAGS = ("unitlab.variant", "unitlab.seed", "unitlab.dataset", "unitlab.num_classes")
+COPIED_TAGS = (VARIANT, SEED, DATASET, NUM_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,10 @@ class PruneRun(ChildRun):
     def open_for(cls, client: MlflowClient, context: PruneContext, parent: Run, cell: str) -> "PruneRun":
         config = context.spec.prune.cells[cell]
         tags = {SWEEP: context.spec.name, LINEAGE: parent.info.run_id, CELL: cell,
-                "unitlab.prune.method": config.method,
+                PRUNE_METHOD: config.method,
                 **{k: parent.data.tags[k] for k in COPIED_TAGS if k in parent.data.tags}}
         params = flatten(config.to_dict(), "prune.")
-        attempt = {"unitlab.node_id": ray.get_runtime_context().get_node_id()}
+        attempt = {NODE_ID: ray.get_runtime_context().get_node_id()}
         name = f"{parent.info.run_name} | {cell}"
         return cls.open(client, context.experiment_id, parent.info.run_id, tags, params, None, attempt,
                         role=ROLE_PRUNE, key=CELL, run_name=name)
@@ -120,7 +121,7 @@ class PruneRun(ChildRun):
 def prune_trial(config: dict, context: PruneContext) -> None:
     """Prune one finished trial with one cell, fine-tune, log; report each fine-tuning epoch to Tune."""
     torch.set_num_threads(context.spec.threads)
-    client = MlflowClient(context.tracking_uri)
+    client = connect(context.tracking_uri)
     parent = client.get_run(config["parent_run"])
     cell = context.spec.prune.cells[config["cell"]]
     run = PruneRun.open_for(client, context, parent, config["cell"])
@@ -141,7 +142,7 @@ def prune_trial(config: dict, context: PruneContext) -> None:
             label_sets = parent_label_sets(client, parent, cell, spec, Path(tmp))
             summary = run_prune_job(parent_dir, Path(tmp) / "job", cell, label_sets=label_sets, on_epoch=on_epoch)
             if label_sets is not None:
-                client.set_tag(run.run_id, "unitlab.prune.label_sets", "parent analysis")
+                client.set_tag(run.run_id, PRUNE_LABEL_SETS, "parent analysis")
             run.finish(summary, Path(tmp) / "job")
         except Exception as exc:
             run.fail(exc)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from mlflow import MlflowClient
 
 from orchestrator.sweep_spec import SweepError
-from orchestrator.tracking import CELL, ERROR, METRICS, SWEEP, TRIAL_ID, child_runs, find_parent, prune_runs
+from orchestrator.tracking import (CELL, ERROR, METRICS, SEED, SWEEP, TRIAL_ID, VARIANT, child_runs, find_parent,
+                                   prune_runs)
 
 COLUMNS = ("trial", "status", "variant", "seed", "epochs", "val_acc", "test_acc", "latency_ms_b1", "params", "run_id")
 PRUNE_ACCURACIES = ("acc_before_val", "acc_pruned_val", "acc_finetuned_val", "acc_finetuned_test")
@@ -21,8 +22,8 @@ def trial_rows(client: MlflowClient, parent) -> list[dict]:
         rows.append({
             "trial": tags.get(TRIAL_ID, ""),
             "status": run.info.status,
-            "variant": tags.get("unitlab.variant", ""),
-            "seed": tags.get("unitlab.seed", ""),
+            "variant": tags.get(VARIANT, ""),
+            "seed": tags.get(SEED, ""),
             "epochs": len(client.get_metric_history(run.info.run_id, "val_acc")),
             **{k: metrics.get(k) for k in ("val_acc", "test_acc", "latency_ms_b1", "params")},
             "run_id": run.info.run_id,
@@ -49,8 +50,8 @@ def prune_rows(client: MlflowClient, parent) -> list[dict]:
     rows = []
     for run in prune_runs(client, parent.info.experiment_id, parent.data.tags[SWEEP]):
         tags, metrics = run.data.tags, run.data.metrics
-        rows.append({"status": run.info.status, "variant": tags.get("unitlab.variant", ""),
-                     "seed": tags.get("unitlab.seed", ""), "prune": tags.get(CELL, ""),
+        rows.append({"status": run.info.status, "variant": tags.get(VARIANT, ""),
+                     "seed": tags.get(SEED, ""), "prune": tags.get(CELL, ""),
                      **{k: metrics.get(k) for k in ("dilution", "params_kept", *PRUNE_ACCURACIES)},
                      "run_id": run.info.run_id})
     return sorted(rows, key=lambda r: (r["variant"], int(r["seed"] or 0), r["prune"]))

@@ -17,7 +17,7 @@ from orchestrator.cluster import start_driver
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
-from orchestrator.tracking import ENDED, STORAGE, child_runs, prune_runs, experiment_id, find_child, find_parent, \
+from orchestrator.tracking import ENDED, STORAGE, TRIALS_FAILED, child_runs, prune_runs, experiment_id, find_child, find_parent, \
     open_client, open_parent
 from orchestrator.trainable import TrialContext, train_trial
 
@@ -145,7 +145,7 @@ def close_sweep(client: MlflowClient, context: TrialContext) -> int:
     ended = sum(s in ENDED for s in statuses)
     failed = statuses.count("FAILED")
     if ended == expected:
-        client.set_tag(parent_id, "unitlab.trials_failed", str(failed))
+        client.set_tag(parent_id, TRIALS_FAILED, str(failed))
         client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     print(format_runs(client, spec.name, context.tracking_uri))
     if ended < expected:

@@ -1,6 +1,9 @@
-"""MLflow records of a sweep: the experiment, the parent run, and one child run per trial.
+"""The one MLflow layer: tag names, clients, paged searches, and the records of a sweep (the
+experiment, the parent run, one child run per trial).
 
-The layout follows docs/design.md. Nothing here imports Ray; the driver and the trainable both use it.
+Every ``unitlab.*`` tag name is defined here and nowhere else; other modules import the names and
+open clients with ``connect`` / ``open_client``. The layout follows docs/design.md. Nothing here
+imports Ray; the driver and the trainables both use it.
 """
 from __future__ import annotations
 
@@ -17,11 +20,22 @@ from orchestrator.sweep_spec import EPOCH_METRICS, FINAL_METRICS, SweepError, Sw
 
 PARENT_TAG = "mlflow.parentRunId"
 ROLE, SWEEP, TRIAL_ID = "unitlab.role", "unitlab.sweep", "unitlab.trial_id"
-ERROR = "unitlab.error"
-ROLE_PRUNE, LINEAGE, CELL = "prune", "unitlab.lineage.parent_run", "unitlab.prune.cell"  # pruned trials
+ROLE_SWEEP, ROLE_TRIAL, ROLE_PRUNE, ROLE_COMMITTEE = "sweep", "trial", "prune", "committee"
+ERROR, STOPPED = "unitlab.error", "unitlab.stopped"
+STORAGE, METRICS, TRIALS_FAILED = "unitlab.storage_path", "unitlab.metrics", "unitlab.trials_failed"
+# what a trial run records about itself
+VARIANT, SEED, DATASET, NUM_CLASSES = "unitlab.variant", "unitlab.seed", "unitlab.dataset", "unitlab.num_classes"
+NODE_ID, START_EPOCH = "unitlab.node_id", "unitlab.start_epoch"
+ANALYSIS = "unitlab.analysis"  # "done" once the trial's analysis is logged
+ANALYSIS_THRESHOLD, ANALYSIS_RECIPE = f"{ANALYSIS}.threshold", f"{ANALYSIS}.recipe"
+# pruned trials
+LINEAGE, CELL = "unitlab.lineage.parent_run", "unitlab.prune.cell"
+PRUNE_METHOD, PRUNE_LABEL_SETS = "unitlab.prune.method", "unitlab.prune.label_sets"
+# committees
+METHOD, MEMBERS = "unitlab.method", "unitlab.members"
+SEED_VARIANT, SEED_MEMBERS = "unitlab.seed_variant", "unitlab.seed_members"
 ENDED = ("FINISHED", "FAILED", "KILLED")  # run statuses of a trial that will not run again
-STORAGE = "unitlab.storage_path"
-METRICS = "unitlab.metrics"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Files of a finished job (trainables.train.run_job) and where they go in the child run.
 ARTIFACTS = {
     "spec.json": "model",
@@ -36,7 +50,7 @@ ARTIFACTS = {
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``uri``, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here; SQLite paths made absolute."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri
@@ -48,6 +62,23 @@ def open_client(uri: str | None, create: bool) -> tuple[MlflowClient, str]:
     if not create and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise SweepError(f"--tracking-uri: no MLflow database at {uri.removeprefix('sqlite:///')}")
     return MlflowClient(uri), uri
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client for an already resolved tracking URI (inside trials and stages)."""
+    return MlflowClient(uri)
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], query: str = "",
+               order_by: list[str] | None = None) -> list[Run]:
+    """Every run matching ``query``, page by page (MLflow returns at most 1,000 per call)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, query, max_results=1000, order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -64,7 +95,7 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec) -> str:
     """Create the sweep's parent run with its tags, settings and the spec text; returns its id."""
     run = client.create_run(exp_id, run_name=spec.name, tags={
-        ROLE: "sweep", SWEEP: spec.name, STORAGE: spec.storage_path,
+        ROLE: ROLE_SWEEP, SWEEP: spec.name, STORAGE: spec.storage_path,
         METRICS: ",".join(f"{k}:{v}" for k, v in spec.metrics.items()),
     })
     params = {
@@ -86,15 +117,14 @@ def find_parent(client: MlflowClient, name: str) -> Run | None:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = 'sweep'", order_by=["start_time DESC"],
+    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = '{ROLE_SWEEP}'", order_by=["start_time DESC"],
                               max_results=1)
     return runs[0] if runs else None
 
 
 def child_runs(client: MlflowClient, exp_id: str, parent_id: str) -> list[Run]:
     """Every trial run of a parent run."""
-    query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE}` = 'trial'"
-    return client.search_runs([exp_id], query, max_results=10000)
+    return search_all(client, [exp_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}'")
 
 
 def find_child(client: MlflowClient, exp_id: str, parent_id: str, value: str, key: str = TRIAL_ID) -> Run | None:
@@ -107,8 +137,7 @@ def find_child(client: MlflowClient, exp_id: str, parent_id: str, value: str, ke
 def prune_runs(client: MlflowClient, exp_id: str, sweep: str, parents: set[str] | None = None) -> list[Run]:
     """The pruned trial runs of a sweep (each nested under its parent trial's run), optionally only
     those whose parent run id is in ``parents``."""
-    query = f"tags.`{ROLE}` = '{ROLE_PRUNE}' and tags.`{SWEEP}` = '{sweep}'"
-    runs = client.search_runs([exp_id], query, max_results=10000)
+    runs = search_all(client, [exp_id], f"tags.`{ROLE}` = '{ROLE_PRUNE}' and tags.`{SWEEP}` = '{sweep}'")
     return runs if parents is None else [r for r in runs if r.data.tags[LINEAGE] in parents]
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import ray
 import torch
-from mlflow import MlflowClient
 from ray import tune
 
 from analysis.units.run import analyze_run_dir
 from orchestrator.analyze import log_analysis
 from orchestrator.figures import plot_curves
 from orchestrator.sweep_spec import FINAL_METRICS, SweepSpec
-from orchestrator.tracking import SWEEP, TRIAL_ID, ChildRun, flatten
+from orchestrator.tracking import (DATASET, NODE_ID, NUM_CLASSES, SEED, START_EPOCH, SWEEP, TRIAL_ID, VARIANT, ChildRun,
+                                   connect, flatten)
 from trainables.train import run_job
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -80,17 +80,17 @@ def train_trial(config: dict, context: TrialContext) -> None:
     tags = {
         SWEEP: spec.name,
         TRIAL_ID: trial_id,
-        "unitlab.dataset": cfg.data.name,
-        "unitlab.num_classes": str(cfg.model["num_classes"]),
-        "unitlab.variant": spec.variant(config),
-        "unitlab.seed": str(spec.seed(config)),
+        DATASET: cfg.data.name,
+        NUM_CLASSES: str(cfg.model["num_classes"]),
+        VARIANT: spec.variant(config),
+        SEED: str(spec.seed(config)),
     }
-    client = MlflowClient(context.tracking_uri)
+    client = connect(context.tracking_uri)
     for stale in Path(tempfile.gettempdir()).glob(f"unitlab-{trial_id}-*"):  # left by a killed attempt
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"unitlab-{trial_id}-") as tmp:
         resume_from, run_id, start_epoch = restore(tune.get_checkpoint(), Path(tmp) / "restored")
-        attempt = {"unitlab.start_epoch": str(start_epoch), "unitlab.node_id": ray.get_runtime_context().get_node_id()}
+        attempt = {START_EPOCH: str(start_epoch), NODE_ID: ray.get_runtime_context().get_node_id()}
         child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg.to_dict()), run_id, attempt)
         if child.finished:  # finished before an interrupted driver could record it: report, do not rerun
             tune.report(child.latest)
@@ -99,7 +99,7 @@ def train_trial(config: dict, context: TrialContext) -> None:
         job_dir = Path(tmp) / "job"
         try:
             summary = run_job(cfg, job_dir, on_epoch=reporter, resume_from=resume_from)
-            plot_curves(summary["history"], job_dir / "curves.png", title=f"{spec.name}: {tags['unitlab.variant']}")
+            plot_curves(summary["history"], job_dir / "curves.png", title=f"{spec.name}: {tags[VARIANT]}")
             if spec.analyze is not None:  # before FINISHED, so a finished run always holds its analysis
                 analyze_run_dir(job_dir, job_dir / "analysis", spec.analyze)
                 log_analysis(child.run_id, job_dir / "analysis", client)

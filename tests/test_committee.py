@@ -163,11 +163,11 @@ def _file(probs, split, dataset="synthetic", labels=LABELS) -> ProbsFile:
                                                              "num_classes": str(probs.shape[1])})
 
 
-def _cand(run_id, val=None, test=None, **tags) -> Candidate:
+def _cand(run_id, val=None, test=None, **records) -> Candidate:
     good = toy_probs(THIRDS[0])
     files = {"val": val if val is not None else _file(good, "val"),
              "test": test if test is not None else _file(good, "test")}
-    return Candidate(run_id, tags=tags, files=files)
+    return Candidate(run_id, files=files, **records)
 
 
 def test_partition_lists_every_reason():
@@ -182,7 +182,7 @@ def test_partition_lists_every_reason():
         _cand("dataset", val=_file(good, "val", "cifar10"), test=_file(good, "test", "cifar10")),
         _cand("classes", val=_file(toy_probs(THIRDS[0], classes=6), "val"),
               test=_file(toy_probs(THIRDS[0], classes=6), "test")),
-        _cand("tag", **{"unitlab.num_classes": "7"}),
+        _cand("tag", recorded_classes=7),
         _cand("labels", test=_file(good, "test", labels=np.roll(LABELS, 1))),
         Candidate("missing", files={"val": _file(good, "val"), "test": None}),
         Candidate("failed", problem="status FAILED"),
@@ -196,7 +196,7 @@ def test_partition_lists_every_reason():
         "unnormalised": "probs_val rows are not probability vectors",
         "dataset": "dataset cifar10, expected synthetic",
         "classes": "6 classes, expected 5",
-        "tag": "tag unitlab.num_classes=7 but probs have 5 classes",
+        "tag": "recorded 7 classes but probs have 5",
         "labels": "test sample index/labels differ from the other runs'",
         "missing": "missing artifact probs/probs_test.parquet",
         "failed": "status FAILED",
@@ -357,9 +357,12 @@ def test_bad_input_exits_2_with_one_line(sweep, capsys, argv, message):
     assert err == [message]
 
 
-def test_missing_database_is_bad_input(tmp_path, capsys):
-    assert main(["--experiment", "toy", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: no MLflow database at {tmp_path}/none.db"
+@pytest.mark.parametrize("argv", [["committee", "--experiment", "toy"], ["committee", "show", "0" * 32],
+                                  ["analyze", "toy"], ["runs", "toy"], ["prune", "toy", "--methods", "none"]])
+def test_missing_database_is_bad_input_for_every_verb(tmp_path, capsys, argv):
+    """A mistyped SQLite path is one line naming it; no verb creates an empty database there."""
+    assert cli([*argv, "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --tracking-uri: no MLflow database at {tmp_path}/none.db"
     assert not (tmp_path / "none.db").exists()
 
 

@@ -129,9 +129,11 @@ def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
     command = [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--submission-id", submission_id,
                "--no-wait", "--", sys.executable, "-m", "orchestrator", "sweep", str(spec_file),
                "--tracking-uri", cluster["mlflow"]]
-    for _ in range(30):  # the head's job agent may still be starting ("No available agent")
+    deadline = time.time() + 300  # the head's job agent may still be starting ("No available agent")
+    while True:
         submit = subprocess.run(command, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=120)
-        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+        if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout \
+                or time.time() > deadline:
             break
         time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]

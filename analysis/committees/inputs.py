@@ -40,10 +40,16 @@ class ProbsFile:
 
 @dataclass
 class Candidate:
-    """One run offered to a committee: its files per split (None = missing) and its tags."""
+    """One run offered to a committee: what its records say about it and its files per split
+    (None = missing). ``recorded_dataset`` / ``recorded_classes`` are what the run's records claim
+    (None: not recorded); the files must agree with them."""
 
     run_id: str
-    tags: dict[str, str] = field(default_factory=dict)
+    variant: str = ""
+    seed: str = ""
+    sweep: str | None = None
+    recorded_dataset: str | None = None
+    recorded_classes: int | None = None
     files: dict[str, ProbsFile | None] = field(default_factory=dict)
     problem: str | None = None  # set by the loader (e.g. run status, unreadable artifact)
 
@@ -111,11 +117,10 @@ def run_problem(c: Candidate) -> str | None:
     val, test = c.files["val"], c.files["test"]
     if val.meta.get("dataset") != test.meta.get("dataset") or val.probs.shape[1] != test.probs.shape[1]:
         return "val and test files disagree on dataset or class count"
-    tag_dataset, tag_classes = c.tags.get("unitlab.dataset"), c.tags.get("unitlab.num_classes")
-    if tag_dataset is not None and tag_dataset != c.dataset:
-        return f"tag unitlab.dataset={tag_dataset} but probs say {c.dataset}"
-    if tag_classes is not None and tag_classes != str(c.num_classes):
-        return f"tag unitlab.num_classes={tag_classes} but probs have {c.num_classes} classes"
+    if c.recorded_dataset is not None and c.recorded_dataset != c.dataset:
+        return f"recorded dataset {c.recorded_dataset} but probs say {c.dataset}"
+    if c.recorded_classes is not None and c.recorded_classes != c.num_classes:
+        return f"recorded {c.recorded_classes} classes but probs have {c.num_classes}"
     return None
 
 
