@@ -296,3 +296,14 @@ def test_prune_job_cct_andc_and_cli(parents, tmp_path, capsys):
     assert "method: 'afcc' does not apply to a cct model" in capsys.readouterr().err
     assert prune_main(["--parent", str(parents["cct"]), "--threshold", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--threshold: must be in (0, 1), got 2.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["afcc_vgg11", "andc_cct"])
+def test_shipped_prune_job_files_are_valid(name):
+    from conftest import REPO
+    from trainables.config import load_yaml
+
+    train, plan = split_config(load_yaml(REPO / "configs" / "jobs" / f"{name}.yaml"))
+    assert prepare(train).epochs >= 1
+    cells = plan.cells()
+    assert all(c.threshold == 0.3 and c.analysis.train_size == 2000 for c in cells.values())
