@@ -42,6 +42,12 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def agent_ports() -> list[str]:
+    """Free ports for a node's agents: the defaults (e.g. 52365) clash with any other Ray running here."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
 @pytest.fixture
 def cluster(tmp_path):
     """A head node, a second node with its own custom resource, and an MLflow server, all on loopback."""
@@ -53,13 +59,14 @@ def cluster(tmp_path):
         subprocess.run(
             [BIN / "ray", "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
              "--num-gpus=0", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-             f"--temp-dir={ray_tmp}", "--resources={\"head_node\": 1}", "--disable-usage-stats"],
+             f"--temp-dir={ray_tmp}", "--resources={\"head_node\": 1}", "--disable-usage-stats",
+             f"--ray-client-server-port={free_port()}", *agent_ports()],
             check=True, env=env, cwd=tmp_path, capture_output=True,
         )
         started.append("ray")
         subprocess.run(
             [BIN / "ray", "start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-             "--num-gpus=0", "--resources={\"second_node\": 1}", "--disable-usage-stats"],
+             "--num-gpus=0", "--resources={\"second_node\": 1}", "--disable-usage-stats", *agent_ports()],
             check=True, env=env, cwd=tmp_path, capture_output=True,
         )
         server = subprocess.Popen(
