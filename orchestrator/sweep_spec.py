@@ -1,6 +1,6 @@
 """Sweep specs: a YAML file naming the data, a base job config, the axes and how to search them.
 
-``load_spec`` checks every field and builds every cell's job config with ``trainables.train.prepare``
+``load_spec`` checks every section (``SpecFile`` and its settings classes) and resolves every cell's ``JobConfig`` (``trainables.config.prepare``)
 before anything starts, so a bad spec fails with one line naming the field
 (``sweep.axes.heads: empty axis``) and nothing is written anywhere.
 
@@ -40,12 +40,12 @@ from typing import Any
 import yaml
 
 from analysis.units.pipeline import AnalysisConfig
-from orchestrator.schema import SweepError, check_choice, check_fields, check_positive
+from orchestrator.schema import SweepError
 from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze, parse_prune
 from trainables.config import DEFAULT_MODEL, JobConfig, prepare, set_dotted
 from trainables.data import DataError, check_data_available
 from trainables.models import build_model
-from trainables.schema import InputError, Settings
+from trainables.schema import InputError, Settings, setting
 
 # Metrics every epoch reports, and those known only when a trial ends.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")
@@ -56,39 +56,65 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _SCALARS = (int, float, str, bool, type(None))
 
-# key: (allowed types, default); a default of ... marks a required key.
-_TOP = {
-    "name": ((str,), ...),
-    "data": ((dict,), ...),
-    "base": ((dict,), {}),
-    "axes": ((dict,), ...),
-    "search": ((dict,), {}),
-    "scheduler": ((str, dict), "none"),
-    "resources": ((dict,), {}),
-    "max_concurrent": ((int, type(None)), None),
-    "max_failures": ((int,), 2),
-    "keep_checkpoints": ((int,), 2),
-    "analyze": ((bool, dict), False),
-    "prune": ((dict, type(None)), None),
-    "storage_path": ((str,), "runs/sweeps"),
-}
-_SEARCH = {
-    "mode": ((str,), "grid"),
-    "num_samples": ((int,), 1),
-    "metrics": ((dict,), {"val_acc": "max"}),
-    "distributions": ((dict,), {}),
-    "seed": ((int,), 0),
-}
-_SCHEDULER = {"name": ((str,), ...), "grace_period": ((int,), 1), "reduction_factor": ((int, float), 2)}
-_RESOURCES = {"cpus": ((int, float), 1), "gpus": ((int, float), 0)}
-_DISTRIBUTION = {
-    "type": ((str,), ...),
-    "low": ((int, float), None),
-    "high": ((int, float), None),
-    "log": ((bool,), False),
-    "step": ((int, float, type(None)), None),
-    "choices": ((list,), None),
-}
+@dataclass(frozen=True)
+class SearchConfig(Settings):
+    """How the axes are searched: the full grid, or Optuna over categorical axes and distributions."""
+
+    mode: str = setting("grid", choices=("grid", "optuna"))
+    num_samples: int = setting(1, "grid: repeats of the grid; optuna: trials", low=1)
+    metrics: dict = setting(factory=lambda: {"val_acc": "max"}, flag=False)
+    distributions: dict = setting(factory=dict, flag=False)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(Settings):
+    """Early stopping: none, or ASHA on val_acc."""
+
+    name: str = setting("none", choices=("none", "asha"))
+    grace_period: int = setting(1, low=1)
+    reduction_factor: float = setting(2.0, gt=1)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig(Settings):
+    """What one trial asks of Ray (fractions of a GPU pack trials onto one)."""
+
+    cpus: float = setting(1.0, gt=0)
+    gpus: float = setting(0.0, low=0)
+
+
+@dataclass(frozen=True)
+class DistributionConfig(Settings):
+    """An Optuna distribution as written in ``search.distributions``."""
+
+    type: str = setting("float", choices=("float", "int", "categorical"), required=True)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class SpecFile(Settings):
+    """A sweep spec file as written, each section checked by its own settings class."""
+
+    SECTION = "sweep"
+
+    name: str = setting("", required=True)
+    data: dict = setting(factory=dict, required=True, flag=False)
+    base: dict = setting(factory=dict, flag=False)
+    axes: dict = setting(factory=dict, required=True, flag=False)
+    search: SearchConfig = setting(factory=SearchConfig)
+    scheduler: str | dict = setting("none", flag=False)
+    resources: ResourcesConfig = setting(factory=ResourcesConfig)
+    max_concurrent: int | None = setting(None, "trials at a time (null: as many as the resources allow)", low=1)
+    max_failures: int = setting(2, "retries per trial", low=0)
+    keep_checkpoints: int = setting(2, low=1)
+    analyze: bool | dict = setting(False, flag=False)
+    prune: dict | None = setting(None, flag=False)
+    storage_path: str = "runs/sweeps"
 
 
 @dataclass(frozen=True)
@@ -253,43 +279,38 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
         raise SweepError(f"sweep spec {origin}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise SweepError(f"sweep spec {origin}: must hold a mapping at the top level")
-    top = check_fields(raw, _TOP, "sweep")
-    if not _NAME.match(top["name"]):
-        raise SweepError(f"sweep.name: must be letters, digits, '_', '.' or '-', got {top['name']!r}")
-    if "data" in top["base"]:
+    top = SpecFile.parse(raw)
+    if not _NAME.match(top.name):
+        raise SweepError(f"sweep.name: must be letters, digits, '_', '.' or '-', got {top.name!r}")
+    if "data" in top.base:
         raise SweepError("sweep.base.data: give the data in sweep.data")
-    if top["base"].get("checkpoint") is False:
+    if top.base.get("checkpoint") is False:
         raise SweepError("sweep.base.checkpoint: must stay true (sweeps checkpoint every epoch)")
-    search = check_fields(top["search"], _SEARCH, "sweep.search")
-    sched = _scheduler(top["scheduler"])
-    res = check_fields(top["resources"], _RESOURCES, "sweep.resources")
-    check_positive(res["cpus"], "sweep.resources.cpus", strict=True)
-    check_positive(res["gpus"], "sweep.resources.gpus", strict=False)
-    for key, low in (("max_failures", 0), ("keep_checkpoints", 1), ("max_concurrent", 1)):
-        if top[key] is not None and top[key] < low:
-            raise SweepError(f"sweep.{key}: must be >= {low}, got {top[key]}")
-    analyze = parse_analyze(top["analyze"])
+    search, res = top.search, top.resources
+    sched = SchedulerConfig.parse({"name": top.scheduler} if isinstance(top.scheduler, str) else top.scheduler,
+                                  "sweep.scheduler")
+    analyze = parse_analyze(top.analyze)
     spec = SweepSpec(
-        name=top["name"],
-        data=top["data"],
-        base=top["base"],
-        axes=_axes(top["axes"]),
-        mode=check_choice(search["mode"], ("grid", "optuna"), "sweep.search.mode"),
-        num_samples=search["num_samples"],
-        metrics=_metrics(search["metrics"]),
-        distributions=tuple(_distribution(n, d) for n, d in search["distributions"].items()),
-        search_seed=search["seed"],
-        scheduler=sched["name"],
-        grace_period=sched["grace_period"],
-        reduction_factor=float(sched["reduction_factor"]),
-        cpus=float(res["cpus"]),
-        gpus=float(res["gpus"]),
-        max_concurrent=top["max_concurrent"],
-        max_failures=top["max_failures"],
-        keep_checkpoints=top["keep_checkpoints"],
+        name=top.name,
+        data=top.data,
+        base=top.base,
+        axes=_axes(top.axes),
+        mode=search.mode,
+        num_samples=search.num_samples,
+        metrics=_metrics(search.metrics),
+        distributions=tuple(_distribution(n, d) for n, d in search.distributions.items()),
+        search_seed=search.seed,
+        scheduler=sched.name,
+        grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor,
+        cpus=res.cpus,
+        gpus=res.gpus,
+        max_concurrent=top.max_concurrent,
+        max_failures=top.max_failures,
+        keep_checkpoints=top.keep_checkpoints,
         analyze=analyze,
-        prune=parse_prune(top["prune"], analyze),
-        storage_path=_storage(storage_path or top["storage_path"]),
+        prune=parse_prune(top.prune, analyze),
+        storage_path=_storage(storage_path or top.storage_path),
         source=text,
     )
     _check_search(spec)
@@ -297,16 +318,6 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
 
 
 # ---------------------------------------------------------------- schema helpers
-
-def _scheduler(raw: str | dict) -> dict:
-    sched = check_fields({"name": raw} if isinstance(raw, str) else raw, _SCHEDULER, "sweep.scheduler")
-    check_choice(sched["name"], ("none", "asha"), "sweep.scheduler" if isinstance(raw, str) else "sweep.scheduler.name")
-    if sched["grace_period"] < 1:
-        raise SweepError(f"sweep.scheduler.grace_period: must be >= 1, got {sched['grace_period']}")
-    if sched["reduction_factor"] <= 1:
-        raise SweepError(f"sweep.scheduler.reduction_factor: must be > 1, got {sched['reduction_factor']}")
-    return sched
-
 
 def _storage(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
@@ -360,7 +371,8 @@ def _metrics(raw: dict) -> dict[str, str]:
     for name, mode in raw.items():
         if name not in known:
             raise SweepError(f"sweep.search.metrics.{name}: unknown metric (known: {', '.join(known)})")
-        check_choice(mode, ("max", "min"), f"sweep.search.metrics.{name}")
+        if mode not in ("max", "min"):
+            raise SweepError(f"sweep.search.metrics.{name}: must be one of max, min, got {mode!r}")
     return dict(raw)
 
 
@@ -368,29 +380,27 @@ def _distribution(name: str, raw: Any) -> Distribution:
     where = f"sweep.search.distributions.{name}"
     if not isinstance(name, str) or not _AXIS.match(name):
         raise SweepError(f"{where}: names are letters, digits, '_' and '.'")
-    d = check_fields(raw, _DISTRIBUTION, where)
-    kind = check_choice(d["type"], ("float", "int", "categorical"), f"{where}.type")
+    d = DistributionConfig.parse(raw, where)
+    kind = d.type
     if kind == "categorical":
-        if not d["choices"] or any(not isinstance(c, _SCALARS) for c in d["choices"]):
+        if not d.choices or any(not isinstance(c, _SCALARS) for c in d.choices):
             raise SweepError(f"{where}.choices: must be a non-empty list of scalars")
-        return Distribution(name, kind, choices=tuple(d["choices"]))
+        return Distribution(name, kind, choices=d.choices)
     for key in ("low", "high"):
-        if d[key] is None:
+        if getattr(d, key) is None:
             raise SweepError(f"{where}.{key}: required for type {kind}")
-    if d["low"] >= d["high"]:
-        raise SweepError(f"{where}: low must be below high, got {d['low']} >= {d['high']}")
-    if d["log"] and d["low"] <= 0:
-        raise SweepError(f"{where}.low: must be > 0 with log: true, got {d['low']}")
-    if d["log"] and d["step"] is not None:
+    if d.low >= d.high:
+        raise SweepError(f"{where}: low must be below high, got {d.low} >= {d.high}")
+    if d.log and d.low <= 0:
+        raise SweepError(f"{where}.low: must be > 0 with log: true, got {d.low}")
+    if d.log and d.step is not None:
         raise SweepError(f"{where}.step: not allowed with log: true")
-    if d["step"] is not None and d["step"] <= 0:
-        raise SweepError(f"{where}.step: must be > 0, got {d['step']}")
-    return Distribution(name, kind, low=d["low"], high=d["high"], log=d["log"], step=d["step"])
+    if d.step is not None and d.step <= 0:
+        raise SweepError(f"{where}.step: must be > 0, got {d.step}")
+    return Distribution(name, kind, low=d.low, high=d.high, log=d.log, step=d.step)
 
 
 def _check_search(spec: SweepSpec) -> None:
-    if spec.num_samples < 1:
-        raise SweepError(f"sweep.search.num_samples: must be >= 1, got {spec.num_samples}")
     if spec.mode == "grid" and spec.distributions:
         raise SweepError("sweep.search.distributions: only used with mode optuna")
     if spec.mode == "optuna" and len(spec.metrics) == 1:

@@ -80,3 +80,17 @@ def test_resolution_fills_recipe_defaults_and_sizes_the_model_to_the_data():
                  "data": {"name": "synthetic", "num_classes": 7, "image_size": 16}})
     merged = cfg.merged({"data": {"train_size": 10}, "device": "cpu"})
     assert merged.data.train_size == 10 and merged.device == "cpu" and merged.recipe == cfg.recipe
+
+
+def test_sweep_spec_sections_use_the_same_checker(tmp_path):
+    from orchestrator.sweep_spec import SpecFile
+
+    with pytest.raises(InputError, match=r"^sweep\.name: required"):
+        SpecFile.parse({"data": {}, "axes": {}})
+    with pytest.raises(InputError, match=r"^sweep\.search\.num_samples: must be >= 1, got 0"):
+        SpecFile.parse({"name": "a", "data": {}, "axes": {}, "search": {"num_samples": 0}})
+    with pytest.raises(InputError, match=r"^sweep\.resources\.cpus: must be > 0, got 0"):
+        SpecFile.parse({"name": "a", "data": {}, "axes": {}, "resources": {"cpus": 0}})
+    spec = SpecFile.parse({"name": "a", "data": {"name": "synthetic"}, "axes": {"seed": [0]},
+                           "resources": {"gpus": 0.25}})
+    assert spec.resources.gpus == 0.25 and spec.search.mode == "grid" and spec.max_failures == 2

@@ -34,10 +34,13 @@ class InputError(ValueError):
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, low: float | None = None,
             gt: float | None = None, high: float | None = None, lt: float | None = None,
-            choices: tuple | None = None, flag: bool = True, factory: Any = dataclasses.MISSING) -> Any:
+            choices: tuple | None = None, flag: bool = True, factory: Any = dataclasses.MISSING,
+            required: bool = False) -> Any:
     """A field with its rule: ``low``/``high`` inclusive bounds, ``gt``/``lt`` exclusive ones,
-    ``choices`` the allowed values; ``flag=False`` keeps it out of generated CLI flags."""
-    rule = {"help": help, "low": low, "gt": gt, "high": high, "lt": lt, "choices": choices, "flag": flag}
+    ``choices`` the allowed values; ``flag=False`` keeps it out of generated CLI flags;
+    ``required`` fields must appear in a parsed mapping (the default only serves code)."""
+    rule = {"help": help, "low": low, "gt": gt, "high": high, "lt": lt, "choices": choices, "flag": flag,
+            "required": required}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=rule)
     return dataclasses.field(default=default, metadata=rule)
@@ -71,6 +74,9 @@ class Settings:
         for key in raw:
             if key not in known:
                 raise InputError(f"{key}", f"unknown key (known: {', '.join(known)})").within(where)
+        for name, f in known.items():
+            if f.metadata.get("required") and name not in raw:
+                raise InputError(name, "required").within(where)
         hints = typing.get_type_hints(cls)
         values = {}
         for name, value in raw.items():
