@@ -307,3 +307,13 @@ def test_shipped_prune_job_files_are_valid(name):
     assert prepare(train).epochs >= 1
     cells = plan.cells()
     assert all(c.threshold == 0.3 and c.analysis.train_size == 2000 for c in cells.values())
+
+
+def test_finetuning_warms_up_as_configured(parents, tmp_path):
+    summary = run_prune_job(parents["cct"], tmp_path / "warm",
+                            job(method="none", finetune_epochs=2, finetune_warmup_epochs=1, finetune_lr=0.01))
+    lrs = [h["lr"] for h in summary["history"]]
+    assert lrs[0] == pytest.approx(0.01)  # the end of the warm-up epoch reaches the peak, then cosine decay
+    assert json.loads((tmp_path / "warm" / "config.json").read_text())["recipe"]["warmup_epochs"] == 1
+    assert prune_main(["--parent", str(parents["cct"]), "--method", "none", "--finetune-warmup-epochs", "-1",
+                       "--out", str(tmp_path / "x")]) == 2

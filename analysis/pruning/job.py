@@ -54,6 +54,7 @@ class PruneConfig(Settings):
     level: float | None = setting(None, "dilution of a random mask (method random)", low=0, high=1)
     finetune_epochs: int = setting(1, "fine-tuning epochs after pruning (0: none)", low=0)
     finetune_lr: float | None = setting(None, "fine-tuning learning rate (default: 0.1 x the parent's)", gt=0)
+    finetune_warmup_epochs: int = setting(0, "linear warm-up epochs of the fine-tuning", low=0)
     seed: int = setting(0, "mask and fine-tuning seed", low=0)
     start_tap: str | None = setting(None, "prune only layers fed by this tap or deeper ones")
     random_labels_k: int = setting(5, "labels per unit (method random_labels)", low=1)
@@ -302,7 +303,8 @@ def run_prune_job(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ft_cfg = cfg.replace(epochs=max(1, config.finetune_epochs),
-                         recipe=cfg.recipe.replace(lr=config.finetune_lr or 0.1 * cfg.recipe.lr, warmup_epochs=0))
+                         recipe=cfg.recipe.replace(lr=config.finetune_lr or 0.1 * cfg.recipe.lr,
+                                                   warmup_epochs=config.finetune_warmup_epochs))
     start = time.perf_counter()
     history = finetune(model, loaders, ft_cfg, autocast, on_epoch) if config.finetune_epochs else []
     seconds["finetune"] = time.perf_counter() - start
