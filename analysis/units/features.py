@@ -3,7 +3,7 @@
 Uses the model interface of ``docs/design.md``: ``model(x, taps=[...])`` returns
 ``(logits, {name: tensor})`` with conv taps ``(B, C, H, W)`` and token taps ``(B, N, D)``.
 The model must already receive normalised float NCHW input; pass ``transform`` to build it from
-raw batches (e.g. ``lambda u8: to_model_input(u8, mean, std, device)`` for uint8 NHWC images).
+raw batches (e.g. ``lambda u8: to_model_input(u8.to(device), mean, std)`` for uint8 NHWC images).
 
 Caches can be large (CIFAR-100 train at a 256x256 token tap: 50k x 256 x 256 values, 6.5 GB in
 float16): choose ``dtype`` (float16 halves the memory; the readout casts each batch back to
