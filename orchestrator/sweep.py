@@ -30,9 +30,9 @@ def make_trainable(context: TrialContext):
 
 def optuna_distribution(dist: Distribution) -> od.BaseDistribution:
     """The Optuna distribution a spec declares."""
-    if dist.kind == "categorical":
+    if dist.type == "categorical":
         return od.CategoricalDistribution(list(dist.choices))
-    if dist.kind == "int":
+    if dist.type == "int":
         return od.IntDistribution(int(dist.low), int(dist.high), log=dist.log, step=int(dist.step or 1))
     return od.FloatDistribution(float(dist.low), float(dist.high), log=dist.log, step=dist.step)
 

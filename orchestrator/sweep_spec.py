@@ -85,9 +85,10 @@ class ResourcesConfig(Settings):
 
 
 @dataclass(frozen=True)
-class DistributionConfig(Settings):
-    """An Optuna distribution as written in ``search.distributions``."""
+class Distribution(Settings):
+    """An Optuna distribution over one job field (``search.distributions.NAME``; optuna mode only)."""
 
+    name: str = setting("", "the job field (the key it is written under)", flag=False)
     type: str = setting("float", choices=("float", "int", "categorical"), required=True)
     low: float | None = None
     high: float | None = None
@@ -141,19 +142,6 @@ class Axis:
 
 
 @dataclass(frozen=True)
-class Distribution:
-    """An Optuna distribution over one job field (optuna mode only)."""
-
-    name: str
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple | None = None
-
-
-@dataclass(frozen=True)
 class SweepSpec:
     """A validated sweep. ``source`` is the spec text as written (logged to the parent run)."""
 
@@ -201,8 +189,8 @@ class SweepSpec:
         points = {",".join(f"{_short(k)}={v}" for k, v in self.assignments(p).items()): p for p in self.grid_points()}
         first = self.grid_points()[0]
         for dist in self.distributions:
-            for value in dist.choices if dist.kind == "categorical" else (dist.low, dist.high):
-                value = int(value) if dist.kind == "int" else value
+            for value in dist.choices if dist.type == "categorical" else (dist.low, dist.high):
+                value = int(value) if dist.type == "int" else value
                 points[f"{dist.name}={value}"] = {**first, dist.name: value}
         return points
 
@@ -380,15 +368,16 @@ def _distribution(name: str, raw: Any) -> Distribution:
     where = f"sweep.search.distributions.{name}"
     if not isinstance(name, str) or not _AXIS.match(name):
         raise SweepError(f"{where}: names are letters, digits, '_' and '.'")
-    d = DistributionConfig.parse(raw, where)
-    kind = d.type
-    if kind == "categorical":
+    if not isinstance(raw, dict) or "name" in raw:
+        raise SweepError(f"{where}: must be a mapping of type, low, high, log, step, choices")
+    d = Distribution.parse({**raw, "name": name}, where)
+    if d.type == "categorical":
         if not d.choices or any(not isinstance(c, _SCALARS) for c in d.choices):
             raise SweepError(f"{where}.choices: must be a non-empty list of scalars")
-        return Distribution(name, kind, choices=d.choices)
+        return d
     for key in ("low", "high"):
         if getattr(d, key) is None:
-            raise SweepError(f"{where}.{key}: required for type {kind}")
+            raise SweepError(f"{where}.{key}: required for type {d.type}")
     if d.low >= d.high:
         raise SweepError(f"{where}: low must be below high, got {d.low} >= {d.high}")
     if d.log and d.low <= 0:
@@ -397,7 +386,7 @@ def _distribution(name: str, raw: Any) -> Distribution:
         raise SweepError(f"{where}.step: not allowed with log: true")
     if d.step is not None and d.step <= 0:
         raise SweepError(f"{where}.step: must be > 0, got {d.step}")
-    return Distribution(name, kind, low=d.low, high=d.high, log=d.log, step=d.step)
+    return d
 
 
 def _check_search(spec: SweepSpec) -> None:
