@@ -226,6 +226,7 @@ def _decode_shards(shards: list[Path], name: str) -> tuple[np.ndarray, np.ndarra
     from PIL import Image
 
     image_col, label_col = PARQUET_COLUMNS[name]
+    num_classes, size = DATASET_SHAPES[name]
     images, labels = [], []
     for shard in shards:
         try:
@@ -234,9 +235,16 @@ def _decode_shards(shards: list[Path], name: str) -> tuple[np.ndarray, np.ndarra
             raise DataError(f"data file {shard}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
         for cell, label in zip(table.column(image_col).to_pylist(), table.column(label_col).to_pylist()):
             try:
-                images.append(np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")))
+                image = np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
             except Exception as exc:
                 raise DataError(f"data file {shard}: an image cannot be decoded ({exc})") from None
+            if image.shape != (size, size, 3):
+                raise DataError(f"data file {shard}: image {len(images)} is {image.shape[1]}x{image.shape[0]} px, "
+                                f"{name} images are {size}x{size}")
+            if not isinstance(label, int) or not 0 <= label < num_classes:
+                raise DataError(f"data file {shard}: label {label!r} of image {len(images)} is outside "
+                                f"0..{num_classes - 1}")
+            images.append(image)
             labels.append(label)
     if not images:
         raise DataError(f"data file {shards[0] if shards else name}: holds no images")

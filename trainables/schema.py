@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 _NONE = type(None)
@@ -171,6 +173,17 @@ def _custom_defaults(f: dataclasses.Field, nested: type) -> dict[str, Any]:
         return {}
     plain, mine = nested().to_dict(), default.to_dict()
     return {k: v for k, v in mine.items() if plain[k] != v}
+
+
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a folder that can be created or written, checked before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(flag, f"{path} exists and is not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(flag, f"{path} cannot be written ({existing} is not a writable folder)")
+    return path
 
 
 def _typed(base: type, optional: bool):

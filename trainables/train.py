@@ -25,7 +25,7 @@ from trainables.data import Splits, load_splits
 from trainables.loader import Augment, DeviceLoader
 from trainables.models import build_model, count_macs, count_params
 from trainables.probs import write_probs
-from trainables.schema import InputError
+from trainables.schema import InputError, output_folder
 
 EpochCallback = Callable[[dict, Path], None]
 CHECKPOINT_FILE = "state.pt"
@@ -191,7 +191,22 @@ def load_checkpoint(folder: Path) -> dict:
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         raise InputError(f"checkpoint {path}", "not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged or foreign files
+        raise InputError(f"checkpoint {path}", f"cannot be read ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not {"epoch", "model", "optimizer", "scheduler"} <= set(state):
+        raise InputError(f"checkpoint {path}", "is not a training checkpoint of trainables.train")
+    return state
+
+
+def check_resumable(model: torch.nn.Module, state: dict, where: str) -> None:
+    """The checkpoint must hold this model's parameters, name for name and shape for shape."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if expected != found:
+        diff = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+        raise InputError(where, f"holds another model than the config describes (e.g. {diff[0]})")
 
 
 def fit(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: JobConfig, autocast: bool,
@@ -260,6 +275,8 @@ def run_job(
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
+    if resume_state is not None:
+        check_resumable(model, resume_state, f"checkpoint {resume_from}")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loaders = make_loaders(splits, cfg, device, channels_last)
@@ -314,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--set {item}", "expected KEY=VALUE")
             set_dotted(user, key, yaml.safe_load(value))
         cfg = prepare(user)
-        out = Path(args.out or Path("runs") / Path(args.config).stem)
+        out = output_folder(args.out or Path("runs") / Path(args.config).stem)
         summary = run_job(cfg, out, on_epoch=_print_epoch, resume_from=args.resume)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

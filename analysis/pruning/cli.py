@@ -21,7 +21,7 @@ from typing import Any
 from analysis.pruning.job import PruneConfig, PrunePlan, run_prune_job
 from analysis.units.results import load_label_sets
 from trainables.config import load_yaml, prepare
-from trainables.schema import InputError
+from trainables.schema import InputError, output_folder
 from trainables.train import run_job
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     PruneConfig.add_flags(parser, skip=("taps", "save_matrices"))
     args = parser.parse_args(argv)
     try:
-        out = Path(args.out)
+        out = output_folder(args.out)
         if args.config:
             run_config(args.config, out, Path(args.parent) if args.parent else None)
             return 0

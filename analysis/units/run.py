@@ -29,7 +29,7 @@ from trainables.config import JobConfig, load_yaml, prepare
 from trainables.data import KNOWN_DATASETS, DataConfig, Splits, dataset_shape, load_splits
 from trainables.loader import to_model_input
 from trainables.models import build_model
-from trainables.schema import InputError
+from trainables.schema import InputError, output_folder
 
 from .pipeline import AnalysisConfig, AnalysisResult, analyse
 from .results import write_results
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             data_cfg = data_config(args.data, args.data_dir)
         else:
             raise InputError("give --run-dir, or all of --checkpoint, --spec and --data")
-        result = analyze_files(spec_path, checkpoint_path, data_cfg, args.out, config, seed=seed,
+        out = output_folder(args.out)
+        result = analyze_files(spec_path, checkpoint_path, data_cfg, out, config, seed=seed,
                                log=lambda m: print(m, file=sys.stderr, flush=True))
     except (InputError, MemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)

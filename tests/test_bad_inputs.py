@@ -1,0 +1,181 @@
+"""A corpus of bad inputs to every torch-only command line and the orchestrator's checks.
+
+Each case must exit with 2, print exactly one line on stderr naming the culprit (field, flag, file
+or URI), and leave the file tree as it found it (nothing half-written)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from analysis.pruning.cli import main as prune_main
+from analysis.units.run import main as analysis_main
+from conftest import synthetic_job
+from orchestrator.cli import main as orchestrator_main
+from trainables.config import prepare
+from trainables.train import main as train_main
+from trainables.train import run_job
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def _png(size: int, value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _fake_cifar(root: Path, size: int = 32, label: int = 3) -> Path:
+    """A cifar100 folder of two tiny shards whose one odd image has ``size`` px or label ``label``."""
+    folder = root / "cifar100"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        images = [{"bytes": _png(32, i), "path": None} for i in range(20)] + [{"bytes": _png(size, 7), "path": None}]
+        labels = [i % 100 for i in range(20)] + [label]
+        pq.write_table(pa.table({"img": images, "fine_label": labels}), folder / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Shared inputs: a job file, a trained tiny CCT run, damaged copies, two broken datasets."""
+    root = tmp_path_factory.mktemp("assets")
+    job = synthetic_job(epochs=1)
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    run_job(prepare(job), root / "run")
+    other = synthetic_job(epochs=1, model={"preset": "cct_tiny", "blocks": 2})
+    run_job(prepare(other), root / "other")
+    shutil.copytree(root / "run", root / "truncated")
+    data = (root / "run" / "model.pt").read_bytes()
+    (root / "truncated" / "model.pt").write_bytes(data[: len(data) // 2])
+    (root / "a_file").write_text("not a folder")
+    (root / "bad.json").write_text('{"taps": [1, 2')
+    (root / "notyaml.yaml").write_text("epochs: [1, 2\n")
+    _fake_cifar(root / "small_images", size=16)
+    _fake_cifar(root / "wrong_labels", label=150)
+    return {"root": root}
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _train(a: dict, *extra: str) -> list[str]:
+    return ["train", "--config", str(a["root"] / "job.yaml"), *extra]
+
+
+# (command, argv builder, the text stderr's one line must hold)
+CASES = {
+    "train: negative lr": (lambda a, out: _train(a, "--out", out, "--set", "recipe.lr=-1"), "config.recipe.lr: must be > 0"),
+    "train: negative synthetic size": (lambda a, out: _train(a, "--out", out, "--set", "data.train_size=-5"),
+                                       "config.data.train_size: must be >= 1, got -5"),
+    "train: epochs not a number": (lambda a, out: _train(a, "--out", out, "--set", "epochs=two"), "config.epochs: must be int"),
+    "train: no heads": (lambda a, out: _train(a, "--out", out, "--set", "model.heads=0"), "model.heads: must be >= 1"),
+    "train: unknown key": (lambda a, out: _train(a, "--out", out, "--set", "epochz=3"), "config.epochz: unknown key"),
+    "train: bf16 maybe": (lambda a, out: _train(a, "--out", out, "--set", "bf16=maybe"), "config.bf16: must be one of"),
+    "train: crop scale": (lambda a, out: _train(a, "--out", out, "--set", "data.augment.crop_scale=[0.5, 2]"),
+                          "config.data.augment.crop_scale"),
+    "train: unknown dataset": (lambda a, out: _train(a, "--out", out, "--set", "data.name=imagenet"),
+                               "config.data.name: must be one of"),
+    "train: set without =": (lambda a, out: _train(a, "--out", out, "--set", "epochs"), "--set epochs: expected KEY=VALUE"),
+    "train: missing config": (lambda a, out: ["train", "--config", str(a["root"] / "nope.yaml"), "--out", out],
+                              "nope.yaml: not found"),
+    "train: config not YAML": (lambda a, out: ["train", "--config", str(a["root"] / "notyaml.yaml"), "--out", out],
+                               "notyaml.yaml: not valid YAML"),
+    "train: out is a file": (lambda a, out: _train(a, "--out", str(a["root"] / "a_file")), "--out: "),
+    "train: resume another model": (lambda a, out: _train(a, "--out", out, "--resume", str(a["root"] / "other" / "checkpoint")),
+                                    "holds another model than the config describes"),
+    "train: resume a non-checkpoint": (lambda a, out: _train(a, "--out", out, "--resume", str(a["root"] / "run")),
+                                       "state.pt: not found"),
+    "train: 16 px images": (lambda a, out: _train(a, "--out", out, "--set", "data.name=cifar100", "--set",
+                                                  f"data.data_dir={a['root'] / 'small_images'}", "--set", "data.val_size=5",
+                                                  "--set", "model.preset=cct_tiny"),
+                            "image 20 is 16x16 px, cifar100 images are 32x32"),
+    "train: label out of range": (lambda a, out: _train(a, "--out", out, "--set", "data.name=cifar100", "--set",
+                                                        f"data.data_dir={a['root'] / 'wrong_labels'}", "--set",
+                                                        "data.val_size=5"),
+                                  "label 150 of image 20 is outside 0..99"),
+    "analysis: threshold": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--threshold", "1.5"],
+                            "--threshold: must be in (0, 1), got 1.5"),
+    "analysis: recipe": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--recipe", "fast"],
+                         "--recipe: must be one of paper100, paper, lbfgs"),
+    "analysis: batch size": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--batch-size", "0"],
+                             "--batch-size: must be >= 1, got 0"),
+    "analysis: unknown tap": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--taps", "nope"],
+                              "--taps: unknown tap 'nope'"),
+    "analysis: out is a file": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", str(a["root"] / "a_file")],
+                                "--out: "),
+    "analysis: run dir without config": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "nope"), "--out", out],
+                                         "--run-dir: "),
+    "analysis: truncated model.pt": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "truncated"), "--out", out],
+                                     "model.pt: cannot be read as a state_dict"),
+    "analysis: readout epochs of lbfgs": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out,
+                                                          "--recipe", "lbfgs", "--readout-epochs", "3"],
+                                          "--readout-epochs: readout option 'epochs' does not apply"),
+    "prune: unknown method": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--method", "magic"],
+                              "--method: must be one of"),
+    "prune: level above 1": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--method", "random",
+                                             "--level", "1.5"], "--level: must be in [0, 1], got 1.5"),
+    "prune: level of a guided method": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out,
+                                                        "--method", "andc", "--level", "0.5"], "--level: only for method random"),
+    "prune: negative fine-tuning": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out,
+                                                    "--finetune-epochs", "-1"], "--finetune-epochs: must be >= 0"),
+    "prune: method of another family": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out,
+                                                        "--method", "afcc"], "'afcc' does not apply to a cct model"),
+    "prune: corrupt label sets": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--method",
+                                                  "andc", "--label-sets", str(a["root"] / "bad.json")],
+                                  "bad.json: not a label_sets.json file"),
+    "prune: no parent": (lambda a, out: ["prune", "--parent", str(a["root"] / "nope"), "--out", out, "--method", "andc"],
+                         "spec.json not found"),
+    "prune: truncated model.pt": (lambda a, out: ["prune", "--parent", str(a["root"] / "truncated"), "--out", out,
+                                                  "--method", "andc"], "model.pt: cannot be read as a state_dict"),
+    "prune: out is a file": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", str(a["root"] / "a_file"),
+                                             "--method", "none"], "--out: "),
+    "committee: negative diversity weight": (lambda a, out: ["orchestrator", "committee", "--experiment", "x",
+                                                             "--diversity-weight", "-1"], "--diversity-weight: must be >= 0"),
+    "committee: mechanism weight above 1": (lambda a, out: ["orchestrator", "committee", "--experiment", "x",
+                                                            "--mechanism-weight", "5"], "--mechanism-weight: must be in [0, 1]"),
+    "committee: size 0": (lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--size", "0"],
+                          "--size: must be >= 1, got 0"),
+    "sweep: missing spec": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "nope.yaml")], "nope.yaml: not found"),
+    "analyze: mistyped database": (lambda a, out: ["orchestrator", "analyze", "x", "--tracking-uri",
+                                                   f"sqlite:///{a['root']}/typo.db"], "--tracking-uri: no MLflow database"),
+}
+if NO_CUDA:
+    CASES["train: cuda without a GPU"] = (lambda a, out: _train(a, "--out", out, "--set", "device=cuda"),
+                                          "config.device: cuda requested but no CUDA device is visible")
+    CASES["analysis: cuda without a GPU"] = (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out,
+                                                             "--device", "cuda"], "--device: cuda requested")
+ENTRY = {"train": train_main, "analysis": analysis_main, "prune": prune_main, "orchestrator": orchestrator_main}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build, expected = CASES[case]
+    argv = build(assets, str(tmp_path / "out"))
+    before = _tree(assets["root"]), _tree(tmp_path)
+    assert ENTRY[argv[0]](argv[1:]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert (_tree(assets["root"]), _tree(tmp_path)) == before
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_corpus_covers_every_command():
+    assert len(CASES) >= 38
+    assert {argv_of(c)[0] for c in CASES} == set(ENTRY)
+
+
+def argv_of(case: str) -> list[str]:
+    return CASES[case][0]({"root": Path("/")}, "/out")
