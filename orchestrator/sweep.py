@@ -84,8 +84,13 @@ def run_sweep(spec_file: str | Path, address: str | None, tracking_uri: str | No
     if tune.Tuner.can_restore(spec.experiment_path):
         raise SweepError(f"sweep.name: {spec.name!r} already exists at {spec.experiment_path}; continue it with "
                          f"`python -m orchestrator resume {spec.name}` or choose another name")
-    start_driver(spec, address)
     client, uri = open_client(tracking_uri, create=True)
+    earlier = find_parent(client, spec.name)
+    if earlier is not None and earlier.data.tags.get(STORAGE, spec.storage_path) != spec.storage_path:
+        raise SweepError(f"sweep.name: {spec.name!r} already has a sweep in {uri} stored at "
+                         f"{earlier.data.tags[STORAGE]}; continue it with `python -m orchestrator resume {spec.name}` "
+                         f"or choose another name")
+    start_driver(spec, address)
     exp_id = experiment_id(client, spec.name, uri)
     context = TrialContext(spec, uri, exp_id, open_parent(client, exp_id, spec))
     build_tuner(context).fit()

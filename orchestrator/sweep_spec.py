@@ -45,7 +45,7 @@ from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze
 from trainables.config import DEFAULT_MODEL, JobConfig, prepare, set_dotted
 from trainables.data import DataError, check_data_available
 from trainables.models import build_model
-from trainables.schema import InputError, Settings, setting
+from trainables.schema import InputError, Settings, output_folder, setting
 
 # Metrics every epoch reports, and those known only when a trial ends.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")
@@ -308,7 +308,13 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
 # ---------------------------------------------------------------- schema helpers
 
 def _storage(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    """A remote URI as given, else a local folder (absolute) that exists or can be created and written."""
+    if "://" in path:
+        return path
+    try:
+        return str(output_folder(Path(path).expanduser().resolve(), "sweep.storage_path"))
+    except InputError as exc:
+        raise SweepError(str(exc)) from None
 
 
 def _label(value: dict) -> str:

@@ -11,6 +11,8 @@ import json
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -36,6 +38,7 @@ METHOD, MEMBERS = "unitlab.method", "unitlab.members"
 SEED_VARIANT, SEED_MEMBERS = "unitlab.seed_variant", "unitlab.seed_members"
 ENDED = ("FINISHED", "FAILED", "KILLED")  # run statuses of a trial that will not run again
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+REACH_SECONDS = 10.0  # how long a tracking server may take to answer before a command gives up
 # Files of a finished job (trainables.train.run_job) and where they go in the child run.
 ARTIFACTS = {
     "spec.json": "model",
@@ -57,11 +60,25 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def open_client(uri: str | None, create: bool) -> tuple[MlflowClient, str]:
-    """(client, resolved URI); without ``create`` a missing SQLite file is an error, not a new database."""
+    """(client, resolved URI); without ``create`` a missing SQLite file is an error, not a new database;
+    a server must answer within ``REACH_SECONDS`` (else one line, not minutes of retries)."""
     uri = resolve_tracking_uri(uri)
     if not create and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise SweepError(f"--tracking-uri: no MLflow database at {uri.removeprefix('sqlite:///')}")
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)
     return MlflowClient(uri), uri
+
+
+def check_reachable(uri: str, seconds: float = REACH_SECONDS) -> None:
+    """Raise SweepError unless the tracking server at ``uri`` answers its health check in time."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=seconds).close()
+    except urllib.error.HTTPError:
+        return  # it answered (e.g. 401 behind basic auth): reachable
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SweepError(f"--tracking-uri: cannot reach {uri} within {seconds:g} s ({reason})") from None
 
 
 def connect(uri: str) -> MlflowClient:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from analysis.pruning.cli import main as prune_main
 from analysis.units.run import main as analysis_main
-from conftest import synthetic_job
+from conftest import sweep_spec, synthetic_job
 from orchestrator.cli import main as orchestrator_main
 from trainables.config import prepare
 from trainables.train import main as train_main
@@ -61,6 +61,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     (root / "a_file").write_text("not a folder")
     (root / "bad.json").write_text('{"taps": [1, 2')
     (root / "notyaml.yaml").write_text("epochs: [1, 2\n")
+    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep_spec("corpus", storage_path=str(root / "store"))))
     _fake_cifar(root / "small_images", size=16)
     _fake_cifar(root / "wrong_labels", label=150)
     return {"root": root}
@@ -150,7 +151,16 @@ CASES = {
     "sweep: missing spec": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "nope.yaml")], "nope.yaml: not found"),
     "analyze: mistyped database": (lambda a, out: ["orchestrator", "analyze", "x", "--tracking-uri",
                                                    f"sqlite:///{a['root']}/typo.db"], "--tracking-uri: no MLflow database"),
+    "sweep: storage path is a file": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
+                                                      "--storage-path", str(a["root"] / "a_file")],
+                                      "sweep.storage_path: "),
 }
+for verb in ("sweep", "analyze", "runs", "committee"):  # a server that does not answer: one line within 10 s
+    target = {"sweep": ["{root}/sweep.yaml"], "committee": ["--experiment", "x"]}.get(verb, ["x"])
+    CASES[f"{verb}: unreachable tracking server"] = (
+        lambda a, out, verb=verb, target=target: ["orchestrator", verb, *[t.format(root=a["root"]) for t in target],
+                                                  "--tracking-uri", "http://127.0.0.1:9"],
+        "--tracking-uri: cannot reach http://127.0.0.1:9 within 10 s")
 if NO_CUDA:
     CASES["train: cuda without a GPU"] = (lambda a, out: _train(a, "--out", out, "--set", "device=cuda"),
                                           "config.device: cuda requested but no CUDA device is visible")
@@ -173,9 +183,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, assets, tmp_path,
 
 
 def test_corpus_covers_every_command():
-    assert len(CASES) >= 38
+    assert len(CASES) >= 45
     assert {argv_of(c)[0] for c in CASES} == set(ENTRY)
 
 
 def argv_of(case: str) -> list[str]:
     return CASES[case][0]({"root": Path("/")}, "/out")
+
+
+def test_a_second_sweep_of_the_same_name_elsewhere_is_refused(assets, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import ROLE, STORAGE, SWEEP
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("corpus", artifact_location=(tmp_path / "artifacts").as_uri())
+    client.create_run(exp, tags={ROLE: "sweep", SWEEP: "corpus", STORAGE: "/elsewhere/tune"})
+    before = _tree(assets["root"])
+    capsys.readouterr()  # MLflow's own lines from creating the database above
+    assert orchestrator_main(["sweep", str(assets["root"] / "sweep.yaml"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already has a sweep" in err[0] and "/elsewhere/tune" in err[0], err
+    assert _tree(assets["root"]) == before and len(client.search_runs([exp])) == 1
