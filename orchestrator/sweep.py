@@ -17,7 +17,7 @@ from orchestrator.cluster import start_driver
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
-from orchestrator.tracking import ENDED, STORAGE, TRIALS_FAILED, child_runs, prune_runs, experiment_id, find_child, find_parent, \
+from orchestrator.tracking import ENDED, STORAGE, TRIALS_FAILED, resolve_tracking_uri, store_exists, child_runs, prune_runs, experiment_id, find_child, find_parent, \
     open_client, open_parent
 from orchestrator.trainable import TrialContext, train_trial
 
@@ -84,13 +84,16 @@ def run_sweep(spec_file: str | Path, address: str | None, tracking_uri: str | No
     if tune.Tuner.can_restore(spec.experiment_path):
         raise SweepError(f"sweep.name: {spec.name!r} already exists at {spec.experiment_path}; continue it with "
                          f"`python -m orchestrator resume {spec.name}` or choose another name")
-    client, uri = open_client(tracking_uri, create=True)
-    earlier = find_parent(client, spec.name)
-    if earlier is not None and earlier.data.tags.get(STORAGE, spec.storage_path) != spec.storage_path:
-        raise SweepError(f"sweep.name: {spec.name!r} already has a sweep in {uri} stored at "
-                         f"{earlier.data.tags[STORAGE]}; continue it with `python -m orchestrator resume {spec.name}` "
-                         f"or choose another name")
+    uri = resolve_tracking_uri(tracking_uri)
+    if store_exists(uri):  # a new SQLite file is created only once every check has passed
+        client, uri = open_client(uri, create=False)
+        earlier = find_parent(client, spec.name)
+        if earlier is not None and earlier.data.tags.get(STORAGE, spec.storage_path) != spec.storage_path:
+            raise SweepError(f"sweep.name: {spec.name!r} already has a sweep in {uri} stored at "
+                             f"{earlier.data.tags[STORAGE]}; continue it with `python -m orchestrator resume "
+                             f"{spec.name}` or choose another name")
     start_driver(spec, address)
+    client, uri = open_client(uri, create=True)
     exp_id = experiment_id(client, spec.name, uri)
     context = TrialContext(spec, uri, exp_id, open_parent(client, exp_id, spec))
     build_tuner(context).fit()

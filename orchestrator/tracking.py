@@ -70,6 +70,11 @@ def open_client(uri: str | None, create: bool) -> tuple[MlflowClient, str]:
     return MlflowClient(uri), uri
 
 
+def store_exists(uri: str) -> bool:
+    """Whether the tracking store holds anything yet (a server always does; SQLite once its file exists)."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+
+
 def check_reachable(uri: str, seconds: float = REACH_SECONDS) -> None:
     """Raise SweepError unless the tracking server at ``uri`` answers its health check in time."""
     try:
