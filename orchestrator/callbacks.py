@@ -1,6 +1,7 @@
 """Tune callbacks and naming shared by the sweep's stages (training trials, pruned trials)."""
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from mlflow import MlflowClient
@@ -30,10 +31,17 @@ class ChildRunCloser(tune.Callback):
         self._close(trial, "FAILED", {ERROR: lines[-1] if lines else "unknown error"})
 
     def _close(self, trial, status: str, tags: dict[str, str]) -> None:
-        client = connect(self.tracking_uri)
-        run = self.locate(client, trial)
-        if run is not None and run.info.status == "RUNNING":
-            end_run(client, run.info.run_id, status, tags)
+        """Never raises into Tune's loop: an MLflow outage must not abort the sweep (the run stays
+        open; ``resume`` or the sweep's close marks it)."""
+        try:
+            client = connect(self.tracking_uri)
+            run = self.locate(client, trial)
+            if run is not None and run.info.status == "RUNNING":
+                end_run(client, run.info.run_id, status, tags)
+        except Exception as exc:  # noqa: BLE001 - reported, the sweep goes on
+            text = str(exc).strip().splitlines()
+            print(f"unitlab: could not mark trial {trial.trial_id}'s MLflow run {status} "
+                  f"({type(exc).__name__}: {text[0][:200] if text else ''}); the sweep goes on", file=sys.stderr, flush=True)
 
 
 def trial_dirname(trial) -> str:

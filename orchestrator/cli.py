@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("sweep", help="validate a sweep spec and run it")
     sweep.add_argument("spec", help="sweep spec YAML")
+    sweep.add_argument("--new", action="store_true",
+                       help="if the spec's name already has a sweep, run this one as NAME-2, NAME-3...")
     resume = commands.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("name", help="the sweep's name")
     for sub in (sweep, resume):
@@ -48,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             print(format_runs(client, args.name, uri))
             return 0
         if args.command == "sweep":
-            return run_sweep(args.spec, args.address, args.tracking_uri, args.storage_path)
+            return run_sweep(args.spec, args.address, args.tracking_uri, args.storage_path, args.new)
         return resume_sweep(args.name, args.address, args.tracking_uri, args.storage_path)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with `python -m orchestrator resume NAME`", file=sys.stderr)
+        return 130

@@ -11,15 +11,23 @@ from orchestrator.sweep_spec import EPOCH_METRICS, SweepError, SweepSpec
 from trainables.data import DataConfig, DataError, load_splits
 
 
+LOCAL_IP = "127.0.0.1"
+
+
 def connect_ray(address: str | None) -> None:
-    """Join ``address`` (or RAY_ADDRESS) when given; else start Ray here with every CPU and GPU."""
+    """Join ``address`` (or RAY_ADDRESS) when given; else start Ray here with every CPU and GPU.
+
+    A Ray started here requires its token on every RPC and HTTP entry point (Ray 2.60's default for a
+    new local cluster unless ``RAY_AUTH_MODE`` says otherwise; the token is kept in ~/.ray) and
+    serves its dashboard and job API on 127.0.0.1 only. Ray 2.60's core servers (GCS, raylet, workers) listen on every
+    interface and have no setting to restrict them: the token is what keeps other hosts out."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count())
+        ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(), dashboard_host=LOCAL_IP)
 
 
 def start_driver(spec: SweepSpec, address: str | None) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import ray
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Run
+from mlflow.entities import Run
 from ray import tune
 
 from analysis.pruning.job import PruneConfig, prune_layers, run_prune_job, unit_label_sets
@@ -108,14 +108,7 @@ class PruneRun(ChildRun):
 
     def finish(self, summary: dict, job_dir: Path) -> None:
         """Final metrics and the prune job's artifacts, then FINISHED."""
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in prune_metrics(summary).items()]
-        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
-        for name, folder in PRUNE_ARTIFACTS.items():
-            if (job_dir / name).is_file():
-                self.client.log_artifact(self.run_id, str(job_dir / name), folder)
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.close_finished(prune_metrics(summary), [(job_dir / name, folder) for name, folder in PRUNE_ARTIFACTS.items()], {})
 
 
 def prune_trial(config: dict, context: PruneContext) -> None:
@@ -142,7 +135,7 @@ def prune_trial(config: dict, context: PruneContext) -> None:
             label_sets = parent_label_sets(client, parent, cell, spec, Path(tmp))
             summary = run_prune_job(parent_dir, Path(tmp) / "job", cell, label_sets=label_sets, on_epoch=on_epoch)
             if label_sets is not None:
-                client.set_tag(run.run_id, PRUNE_LABEL_SETS, "parent analysis")
+                run.submit("label sets tag", lambda: client.set_tag(run.run_id, PRUNE_LABEL_SETS, "parent analysis"))
             run.finish(summary, Path(tmp) / "job")
         except Exception as exc:
             run.fail(exc)

@@ -1,8 +1,14 @@
 """The sweep driver: connect to Ray, open the parent run, run (or restore) the Tuner, close the sweep."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import optuna.distributions as od
 from mlflow import MlflowClient
@@ -16,9 +22,11 @@ from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.cluster import start_driver
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
+from orchestrator.spool import call_when_up
 from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
-from orchestrator.tracking import ENDED, STORAGE, TRIALS_FAILED, resolve_tracking_uri, store_exists, child_runs, prune_runs, experiment_id, find_child, find_parent, \
-    open_client, open_parent
+from orchestrator.tracking import (ENDED, ERROR, STOPPED, STORAGE, SWEEP, TRIALS_FAILED, child_runs, end_run, experiment_id,
+                                   find_child, find_parent, open_client, open_parent, prune_runs, resolve_tracking_uri,
+                                   store_exists)
 from orchestrator.trainable import TrialContext, train_trial
 
 
@@ -77,27 +85,41 @@ def build_tuner(context: TrialContext) -> tune.Tuner:
     )
 
 
+def free_name(spec: SweepSpec, client: MlflowClient | None, new: bool) -> str:
+    """The sweep's name, or with ``new`` the first ``NAME-2``, ``NAME-3``... that neither Tune's storage
+    nor the tracking store holds; without ``new`` a name in use is refused (one line)."""
+    for n in range(1, 1000):
+        name = spec.name if n == 1 else f"{spec.name}-{n}"
+        path = f"{spec.storage_path.rstrip('/')}/{name}"
+        earlier = find_parent(client, name) if client is not None else None
+        in_use = tune.Tuner.can_restore(path) or (
+            earlier is not None and (new or earlier.data.tags.get(STORAGE, spec.storage_path) != spec.storage_path))
+        if not in_use:
+            return name
+        if not new:
+            where = path if tune.Tuner.can_restore(path) else earlier.data.tags[STORAGE]
+            raise SweepError(f"sweep.name: {name!r} already has a sweep stored at {where}; continue it with "
+                             f"`python -m orchestrator resume {name}`, or pass --new to start it under a new name")
+    raise SweepError(f"sweep.name: no free name {spec.name}-N for N < 1000")
+
+
 def run_sweep(spec_file: str | Path, address: str | None, tracking_uri: str | None,
-              storage_path: str | None) -> int:
+              storage_path: str | None, new: bool = False) -> int:
     """Validate, start and run a sweep; returns the exit code."""
     spec = load_spec(spec_file, storage_path)
-    if tune.Tuner.can_restore(spec.experiment_path):
-        raise SweepError(f"sweep.name: {spec.name!r} already exists at {spec.experiment_path}; continue it with "
-                         f"`python -m orchestrator resume {spec.name}` or choose another name")
     uri = resolve_tracking_uri(tracking_uri)
-    if store_exists(uri):  # a new SQLite file is created only once every check has passed
-        client, uri = open_client(uri, create=False)
-        earlier = find_parent(client, spec.name)
-        if earlier is not None and earlier.data.tags.get(STORAGE, spec.storage_path) != spec.storage_path:
-            raise SweepError(f"sweep.name: {spec.name!r} already has a sweep in {uri} stored at "
-                             f"{earlier.data.tags[STORAGE]}; continue it with `python -m orchestrator resume "
-                             f"{spec.name}` or choose another name")
+    client = open_client(uri, create=False)[0] if store_exists(uri) else None  # a new SQLite file only after every check
+    name = free_name(spec, client, new)
+    if name != spec.name:
+        print(f"sweep {spec.name}: that name is in use; this sweep is {name}")
+        spec = dataclasses.replace(spec, name=name)
     start_driver(spec, address)
     client, uri = open_client(uri, create=True)
     exp_id = experiment_id(client, spec.name, uri)
     context = TrialContext(spec, uri, exp_id, open_parent(client, exp_id, spec))
-    build_tuner(context).fit()
-    return after_training(client, context)
+    with closing_on_exit(client, context):
+        build_tuner(context).fit()
+        return call_when_up(lambda: after_training(client, context), uri)
 
 
 def resume_sweep(name: str, address: str | None, tracking_uri: str | None, storage_path: str | None) -> int:
@@ -112,17 +134,57 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
     start_driver(spec, address)
     client.update_run(parent.info.run_id, status="RUNNING")
     context = TrialContext(spec, uri, parent.info.experiment_id, parent.info.run_id)
-    tuner = tune.Tuner.restore(spec.experiment_path, make_trainable(context), resume_unfinished=True,
-                               resume_errored=True)
-    tuner.fit()
-    return after_training(client, context)
+    with closing_on_exit(client, context):
+        tuner = tune.Tuner.restore(spec.experiment_path, make_trainable(context), resume_unfinished=True,
+                                   resume_errored=True)
+        tuner.fit()
+        return call_when_up(lambda: after_training(client, context), uri)
+
+
+def _sigterm_as_sigint(signum, frame) -> None:
+    """SIGTERM (``kill``, a scheduler, ``ray job stop``) takes Ctrl+C's path: Tune stops and saves."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
+def closing_on_exit(client: MlflowClient, context: TrialContext) -> Iterator[None]:
+    """While a sweep runs: SIGTERM stops it like Ctrl+C; an exception or interrupt marks the parent run
+    and its open trial runs (FAILED for an error, KILLED for an interrupt) with the reason, then
+    propagates. ``close_sweep`` does the same for a Tune run that returned with trials left."""
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    try:
+        yield
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        reason = "interrupted" if interrupted else f"driver error: {type(exc).__name__}: {exc}"
+        mark_open_runs(client, context, "KILLED" if interrupted else "FAILED", reason)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def mark_open_runs(client: MlflowClient, context: TrialContext, status: str, reason: str) -> None:
+    """End the parent run and every trial or pruned run still RUNNING with ``status``, tagging why;
+    ``resume`` reopens them. Best effort: an unreachable store is reported, not raised."""
+    try:
+        spec, parent_id = context.spec, context.parent_run_id
+        runs = child_runs(client, context.experiment_id, parent_id) + prune_runs(client, context.experiment_id, spec.name)
+        tag = ERROR if status == "FAILED" else STOPPED
+        for run in runs:
+            if run.info.status == "RUNNING":
+                end_run(client, run.info.run_id, status, {tag: reason})
+        end_run(client, parent_id, status, {tag: reason})
+    except Exception as exc:  # noqa: BLE001 - the driver's own exit reason matters more
+        print(f"unitlab: could not mark the sweep's open runs {status} ({type(exc).__name__}); "
+              f"`python -m orchestrator resume {context.spec.name}` will", file=sys.stderr)
 
 
 def logged_spec(client: MlflowClient, parent: Run, storage_path: str | None) -> SweepSpec:
     """The sweep spec logged on a sweep's parent run (its storage path unless ``storage_path``)."""
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(client.download_artifacts(parent.info.run_id, "sweep/spec.yaml", tmp)).read_text()
-    return parse_spec(text, storage_path or parent.data.tags[STORAGE], origin=f"of sweep {parent.info.run_name}")
+    spec = parse_spec(text, storage_path or parent.data.tags[STORAGE], origin=f"of sweep {parent.info.run_name}")
+    return dataclasses.replace(spec, name=parent.data.tags[SWEEP])  # a sweep started with --new keeps its new name
 
 
 def after_training(client: MlflowClient, context: TrialContext) -> int:
@@ -157,6 +219,7 @@ def close_sweep(client: MlflowClient, context: TrialContext) -> int:
         client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     print(format_runs(client, spec.name, context.tracking_uri))
     if ended < expected:
+        mark_open_runs(client, context, "KILLED", f"sweep stopped with {ended} of {expected} trials ended")
         print(f"sweep {spec.name}: {ended} of {expected} trials ended; "
               f"continue with `python -m orchestrator resume {spec.name}`")
         return 130

@@ -52,6 +52,7 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_second
 FINAL_METRICS = ("test_acc", "test_loss", "latency_ms_b1", "latency_ms_per_image_large_batch", "params", "macs")
 SCHEDULER_METRIC = "val_acc"
 
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # what pyarrow.fs opens
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _SCALARS = (int, float, str, bool, type(None))
@@ -308,8 +309,15 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
 # ---------------------------------------------------------------- schema helpers
 
 def _storage(path: str) -> str:
-    """A remote URI as given, else a local folder (absolute) that exists or can be created and written."""
+    """A remote URI of a scheme Tune's storage (pyarrow.fs) reads, as given, else a local folder
+    (absolute) that exists or can be created and written."""
     if "://" in path:
+        scheme, rest = path.split("://", 1)
+        if scheme not in REMOTE_SCHEMES:
+            raise SweepError(f"sweep.storage_path: unsupported scheme {scheme!r} in {path} "
+                             f"(a local folder or one of {', '.join(s + '://' for s in REMOTE_SCHEMES)})")
+        if not rest.strip("/"):
+            raise SweepError(f"sweep.storage_path: {path} names no bucket or folder")
         return path
     try:
         return str(output_folder(Path(path).expanduser().resolve(), "sweep.storage_path"))

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
+from orchestrator.spool import TRIAL_HTTP_DEFAULTS, Spool, call_when_up
 from orchestrator.sweep_spec import EPOCH_METRICS, FINAL_METRICS, SweepError, SweepSpec
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -27,7 +30,7 @@ ERROR, STOPPED = "unitlab.error", "unitlab.stopped"
 STORAGE, METRICS, TRIALS_FAILED = "unitlab.storage_path", "unitlab.metrics", "unitlab.trials_failed"
 # what a trial run records about itself
 VARIANT, SEED, DATASET, NUM_CLASSES = "unitlab.variant", "unitlab.seed", "unitlab.dataset", "unitlab.num_classes"
-NODE_ID, START_EPOCH = "unitlab.node_id", "unitlab.start_epoch"
+NODE_ID, START_EPOCH, ATTEMPTS = "unitlab.node_id", "unitlab.start_epoch", "unitlab.attempts"
 ANALYSIS = "unitlab.analysis"  # "done" once the trial's analysis is logged
 ANALYSIS_THRESHOLD, ANALYSIS_RECIPE = f"{ANALYSIS}.threshold", f"{ANALYSIS}.recipe"
 # pruned trials
@@ -87,7 +90,12 @@ def check_reachable(uri: str, seconds: float = REACH_SECONDS) -> None:
 
 
 def connect(uri: str) -> MlflowClient:
-    """A client for an already resolved tracking URI (inside trials and stages)."""
+    """A client for an already resolved tracking URI (inside trials, stages and Tune callbacks).
+
+    MLflow's own per-request retries are cut to about a minute in this process (unless set): these
+    callers retry on their own (``orchestrator.spool``) instead of blocking for minutes per call."""
+    for key, value in TRIAL_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     return MlflowClient(uri)
 
 
@@ -182,56 +190,93 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
 
 
 class ChildRun:
-    """One trial's MLflow run: created once, reopened by id (or trial tag) on every retry or resume."""
+    """One trial's MLflow run: created once, reopened by id (or trial tag) on every retry or resume.
+
+    Writes after the opening go through a ``Spool``: training does not wait for MLflow, and a
+    server outage delays the writes (in order) instead of failing the trial.
+    """
 
     def __init__(self, client: MlflowClient, run: Run):
         self.client = client
         self.run_id = run.info.run_id
         self.finished = run.info.status == "FINISHED"
         self.latest = dict(run.data.metrics)
+        self.tags = dict(run.data.tags)
         history = client.get_metric_history(self.run_id, "val_acc")
         self.last_logged_epoch = max((m.step for m in history), default=-1)
+        self.spool = Spool(client.tracking_uri)
 
     @classmethod
     def open(cls, client: MlflowClient, exp_id: str, parent_id: str, tags: dict[str, str], params: dict[str, str],
              run_id: str | None, attempt_tags: dict[str, str], *, role: str = "trial", key: str = TRIAL_ID,
              run_name: str | None = None) -> "ChildRun":
         """Continue ``run_id`` (from the trial checkpoint) or the parent's child tagged ``key=tags[key]``,
-        else create one.
+        else create one; waits (with a warning) while the server is away.
 
         ``attempt_tags`` (where and from which epoch this attempt runs) are set on every start."""
-        run = client.get_run(run_id) if run_id else find_child(client, exp_id, parent_id, tags[key], key)
-        if run is None:
-            name = run_name or f"{tags['unitlab.variant']} seed={tags['unitlab.seed']}"
-            run = client.create_run(exp_id, run_name=name, tags={PARENT_TAG: parent_id, ROLE: role, **tags,
-                                                                 "unitlab.attempts": "1"})
-            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        elif run.info.status != "FINISHED":
-            attempts = int(run.data.tags.get("unitlab.attempts", "1")) + 1
-            client.set_tag(run.info.run_id, "unitlab.attempts", str(attempts))
-            client.update_run(run.info.run_id, status="RUNNING")
-        if run.info.status != "FINISHED":
-            client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in attempt_tags.items()])
-        return cls(client, client.get_run(run.info.run_id))
+        def attempt() -> "ChildRun":
+            run = client.get_run(run_id) if run_id else find_child(client, exp_id, parent_id, tags[key], key)
+            if run is None:
+                name = run_name or f"{tags[VARIANT]} seed={tags[SEED]}"
+                run = client.create_run(exp_id, run_name=name, tags={PARENT_TAG: parent_id, ROLE: role, **tags,
+                                                                     ATTEMPTS: "1"})
+                client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+            elif run.info.status != "FINISHED":
+                attempts = int(run.data.tags.get(ATTEMPTS, "1")) + 1
+                client.set_tag(run.info.run_id, ATTEMPTS, str(attempts))
+                client.update_run(run.info.run_id, status="RUNNING")
+            if run.info.status != "FINISHED":
+                client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in attempt_tags.items()])
+            return cls(client, client.get_run(run.info.run_id))
+        return call_when_up(attempt, client.tracking_uri)
+
+    def submit(self, what: str, write: Callable[[], object]) -> None:
+        """Queue one more write to this run (sent in order, kept while the server is away)."""
+        self.spool.submit(what, write)
 
     def log_epoch(self, metrics: dict) -> None:
-        """Per-epoch metrics at step=epoch; an epoch already logged by an earlier attempt is skipped."""
+        """Per-epoch metrics at step=epoch, queued.
+
+        An epoch already logged by an earlier attempt is not logged again: a resumed attempt retrains
+        it from the checkpoint, which holds every random state, and reproduces the logged values
+        (tests/test_train.py), so one value per step stays the truth."""
         epoch = int(metrics["epoch"])
         if epoch <= self.last_logged_epoch:
             return
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(metrics[k]), now, epoch) for k in EPOCH_METRICS])
+        batch = [Metric(k, float(metrics[k]), int(time.time() * 1000), epoch) for k in EPOCH_METRICS if k in metrics]
+        self.submit(f"epoch {epoch}", lambda: self.client.log_batch(self.run_id, metrics=batch))
         self.last_logged_epoch = epoch
 
     def finish(self, summary: dict, job_dir: Path) -> None:
-        """Final metrics and the job's artifacts, then FINISHED."""
-        now = int(time.time() * 1000)
+        """Final metrics, the device and the job's artifacts, then FINISHED."""
         final = {k: float(summary[k]) for k in FINAL_METRICS}
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in final.items()])
-        self.client.set_tag(self.run_id, "unitlab.device", summary["device"])
-        for name, folder in ARTIFACTS.items():
-            self.client.log_artifact(self.run_id, str(job_dir / name), folder)
-        self.client.set_terminated(self.run_id, "FINISHED")
+        artifacts = [(job_dir / name, folder) for name, folder in ARTIFACTS.items()]
+        self.close_finished(final, artifacts, {"unitlab.device": summary["device"]})
+
+    def close_finished(self, metrics: dict[str, float], artifacts: list[tuple[Path, str | None]],
+                       tags: dict[str, str]) -> None:
+        """Queue the final metrics (once: those an earlier attempt logged are kept), tags, artifacts, the
+        removal of an earlier attempt's error tag, and FINISHED; return once all of it is sent."""
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, 0) for k, v in metrics.items() if k not in self.latest]
+        for start in range(0, len(batch), 1000):  # MLflow's batch limit
+            part = batch[start:start + 1000]
+            self.submit("final metrics", lambda part=part: self.client.log_batch(self.run_id, metrics=part))
+        if tags:
+            self.submit("tags", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+        if ERROR in self.tags:
+            self.submit("clear error", lambda: self.client.delete_tag(self.run_id, ERROR))
+        for path, folder in artifacts:
+            if path.is_file():
+                self.submit(f"artifact {path.name}", lambda p=str(path), f=folder: self.client.log_artifact(self.run_id, p, f))
+        self.submit("finished", lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+        self.spool.drain()
 
     def fail(self, error: BaseException) -> None:
-        end_run(self.client, self.run_id, "FAILED", {ERROR: f"{type(error).__name__}: {error}"})
+        """Mark the run FAILED with the error, best effort (the driver's run closer tries again)."""
+        try:
+            self.spool.drain_now()
+            end_run(self.client, self.run_id, "FAILED", {ERROR: f"{type(error).__name__}: {error}"})
+        except Exception as exc:  # noqa: BLE001 - the trial's own error is the one to raise
+            print(f"unitlab: could not mark run {self.run_id} FAILED ({type(exc).__name__}); the driver will",
+                  file=sys.stderr, flush=True)

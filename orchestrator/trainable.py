@@ -62,13 +62,13 @@ class EpochReporter:
         tune.report({**metrics, **final}, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
 
 
-def restore(checkpoint: tune.Checkpoint | None, folder: Path) -> tuple[Path | None, str | None, int]:
-    """(local checkpoint folder, MLflow run id, first epoch to train) of a restored trial."""
+def restore(checkpoint: tune.Checkpoint | None, folder: Path) -> tuple[Path | None, str | None, list[dict]]:
+    """(local checkpoint folder, MLflow run id, the epochs trained so far) of a restored trial."""
     if checkpoint is None:
-        return None, None, 0
+        return None, None, []
     checkpoint.to_directory(str(folder))
-    epoch = json.loads((folder / "meta.json").read_text())["epoch"]
-    return folder, (folder / RUN_ID_FILE).read_text().strip(), epoch + 1
+    history = json.loads((folder / "meta.json").read_text())["history"]
+    return folder, (folder / RUN_ID_FILE).read_text().strip(), history
 
 
 def train_trial(config: dict, context: TrialContext) -> None:
@@ -89,12 +89,14 @@ def train_trial(config: dict, context: TrialContext) -> None:
     for stale in Path(tempfile.gettempdir()).glob(f"unitlab-{trial_id}-*"):  # left by a killed attempt
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"unitlab-{trial_id}-") as tmp:
-        resume_from, run_id, start_epoch = restore(tune.get_checkpoint(), Path(tmp) / "restored")
-        attempt = {START_EPOCH: str(start_epoch), NODE_ID: ray.get_runtime_context().get_node_id()}
+        resume_from, run_id, trained = restore(tune.get_checkpoint(), Path(tmp) / "restored")
+        attempt = {START_EPOCH: str(len(trained)), NODE_ID: ray.get_runtime_context().get_node_id()}
         child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg.to_dict()), run_id, attempt)
         if child.finished:  # finished before an interrupted driver could record it: report, do not rerun
             tune.report(child.latest)
             return
+        for metrics in trained:  # epochs whose queued writes died with an earlier attempt
+            child.log_epoch(metrics)
         reporter = EpochReporter(child, cfg.epochs)
         job_dir = Path(tmp) / "job"
         try:
@@ -102,7 +104,7 @@ def train_trial(config: dict, context: TrialContext) -> None:
             plot_curves(summary["history"], job_dir / "curves.png", title=f"{spec.name}: {tags[VARIANT]}")
             if spec.analyze is not None:  # before FINISHED, so a finished run always holds its analysis
                 analyze_run_dir(job_dir, job_dir / "analysis", spec.analyze)
-                log_analysis(child.run_id, job_dir / "analysis", client)
+                child.submit("analysis", lambda: log_analysis(child.run_id, job_dir / "analysis", client))
             child.finish(summary, job_dir)
         except Exception as exc:
             child.fail(exc)

@@ -154,6 +154,34 @@ CASES = {
     "sweep: storage path is a file": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
                                                       "--storage-path", str(a["root"] / "a_file")],
                                       "sweep.storage_path: "),
+    "train: batch size 0": (lambda a, out: _train(a, "--out", out, "--set", "batch_size=0"), "config.batch_size: must be >= 1"),
+    "train: negative epochs": (lambda a, out: _train(a, "--out", out, "--set", "epochs=-1"), "config.epochs: must be >= "),
+    "train: unknown recipe": (lambda a, out: _train(a, "--out", out, "--set", "recipe.name=lion"), "config.recipe.name: must be one of"),
+    "train: label smoothing above 1": (lambda a, out: _train(a, "--out", out, "--set", "label_smoothing=1.5"),
+                                       "config.label_smoothing: must be"),
+    "train: unknown preset": (lambda a, out: _train(a, "--out", out, "--set", "model.preset=resnet9000"), "resnet9000"),
+    "analysis: threshold 0": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--threshold", "0"],
+                              "--threshold: must be in (0, 1), got 0"),
+    "analysis: train size 0": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--train-size", "0"],
+                               "--train-size: must be >= 1"),
+    "committee: unknown method": (lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--method", "magic"],
+                                  "--method: must be one of"),
+    "sweep: spec not YAML": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "notyaml.yaml")], "not valid YAML"),
+    "resume: mistyped database": (lambda a, out: ["orchestrator", "resume", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
+                                  "--tracking-uri: no MLflow database"),
+    "runs: mistyped database": (lambda a, out: ["orchestrator", "runs", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
+                                "--tracking-uri: no MLflow database"),
+    "committee: mistyped database": (lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--tracking-uri",
+                                                     f"sqlite:///{a['root']}/typo.db"], "--tracking-uri: no MLflow database"),
+    "prune: mistyped database": (lambda a, out: ["orchestrator", "prune", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
+                                 "--tracking-uri: no MLflow database"),
+    "sweep: unknown storage scheme": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
+                                                      "--storage-path", "ftp://host/tune"],
+                                      "sweep.storage_path: unsupported scheme 'ftp'"),
+    "sweep: storage URI without a bucket": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
+                                                            "--storage-path", "s3://"], "names no bucket or folder"),
+    "analyze: threshold above 1": (lambda a, out: ["orchestrator", "analyze", "x", "--threshold", "2"],
+                              "--threshold: must be in (0, 1), got 2"),
 }
 for verb in ("sweep", "analyze", "runs", "committee"):  # a server that does not answer: one line within 10 s
     target = {"sweep": ["{root}/sweep.yaml"], "committee": ["--experiment", "x"]}.get(verb, ["x"])
@@ -183,7 +211,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, assets, tmp_path,
 
 
 def test_corpus_covers_every_command():
-    assert len(CASES) >= 45
+    assert len(CASES) >= 60
     assert {argv_of(c)[0] for c in CASES} == set(ENTRY)
 
 
@@ -206,3 +234,19 @@ def test_a_second_sweep_of_the_same_name_elsewhere_is_refused(assets, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already has a sweep" in err[0] and "/elsewhere/tune" in err[0], err
     assert _tree(assets["root"]) == before and len(client.search_runs([exp])) == 1
+
+
+def test_new_picks_the_first_free_name(assets, tmp_path):
+    from mlflow import MlflowClient
+
+    from orchestrator.sweep import free_name
+    from orchestrator.sweep_spec import load_spec
+    from orchestrator.tracking import ROLE, STORAGE, SWEEP
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("corpus", "corpus-2"):
+        exp = client.create_experiment(name, artifact_location=(tmp_path / name).as_uri())
+        client.create_run(exp, tags={ROLE: "sweep", SWEEP: name, STORAGE: "/elsewhere/tune"})
+    spec = load_spec(assets["root"] / "sweep.yaml")
+    assert free_name(spec, client, new=True) == "corpus-3"
+    assert free_name(spec, None, new=False) == "corpus"

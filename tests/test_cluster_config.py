@@ -34,3 +34,11 @@ def test_cluster_runs_mlflow_on_the_head_and_scales_gpu_workers_from_zero():
     assert worker["min_workers"] == 0 and worker["max_workers"] >= 1
     assert "py311" in config["docker"]["image"] and "2.60.0" in config["docker"]["image"]
     assert any("pip install" in cmd and "unitlab" in cmd for cmd in config["setup_commands"])
+
+
+def test_cluster_listens_on_no_public_address():
+    config = load_cluster()
+    head_cmds = " ".join(config["head_start_ray_commands"])
+    assert "0.0.0.0" not in head_cmds
+    assert "--dashboard-host=127.0.0.1" in head_cmds
+    assert "mlflow server --host $(hostname -I" in head_cmds  # the private IP, for the workers

@@ -164,3 +164,69 @@ def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
         spec_path = client.download_artifacts(run.info.run_id, "model/spec.json", str(tmp_path / run.info.run_id))
         assert Path(spec_path).read_text().startswith("{")
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2
+
+
+def raylets() -> dict[int, str]:
+    """pid -> command line of every raylet process on this machine."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "/raylet" in cmdline.split(" ")[0]:
+                found[int(proc.name)] = cmdline
+    return found
+
+
+def test_a_lost_worker_node_moves_its_trial_to_the_head_in_the_same_run(cluster, tmp_path):
+    spec = {
+        "name": "lostnode",
+        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 4096, "val_size": 32,
+                 "test_size": 32},
+        "base": {"model": {"preset": "cct_tiny"}, "epochs": 5, "batch_size": 32,
+                 "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
+                 "latency": {"large_batch": 8, "repeats": 2}},
+        "axes": {"n_conv_blocks": [0, 1], "seed": [0]},
+        "resources": {"cpus": 1, "gpus": 0},
+        "max_concurrent": 2,
+        "max_failures": 2,
+        "storage_path": str(tmp_path / "tune"),  # one folder both loopback nodes see
+    }
+    spec_file = tmp_path / "lostnode.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    second = [pid for pid, cmd in raylets().items() if "second_node" in cmd]
+    assert len(second) == 1, "cannot tell the second node's raylet"
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(spec_file), "--address",
+                               cluster["gcs"], "--tracking-uri", cluster["mlflow"]], cwd=REPO, env=cluster["env"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(cluster["mlflow"])
+
+    def trial_runs() -> list:
+        exp = client.get_experiment_by_name("lostnode")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return [r for r in runs if r.data.tags.get("unitlab.role") == "trial"]
+
+    def both_trained_an_epoch() -> bool:
+        runs = trial_runs()
+        return len(runs) == 2 and all(len(client.get_metric_history(r.info.run_id, "val_acc")) >= 2 for r in runs)
+
+    try:
+        wait_for(lambda: both_trained_an_epoch() or driver.poll() is not None, 300, "two epochs on both nodes")
+        assert driver.poll() is None, "the sweep ended before the node could be lost"
+        nodes = {r.info.run_id: r.data.tags["unitlab.node_id"] for r in trial_runs()}
+        assert len(set(nodes.values())) == 2, "the trials did not use both nodes"
+        os.kill(second[0], signal.SIGKILL)  # the second node's raylet: the node and its workers die
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output[-4000:]
+    runs = trial_runs()
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    moved = [r for r in runs if r.data.tags["unitlab.node_id"] != nodes[r.info.run_id]]
+    assert len(moved) == 1 and moved[0].data.tags["unitlab.attempts"] == "2"
+    assert int(moved[0].data.tags["unitlab.start_epoch"]) >= 1, "the moved trial did not restart from its checkpoint"
+    for run in runs:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [0, 1, 2, 3, 4]

@@ -1,0 +1,119 @@
+"""Injected faults on real parts: an MLflow server outage longer than MLflow's own retry budget, and
+a driver stopped with SIGTERM. Nothing finished is lost, nothing is logged twice, nothing is left
+RUNNING."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import REPO, cli_args, sweep_spec, write
+from test_multinode import BIN, free_port, port_open, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts", "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    wait_for(lambda: port_open(port), 120, "mlflow server")
+    return server
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)  # the server's gunicorn/uvicorn workers too
+    server.wait(timeout=30)
+
+
+def sweep_runs(client: MlflowClient, name: str) -> tuple[list, list]:
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return ([r for r in runs if r.data.tags.get("unitlab.role") == "sweep"],
+            [r for r in runs if r.data.tags.get("unitlab.role") == "trial"])
+
+
+def test_sweep_survives_an_mlflow_outage_longer_than_the_retry_budget(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    spec = sweep_spec("outage", epochs=4, train_size=2048, max_concurrent=2)
+    spec["axes"]["attention"] = spec["axes"]["attention"][:1]  # two trials
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           # MLflow's own budget shortened to about 2 s per request: the outage below outlasts it tenfold
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+           "UNITLAB_MLFLOW_POLL_S": "1"}
+    server = start_server(tmp_path, port)
+    store = tmp_path / "store" / "outage"
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
+                               "--tracking-uri", uri, "--storage-path", str(tmp_path / "store")],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        wait_for(lambda: list(store.glob("*/checkpoint_000000")) or driver.poll() is not None, 240, "a first epoch")
+        assert driver.poll() is None, "the sweep ended before the outage"
+        stop_server(server)
+        time.sleep(25)  # trials go on training meanwhile; the second epoch's write waits
+        assert driver.poll() is None, "the sweep aborted during the outage"
+        server = start_server(tmp_path, port)
+        output, _ = driver.communicate(timeout=420)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        stop_server(server)
+    assert driver.returncode == 0, output[-4000:]
+    assert "is not answering" in output and "answers again" in output
+    server = start_server(tmp_path, port)
+    try:
+        client = MlflowClient(uri)
+        parents, children = sweep_runs(client, "outage")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert len(children) == 2
+        for run in children:
+            assert run.info.status == "FINISHED", run.data.tags
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [0, 1, 2, 3]
+            assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 1
+            assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt", "model/spec.json"}
+    finally:
+        stop_server(server)
+
+
+def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path):
+    spec = sweep_spec("sigterm", epochs=4, train_size=4096)
+    store = tmp_path / "store" / "sigterm"
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
+                               *cli_args(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        wait_for(lambda: list(store.glob("*/checkpoint_000001")) or driver.poll() is not None, 240, "two epochs")
+        assert driver.poll() is None, "the sweep ended before it could be stopped"
+        driver.send_signal(signal.SIGTERM)
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, output[-4000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, children = sweep_runs(client, "sigterm")
+    assert parents[0].info.status == "KILLED" and "unitlab.stopped" in parents[0].data.tags
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    stopped = [r for r in children if r.info.status == "KILLED"]
+    assert stopped and all("unitlab.stopped" in r.data.tags for r in stopped)
+
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "resume", "sigterm", *cli_args(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parents, children = sweep_runs(client, "sigterm")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [0, 1, 2, 3]
