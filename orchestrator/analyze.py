@@ -8,11 +8,13 @@ target is a sweep (experiment) name: all its finished trial runs. Per run, the a
 ``data.*`` params) are downloaded, ``analysis.units.run`` analyses the model with the trial's own data
 config and seed, and ``log_analysis`` logs into the run:
 
-- metrics per tap (step 0): ``snr/TAP``, ``labels_per_unit/TAP``, ``noise_per_unit/TAP``,
-  ``readout_acc/TAP`` (filters for conv taps, nodes for token taps); for head taps also
-  ``labels_per_head/TAP``, ``heads_per_label/TAP``, ``head_max_share/TAP`` and
-  ``head_max_share_control/TAP`` (nodes' largest share of a label in one head, observed vs the
-  shuffled-node control). Non-finite values (an SNR without noise) are not logged.
+- depth series (``depth_series``), step = tap index in depth order, so MLflow charts each along
+  depth and overlays runs: ``snr_by_depth``, ``labels_per_unit_by_depth``,
+  ``noise_per_unit_by_depth``, ``readout_acc_by_depth`` (filters for conv taps, nodes for token
+  taps); at head taps also ``labels_per_head_by_depth``, ``heads_per_label_by_depth``,
+  ``head_max_share_by_depth`` and ``head_max_share_control_by_depth`` (nodes' largest share of a
+  label in one head, observed vs the shuffled-node control). ``analysis/depth_index.csv`` maps
+  each step to its tap.
 - tags ``unitlab.analysis=done``, ``unitlab.analysis.threshold``, ``unitlab.analysis.recipe``;
 - artifacts: the results folder under ``analysis/``.
 
@@ -21,6 +23,7 @@ Runs already tagged ``unitlab.analysis=done`` are skipped unless ``--force``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -101,39 +104,64 @@ def fetch_run_dir(client: MlflowClient, run, folder: Path) -> Path:
     return folder
 
 
-def analysis_metrics(taps_json: dict) -> dict[str, float]:
-    """Metric name -> value for every tap of a ``taps.json`` (non-finite values left out)."""
-    metrics: dict[str, float | None] = {}
-    for tap, info in taps_json["taps"].items():
-        summary = info["kinds"]["filter" if info["kind"] == "conv" else "node"]  # taps.json: kind -> summary
-        metrics[f"snr/{tap}"] = summary["snr"]
-        metrics[f"labels_per_unit/{tap}"] = summary["mean_labels_per_unit"]
-        metrics[f"noise_per_unit/{tap}"] = summary["mean_noise_per_unit"]
-        metrics[f"readout_acc/{tap}"] = info["accuracy"]
+def depth_series(taps_json: dict) -> dict[str, dict[int, float]]:
+    """Series name -> {step: value}, step = the tap's index in depth order (``depth_index.csv``).
+
+    Every tap gives ``snr_by_depth``, ``labels_per_unit_by_depth``, ``noise_per_unit_by_depth`` and
+    ``readout_acc_by_depth`` of its primary units (filters of conv taps, nodes of token taps); head
+    taps also ``labels_per_head_by_depth``, ``heads_per_label_by_depth``,
+    ``head_max_share_by_depth`` and ``head_max_share_control_by_depth``. Non-finite values (an SNR
+    without noise) are left out."""
+    series: dict[str, dict[int, float]] = {}
+
+    def put(name: str, step: int, value) -> None:
+        if value is not None and math.isfinite(value):
+            series.setdefault(name, {})[step] = float(value)
+
+    for step, (tap, info) in enumerate(taps_json["taps"].items()):
+        summary = info["kinds"]["filter" if info["kind"] == "conv" else "node"]
+        put("snr_by_depth", step, summary["snr"])
+        put("labels_per_unit_by_depth", step, summary["mean_labels_per_unit"])
+        put("noise_per_unit_by_depth", step, summary["mean_noise_per_unit"])
+        put("readout_acc_by_depth", step, info["accuracy"])
         heads = info.get("heads_structure")
         if heads:
-            metrics[f"labels_per_head/{tap}"] = info["kinds"]["head"]["mean_labels_per_unit"]
-            metrics[f"heads_per_label/{tap}"] = heads["shp"]["mean_heads_per_label"]
-            metrics[f"head_max_share/{tap}"] = heads["observed"]["mean_max_share"]
-            metrics[f"head_max_share_control/{tap}"] = heads["control"]["mean_max_share"]
-    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+            put("labels_per_head_by_depth", step, info["kinds"]["head"]["mean_labels_per_unit"])
+            put("heads_per_label_by_depth", step, heads["shp"]["mean_heads_per_label"])
+            put("head_max_share_by_depth", step, heads["observed"]["mean_max_share"])
+            put("head_max_share_control_by_depth", step, heads["control"]["mean_max_share"])
+    return series
 
 
-def log_analysis(run_id: str, results_dir: str | Path, client: MlflowClient) -> dict[str, float]:
-    """Log a results folder (``analysis.units.run``) into an MLflow run: metrics, tags, ``analysis/`` artifacts.
+def write_depth_index(taps_json: dict, path: Path) -> Path:
+    """``depth_index.csv``: the step of every depth series and the tap it stands for."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "tap", "kind", "heads"])
+        for step, (tap, info) in enumerate(taps_json["taps"].items()):
+            writer.writerow([step, tap, info["kind"], info.get("heads") or ""])
+    return path
 
-    Works on finished runs and inside the trainable's active run alike. Returns the metrics logged.
+
+def log_analysis(run_id: str, results_dir: str | Path, client: MlflowClient) -> dict[str, dict[int, float]]:
+    """Log a results folder (``analysis.units.run``) into an MLflow run: depth series, tags,
+    ``analysis/`` artifacts (with ``depth_index.csv``).
+
+    Works on finished runs and inside the trainable's active run alike. Returns the series logged.
     """
     results_dir = Path(results_dir)
     taps_json = json.loads((results_dir / "taps.json").read_text())
-    metrics = analysis_metrics(taps_json)
+    series = depth_series(taps_json)
+    write_depth_index(taps_json, results_dir / "depth_index.csv")
     now = int(time.time() * 1000)
     meta = taps_json["meta"]
     tags = {ANALYSIS: "done", ANALYSIS_THRESHOLD: str(meta["threshold"]), ANALYSIS_RECIPE: meta["recipe"]}
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+    metrics = [Metric(name, value, now, step) for name, steps in series.items() for step, value in steps.items()]
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.log_artifacts(run_id, str(results_dir), ARTIFACT_DIR)
-    return metrics
+    return series
 
 
 def analyze_and_log(client: MlflowClient, run, config: AnalysisConfig, keep: Path | None = None) -> dict[str, float]:
@@ -166,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: run {run_id}: {_one_line(err)}", file=sys.stderr)
             failed += 1
             continue
-        last = [k for k in metrics if k.startswith("readout_acc/")][-1:]
-        print(f"{run_id}: analysed, {len(metrics)} metrics" + (f", {last[0]}={metrics[last[0]]:.4f}" if last else ""))
+        readout = metrics.get("readout_acc_by_depth", {})
+        print(f"{run_id}: analysed, {len(readout)} taps"
+              + (f", deepest readout_acc={readout[max(readout)]:.4f}" if readout else ""))
     return 2 if failed else 0
 
 

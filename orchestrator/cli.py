@@ -1,4 +1,4 @@
-"""Command line: ``python -m orchestrator sweep SPEC | resume NAME | runs NAME | analyze | prune | committee``.
+"""Command line: ``python -m orchestrator sweep SPEC | resume NAME | runs NAME | analyze | prune | committee | report``.
 
 Exit codes: 0 done, 1 some trials failed, 2 bad spec or arguments (one line on stderr, nothing
 written), 130 interrupted (continue with ``resume``).
@@ -11,6 +11,7 @@ import sys
 from orchestrator.analyze import add_analyze_parser
 from orchestrator.committee import add_committee_parser
 from orchestrator.prune_cmd import add_prune_parser
+from orchestrator.report import add_report_parser
 from orchestrator.runs import format_runs
 from orchestrator.sweep import resume_sweep, run_sweep
 from orchestrator.tracking import open_client
@@ -37,12 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(commands)
     add_committee_parser(commands)
     add_prune_parser(commands)
+    add_report_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("analyze", "committee", "prune"):
+    if args.command in ("analyze", "committee", "prune", "report"):
         return args.func(args)
     try:
         if args.command == "runs":

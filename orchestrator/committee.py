@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 
 from orchestrator.tracking import (DATASET, DEFAULT_TRACKING_URI, MEMBERS, METHOD, NUM_CLASSES, ROLE, ROLE_COMMITTEE,
                                    ROLE_TRIAL, SEED, SEED_MEMBERS, SEED_VARIANT, SWEEP, VARIANT, open_client,
-                                   search_all)
+                                   search_all, ui_links)
 from trainables.schema import InputError
 from analysis.committees.selection import CommitteeConfig, evaluate, label_set_profile, seed_control, select
 from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack
@@ -216,7 +216,7 @@ def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filt
 def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> str:
     """Log ``record`` as a FINISHED committee run (FAILED if logging breaks); returns its id."""
     run = client.create_run(experiment_id, tags=record.tags,
-                            run_name=f"committee-{record.tags[METHOD]}-{record.params['size_requested']}")
+                            run_name=f"committee·{record.tags[METHOD]}·k{record.params['size_requested']}")
     run_id = run.info.run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -295,9 +295,10 @@ def run(args: argparse.Namespace) -> int:
         config = CommitteeConfig.from_flags(args)
         if not args.experiment:
             raise CommitteeError("--experiment is required")
-        client, _ = open_client(args.tracking_uri, create=False)
+        client, uri = open_client(args.tracking_uri, create=False)
         run_id = build(client, args.experiment, args.filter, config)
         print(show(client, run_id))
+        print(ui_links(uri, client.get_run(run_id).info.experiment_id, run_id, "committee"))
         return 0
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

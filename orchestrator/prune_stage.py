@@ -91,6 +91,12 @@ def parent_label_sets(client: MlflowClient, parent: Run, config: PruneConfig, sp
     return sets if all(t in unit_label_sets(sets) for t in taps) else None
 
 
+def cell_label_short(cell: str) -> str:
+    """A prune cell's label for run names: ``andc,threshold=0.3`` -> ``andc@0.3``, ``none`` -> ``none``."""
+    method, *settings = cell.split(",")
+    return method + ("@" + "/".join(s.split("=", 1)[1] for s in settings) if settings else "")
+
+
 class PruneRun(ChildRun):
     """A pruned trial's MLflow run, nested under its parent trial's run."""
 
@@ -102,7 +108,7 @@ class PruneRun(ChildRun):
                 **{k: parent.data.tags[k] for k in COPIED_TAGS if k in parent.data.tags}}
         params = flatten(config.to_dict(), "prune.")
         attempt = {NODE_ID: ray.get_runtime_context().get_node_id()}
-        name = f"{parent.info.run_name} | {cell}"
+        name = f"{parent.info.run_name}·{cell_label_short(cell)}"
         return cls.open(client, context.experiment_id, parent.info.run_id, tags, params, None, attempt,
                         role=ROLE_PRUNE, key=CELL, run_name=name)
 

@@ -5,7 +5,7 @@ from mlflow import MlflowClient
 
 from orchestrator.sweep_spec import SweepError
 from orchestrator.tracking import (CELL, ERROR, METRICS, SEED, SWEEP, TRIAL_ID, VARIANT, child_runs, find_parent,
-                                   prune_runs)
+                                   prune_runs, ui_links)
 
 COLUMNS = ("trial", "status", "variant", "seed", "epochs", "val_acc", "test_acc", "latency_ms_b1", "params", "run_id")
 PRUNE_ACCURACIES = ("acc_before_val", "acc_pruned_val", "acc_finetuned_val", "acc_finetuned_test")
@@ -80,5 +80,5 @@ def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
     pruned = prune_rows(client, parent)
     if pruned:
         lines += ["", _table(PRUNE_COLUMNS, pruned), f"{len(pruned)} pruned trials (nested under their parents' runs)"]
-    lines.append(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
+    lines.append(ui_links(tracking_uri, parent.info.experiment_id, parent.info.run_id, "sweep"))
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from orchestrator.cluster import start_driver
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.spool import call_when_up
+from orchestrator.summary import summarize_sweep
 from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
 from orchestrator.tracking import (ENDED, ERROR, STOPPED, STORAGE, SWEEP, TRIALS_FAILED, child_runs, end_run, experiment_id,
                                    find_child, find_parent, open_client, open_parent, prune_runs, resolve_tracking_uri,
@@ -216,6 +217,7 @@ def close_sweep(client: MlflowClient, context: TrialContext) -> int:
     failed = statuses.count("FAILED")
     if ended == expected:
         client.set_tag(parent_id, TRIALS_FAILED, str(failed))
+        summarize_sweep(client, client.get_run(parent_id))
         client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     print(format_runs(client, spec.name, context.tracking_uri))
     if ended < expected:

@@ -235,6 +235,14 @@ class SweepSpec:
     def seed(self, point: dict[str, Any]) -> int:
         return self.job(point).seed
 
+    def run_name(self, point: dict[str, Any]) -> str:
+        """A short run name from the axes that vary and the sampled distributions, e.g. ``h16d8·c1·s0``
+        (the full cell is the run's ``unitlab.variant`` tag)."""
+        parts = ["".join(f"{_abbrev(path)}{_compact(value)}" for path, value in axis.assignments(point[axis.name]).items())
+                 for axis in self.axes if axis.name in point and len(axis.choices()) > 1]
+        parts += [f"{_abbrev(field_path(d.name))}{_compact(point[d.name])}" for d in self.distributions if d.name in point]
+        return "·".join(parts) or self.name
+
 
 def point_key(point: dict[str, Any]) -> str:
     """A trial config's key in ``SweepSpec.jobs``."""
@@ -327,6 +335,19 @@ def _storage(path: str) -> str:
 
 def _label(value: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in value.items())
+
+
+ABBREVIATIONS = {"model.heads": "h", "model.head_dim": "d", "model.n_conv_blocks": "c", "seed": "s",
+                 "model.blocks": "b", "model.width_mult": "w", "model.preset": "", "epochs": "e", "recipe.lr": "lr"}
+
+
+def _abbrev(path: str) -> str:
+    """A field's short name in run names: a fixed one, else the initials of its last part (``mlp_ratio`` -> ``mr``)."""
+    return ABBREVIATIONS.get(path, "".join(word[:1] for word in path.rsplit(".", 1)[-1].split("_")))
+
+
+def _compact(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _short(path: str) -> str:

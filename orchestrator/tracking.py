@@ -28,6 +28,7 @@ ROLE, SWEEP, TRIAL_ID = "unitlab.role", "unitlab.sweep", "unitlab.trial_id"
 ROLE_SWEEP, ROLE_TRIAL, ROLE_PRUNE, ROLE_COMMITTEE = "sweep", "trial", "prune", "committee"
 ERROR, STOPPED = "unitlab.error", "unitlab.stopped"
 STORAGE, METRICS, TRIALS_FAILED = "unitlab.storage_path", "unitlab.metrics", "unitlab.trials_failed"
+BEST_RUN = "unitlab.best_run_id"  # on the parent run: the trial chosen on validation
 # what a trial run records about itself
 VARIANT, SEED, DATASET, NUM_CLASSES = "unitlab.variant", "unitlab.seed", "unitlab.dataset", "unitlab.num_classes"
 NODE_ID, START_EPOCH, ATTEMPTS = "unitlab.node_id", "unitlab.start_epoch", "unitlab.attempts"
@@ -87,6 +88,21 @@ def check_reachable(uri: str, seconds: float = REACH_SECONDS) -> None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SweepError(f"--tracking-uri: cannot reach {uri} within {seconds:g} s ({reason})") from None
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a SQLite store by default
+
+
+def ui_links(uri: str, experiment_id: str, run_id: str | None = None, what: str = "run") -> str:
+    """Lines telling where to look in the MLflow UI: the experiment's runs table (the classic view,
+    not the GenAI overview) and, given ``run_id``, that run's page."""
+    server = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if server else LOCAL_UI
+    lines = [] if server else [f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open the links below)"]
+    lines.append(f"  runs: {base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+    if run_id:
+        lines.append(f"  {what}: {base}/#/experiments/{experiment_id}/runs/{run_id}")
+    return "\n".join(lines)
 
 
 def connect(uri: str) -> MlflowClient:

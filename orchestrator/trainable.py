@@ -91,7 +91,8 @@ def train_trial(config: dict, context: TrialContext) -> None:
     with tempfile.TemporaryDirectory(prefix=f"unitlab-{trial_id}-") as tmp:
         resume_from, run_id, trained = restore(tune.get_checkpoint(), Path(tmp) / "restored")
         attempt = {START_EPOCH: str(len(trained)), NODE_ID: ray.get_runtime_context().get_node_id()}
-        child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg.to_dict()), run_id, attempt)
+        child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg.to_dict()), run_id,
+                              attempt, run_name=spec.run_name(config))
         if child.finished:  # finished before an interrupted driver could record it: report, do not rerun
             tune.report(child.latest)
             return

@@ -177,7 +177,7 @@ def test_bad_input_exits_2_with_one_line(case, names, trained, tmp_path, capsys)
 def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.analyze import analysis_metrics, config_from_params
+    from orchestrator.analyze import config_from_params, depth_series
     from orchestrator.cli import main as cli
 
     def orchestrate(argv: list[str]) -> int:
@@ -198,13 +198,18 @@ def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
     taps = "block.1.heads,final_norm"
     kept = tmp_path / "kept"
     assert orchestrate(["sweep-a", "--tracking-uri", uri, "--taps", taps, "--out", str(kept), *FAST]) == 0
-    expected = analysis_metrics(json.loads((kept / trial / "taps.json").read_text()))
-    metrics = client.get_run(trial).data.metrics
-    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
-    assert {"readout_acc/final_norm", "labels_per_unit/final_norm", "noise_per_unit/final_norm",
-            "labels_per_head/block.1.heads", "head_max_share_control/block.1.heads"} <= set(expected)
+    expected = depth_series(json.loads((kept / trial / "taps.json").read_text()))
+    for name, steps in expected.items():  # one value per tap, at the tap's depth index
+        history = client.get_metric_history(trial, name)
+        assert {m.step: m.value for m in history} == pytest.approx(steps) and len(history) == len(steps)
+    assert sorted(expected["readout_acc_by_depth"]) == [0, 1]  # block.1.heads, final_norm
+    assert sorted(expected["heads_per_label_by_depth"]) == [0]
+    assert {"snr_by_depth", "labels_per_unit_by_depth", "noise_per_unit_by_depth", "labels_per_head_by_depth",
+            "head_max_share_control_by_depth"} <= set(expected)
+    assert not [k for k in client.get_run(trial).data.metrics if "/" in k], "per-tap metrics are gone"
     logged = {f.path for f in client.list_artifacts(trial, "analysis")}
-    assert {"analysis/taps.json", "analysis/units.parquet", "analysis/label_sets.json",
+    assert {"analysis/taps.json", "analysis/units.parquet", "analysis/units.csv", "analysis/taps.csv",
+            "analysis/depth_index.csv", "analysis/label_sets.json",
             "analysis/matrices.npz", "analysis/readouts.npz", "analysis/figures"} <= logged
     assert client.get_run(trial).data.tags["unitlab.analysis.threshold"] == "0.3"
 

@@ -58,8 +58,7 @@ def test_trial_runs_the_analysis_before_it_finishes(swept):
     tags, metrics = trial.data.tags, trial.data.metrics
     assert trial.info.status == "FINISHED" and tags["unitlab.analysis"] == "done"
     assert tags["unitlab.analysis.threshold"] == "0.3"
-    for tap in ("block.0.ff_hidden", "block.0.out"):
-        assert 0 <= metrics[f"readout_acc/{tap}"] <= 1 and metrics[f"labels_per_unit/{tap}"] >= 0
+    assert 0 <= metrics["readout_acc_by_depth"] <= 1 and metrics["labels_per_unit_by_depth"] >= 0
     files = {f.path for f in client.list_artifacts(trial.info.run_id, "analysis")}
     assert {"analysis/taps.json", "analysis/units.parquet", "analysis/label_sets.json"} <= files
 

@@ -28,6 +28,7 @@ native in Parquet and are written as ``Infinity`` / ``NaN`` in the JSON files (P
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -103,8 +104,15 @@ def tap_json(result: AnalysisResult) -> dict:
     return {"meta": result.meta, "taps": taps}
 
 
-def _parquet(rows: list[dict], path: Path) -> None:
+def _table(rows: list[dict], path: Path) -> None:
+    """A table as Parquet (typed, for code) and as CSV beside it (for MLflow's artifact preview and
+    spreadsheets; lists written as space-separated values)."""
     pq.write_table(pa.Table.from_pylist(rows), path)
+    with path.with_suffix(".csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in row.items()})
 
 
 def write_results(result: AnalysisResult, out_dir: str | Path, save_matrices: bool = True,
@@ -112,9 +120,9 @@ def write_results(result: AnalysisResult, out_dir: str | Path, save_matrices: bo
     """Write the results folder (created if needed); returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _parquet(unit_rows(result), out / "units.parquet")
-    _parquet(tap_rows(result), out / "taps.parquet")
-    _parquet(coverage_rows(result), out / "coverage.parquet")
+    _table(unit_rows(result), out / "units.parquet")
+    _table(tap_rows(result), out / "taps.parquet")
+    _table(coverage_rows(result), out / "coverage.parquet")
     (out / "taps.json").write_text(json.dumps(tap_json(result), indent=1))
     save_label_sets(out / "label_sets.json", label_set_layout(result), result.meta["threshold"],
                     result.meta["num_classes"])

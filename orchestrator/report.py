@@ -1,0 +1,166 @@
+"""``python -m orchestrator report NAME [--out DIR]``: one self-contained HTML page about a sweep.
+
+It refreshes the sweep summary on the parent run (``orchestrator.summary``) and writes
+``report.html``: the summary and trials table, the sweep figures, each analysed trial's depth
+figure, the pruned trials with accuracy vs dilution against their random controls, and the
+committees built from the sweep. Figures are inlined (base64 PNG), so the page needs no network
+and no MLflow; it is logged to the parent run as ``report/report.html`` and written to DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Run  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from orchestrator.runs import PRUNE_ACCURACIES, prune_rows  # noqa: E402
+from orchestrator.summary import TABLE, SweepSummary, summarize_sweep  # noqa: E402
+from orchestrator.tracking import (DEFAULT_TRACKING_URI, MEMBERS, METHOD, ROLE, ROLE_COMMITTEE, find_parent,  # noqa: E402
+                                   open_client, search_all, ui_links)
+from trainables.schema import InputError  # noqa: E402
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
+h2{border-bottom:1px solid #ddd;padding-bottom:.2em}.note{color:#555;font-size:13px}"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def _table(columns: tuple[str, ...], rows: list[dict]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def plot_pruning(rows: list[dict], path: Path) -> Path | None:
+    """Fine-tuned validation accuracy vs dilution per prune method (random masks are the controls)."""
+    points = [r for r in rows if r["status"] == "FINISHED" and r["dilution"] is not None
+              and r["acc_finetuned_val"] is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["prune"].split(",")[0] for r in points}):
+        mine = sorted((r for r in points if r["prune"].split(",")[0] == method), key=lambda r: r["dilution"])
+        ax.plot([r["dilution"] for r in mine], [r["acc_finetuned_val"] for r in mine], "o" if method == "none" else "o-",
+                label=method, ms=5)
+    ax.set_xlabel("dilution (share of weights removed)")
+    ax.set_ylabel("val accuracy after fine-tuning")
+    ax.set_title("pruning: guided masks vs random controls")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def committee_rows(client: MlflowClient, parent: Run) -> list[dict]:
+    runs = search_all(client, [parent.info.experiment_id], f"tags.`{ROLE}` = '{ROLE_COMMITTEE}'")
+    return [{"name": r.info.run_name, "method": r.data.tags.get(METHOD), "members": len(r.data.tags.get(MEMBERS, "").split(",")),
+             **{k: r.data.metrics.get(k) for k in ("committee_val_acc", "committee_test_acc", "best_member_test_acc",
+                                                   "seed_committee_test_acc")},
+             "run_id": r.info.run_id} for r in runs]
+
+
+def analysis_figures(client: MlflowClient, summary: SweepSummary, folder: Path) -> list[tuple[str, Path]]:
+    """(trial name, depth figure) of every analysed trial."""
+    found = []
+    for row in summary.rows:
+        if row["analysed"]:
+            try:
+                found.append((row["name"], Path(client.download_artifacts(
+                    row["run_id"], "analysis/figures/depth.png", str(folder / row["run_id"])))))
+            except (MlflowException, OSError):
+                continue
+    return found
+
+
+def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Path:
+    """Refresh the summary, write ``out_dir/report.html`` and log it to the parent run."""
+    parent = find_parent(client, name)
+    if parent is None:
+        raise InputError(f"report {name}: no sweep of that name in {uri}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        summary = summarize_sweep(client, parent, out_dir=tmp / "summary")
+        parts = [f"<h1>Sweep {html.escape(name)}</h1>",
+                 f'<p class="note">parent run {parent.info.run_id}, experiment {parent.info.experiment_id}</p>',
+                 "<h2>Summary</h2>", _markdown_lead(summary.markdown), _table(TABLE, summary.rows)]
+        parts += [_img(path, key) for key, path in summary.figures.items()]
+        pruned = prune_rows(client, parent)
+        if pruned:
+            parts += ["<h2>Pruning</h2>",
+                      '<p class="note">dilution is the share of weights removed; random cells keep the guided '
+                      "masks' per-layer dilution (or their own level). Compare on validation: the analysis "
+                      "that chose the masks read test images.</p>",
+                      _table(("variant", "seed", "prune", "dilution", "params_kept", *PRUNE_ACCURACIES), pruned)]
+            figure = plot_pruning(pruned, tmp / "pruning.png")
+            if figure:
+                parts.append(_img(figure, "pruning"))
+        committees = committee_rows(client, parent)
+        if committees:
+            parts += ["<h2>Committees</h2>", _table(tuple(committees[0]), committees)]
+        figures = analysis_figures(client, summary, tmp / "analysis")
+        if figures:
+            parts.append("<h2>Single-unit analysis along depth</h2>")
+            for trial, path in figures:
+                parts += [f"<h3>{html.escape(trial)}</h3>", _img(path, trial)]
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title>"
+                f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+        report = out_dir / "report.html"
+        report.write_text(page)
+        client.log_artifact(parent.info.run_id, str(report), "report")
+    return report
+
+
+def _markdown_lead(text: str) -> str:
+    """The description's first paragraph (bold marks dropped) as HTML."""
+    lead = text.split("\n\n")[0].replace("**", "").replace("`", "")
+    return "".join(f"<p>{html.escape(line)}</p>" for line in lead.splitlines())
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        client, uri = open_client(args.tracking_uri, create=False)
+        report = build_report(client, args.name, Path(args.out or f"reports/{args.name}"), uri)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    parent = find_parent(client, args.name)
+    print(f"report: {report}")
+    print(ui_links(uri, parent.info.experiment_id, parent.info.run_id, "sweep"))
+    return 0
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``report`` on the orchestrator's subparsers."""
+    parser = subparsers.add_parser("report", help="an HTML report of a sweep (also logged to its parent run)",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="the sweep's name")
+    parser.add_argument("--out", default=None, help="folder for report.html (default: reports/NAME)")
+    parser.add_argument("--tracking-uri", default=None, help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    parser.set_defaults(func=run)
+    return parser

@@ -1,0 +1,244 @@
+"""A sweep that explains itself in the MLflow UI: the summary written onto its parent run.
+
+``summarize_sweep`` reads the sweep's trial runs and writes onto the parent run: metrics
+``best_val_acc`` and ``best_test_acc`` (the test accuracy of the trial chosen on validation, not the
+best test value), ``n_trials`` and ``n_trials_finished``; tag ``unitlab.best_run_id``; a Markdown
+description (``mlflow.note.content``: the trials table, the best trial named); ``summary/trials.csv``;
+and figures under ``summary/figures/``: accuracy per variant with its seed spread, accuracy vs
+latency with the Pareto front, SNR along depth of every analysed trial on one chart, heads per
+label vs head count. The sweep calls it when it closes; ``orchestrator report`` refreshes it.
+"""
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Run, RunTag  # noqa: E402
+
+from orchestrator.runs import pareto_front, trial_rows  # noqa: E402
+from orchestrator.tracking import ANALYSIS, BEST_RUN, child_runs  # noqa: E402
+
+NOTE = "mlflow.note.content"
+MAX_NOTE_ROWS = 30  # the description stays within MLflow's tag size; trials.csv holds every trial
+TABLE = ("name", "variant", "seed", "status", "epochs", "val_acc", "test_acc", "latency_ms_b1", "params", "run_id")
+
+
+@dataclass
+class SweepSummary:
+    """What the parent run shows: the rows, the best trial, the figures written."""
+
+    rows: list[dict]
+    best: dict | None
+    figures: dict[str, Path] = field(default_factory=dict)
+    markdown: str = ""
+
+
+def summary_rows(client: MlflowClient, parent: Run) -> list[dict]:
+    """One row per trial run: ``runs``' columns plus the run name, head count and analysis series."""
+    runs = {r.info.run_id: r for r in child_runs(client, parent.info.experiment_id, parent.info.run_id)}
+    rows = trial_rows(client, parent)
+    for row in rows:
+        run = runs[row["run_id"]]
+        row["name"] = run.info.run_name
+        row["heads"] = run.data.params.get("model.heads")
+        row["analysed"] = run.data.tags.get(ANALYSIS) == "done"
+    return rows
+
+
+def _fmt(value, spec: str = "{:.4f}") -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def markdown(parent: Run, rows: list[dict], best: dict | None) -> str:
+    """The parent run's description: what the sweep is, who won, the trials table."""
+    finished = [r for r in rows if r["status"] == "FINISHED"]
+    lines = [f"**Sweep {parent.data.tags.get('unitlab.sweep', parent.info.run_name)}**: "
+             f"{len(finished)} of {len(rows)} trials finished."]
+    if best is not None:
+        lines.append(f"Best on validation: **{best['name']}** ({best['variant']}, seed {best['seed']}): "
+                     f"val {best['val_acc']:.4f}, test {_fmt(best['test_acc'])}, run `{best['run_id']}`.")
+    lines += ["", "| trial | variant | seed | status | epochs | val | test | latency b1 (ms) | params |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    shown = sorted(rows, key=lambda r: -(r["val_acc"] or -1))[:MAX_NOTE_ROWS]
+    for r in shown:
+        lines.append(f"| {r['name']} | {r['variant']} | {r['seed']} | {r['status']} | {r['epochs']} | "
+                     f"{_fmt(r['val_acc'])} | {_fmt(r['test_acc'])} | {_fmt(r['latency_ms_b1'], '{:.2f}')} | "
+                     f"{_fmt(r['params'], '{:,.0f}')} |")
+    if len(rows) > len(shown):
+        lines.append(f"| ... {len(rows) - len(shown)} more trials in `summary/trials.csv` |||||||||")
+    lines += ["", "Figures and `trials.csv` are under this run's artifacts, `summary/`."]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TABLE, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_accuracy_by_variant(rows: list[dict], path: Path) -> Path | None:
+    """Test (and val) accuracy per variant: each seed a dot, the mean a bar."""
+    finished = [r for r in rows if r["status"] == "FINISHED" and r["test_acc"] is not None]
+    if not finished:
+        return None
+    variants = sorted({r["variant"] for r in finished})
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(variants)), 4))
+    for i, variant in enumerate(variants):
+        mine = [r for r in finished if r["variant"] == variant]
+        for offset, key, colour in ((-0.18, "val_acc", "tab:blue"), (0.18, "test_acc", "tab:orange")):
+            values = [r[key] for r in mine if r[key] is not None]
+            ax.bar(i + offset, sum(values) / len(values), width=0.34, color=colour, alpha=0.45,
+                   label=key if i == 0 else None)
+            ax.scatter([i + offset] * len(values), values, color=colour, s=18, zorder=3)
+    ax.set_xticks(range(len(variants)), [v.replace(",", "\n") for v in variants], fontsize=7)
+    ax.set_ylabel("accuracy (dots: seeds, bars: mean)")
+    ax.set_title("accuracy per variant")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_latency(rows: list[dict], path: Path) -> Path | None:
+    """Test accuracy vs batch-1 latency per trial, the Pareto front (higher accuracy, lower latency) joined."""
+    points = [r for r in rows if r["status"] == "FINISHED" and r["test_acc"] is not None
+              and r["latency_ms_b1"] is not None]
+    if not points:
+        return None
+    front = pareto_front(points, {"test_acc": "max", "latency_ms_b1": "min"})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["latency_ms_b1"] for r in points], [r["test_acc"] for r in points], s=22)
+    for r in points:
+        ax.annotate(r["name"], (r["latency_ms_b1"], r["test_acc"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    edge = sorted((r for r in points if r["run_id"] in front), key=lambda r: r["latency_ms_b1"])
+    ax.plot([r["latency_ms_b1"] for r in edge], [r["test_acc"] for r in edge], color="tab:red", lw=1.2,
+            label="Pareto front")
+    ax.set_xlabel("latency at batch 1 (ms)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy vs latency")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def depth_history(client: MlflowClient, run_id: str, name: str) -> dict[int, float]:
+    """A depth series of a run as {step: value} (the latest value where a step was logged twice)."""
+    values: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, name):
+        if m.step not in values or m.timestamp >= values[m.step][0]:
+            values[m.step] = (m.timestamp, m.value)
+    return {step: value for step, (_, value) in sorted(values.items())}
+
+
+def tap_names(client: MlflowClient, run_id: str, folder: Path) -> dict[int, str]:
+    """step -> tap from a run's ``analysis/depth_index.csv`` (empty if it has none)."""
+    try:
+        path = client.download_artifacts(run_id, "analysis/depth_index.csv", str(folder))
+    except Exception:  # noqa: BLE001 - an analysis logged before depth series existed
+        return {}
+    with open(path, newline="") as handle:
+        return {int(row["step"]): row["tap"] for row in csv.DictReader(handle)}
+
+
+def plot_snr_by_depth(client: MlflowClient, rows: list[dict], path: Path) -> Path | None:
+    """SNR along depth of every analysed trial, one line each (x: tap in depth order)."""
+    analysed = [r for r in rows if r["analysed"]]
+    if not analysed:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ticks: dict[int, str] = {}
+    drawn = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in analysed:
+            series = depth_history(client, r["run_id"], "snr_by_depth")
+            if series:
+                drawn += 1
+                ax.plot(list(series), list(series.values()), marker="o", ms=3, label=r["name"])
+                names = tap_names(client, r["run_id"], Path(tmp) / r["run_id"])
+                if len(names) > len(ticks):
+                    ticks = names
+    if not drawn:  # analyses logged before depth series existed
+        plt.close(fig)
+        return None
+    if ticks:
+        ax.set_xticks(list(ticks), list(ticks.values()), rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("tap (depth order of the deepest model)")
+    ax.set_ylabel("SNR")
+    ax.set_title("SNR along depth")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_heads_per_label(client: MlflowClient, rows: list[dict], path: Path) -> Path | None:
+    """Mean heads per label (SHP) at every head tap vs the trial's head count."""
+    points = []
+    for r in rows:
+        if r["analysed"] and r["heads"]:
+            for step, value in depth_history(client, r["run_id"], "heads_per_label_by_depth").items():
+                points.append((int(r["heads"]), value, step))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter([p[0] for p in points], [p[1] for p in points], c=[p[2] for p in points], cmap="viridis", s=24)
+    heads = sorted({p[0] for p in points})
+    ax.plot(heads, heads, color="grey", lw=0.8, ls="--", label="every head")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(heads, [str(h) for h in heads])
+    ax.set_xlabel("heads per block")
+    ax.set_ylabel("heads recognising a label (mean)")
+    ax.set_title("heads per label vs head count (colour: depth)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summarize_sweep(client: MlflowClient, parent: Run, out_dir: Path | None = None) -> SweepSummary:
+    """Compute and log the sweep summary onto the parent run (see the module docstring)."""
+    rows = summary_rows(client, parent)
+    finished = [r for r in rows if r["status"] == "FINISHED" and r["val_acc"] is not None]
+    best = max(finished, key=lambda r: r["val_acc"]) if finished else None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir or tmp)
+        figures_dir = folder / "figures"
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        drawn = {
+            "accuracy_by_variant": plot_accuracy_by_variant(rows, figures_dir / "accuracy_by_variant.png"),
+            "accuracy_vs_latency": plot_accuracy_vs_latency(rows, figures_dir / "accuracy_vs_latency.png"),
+            "snr_by_depth": plot_snr_by_depth(client, rows, figures_dir / "snr_by_depth.png"),
+            "heads_per_label": plot_heads_per_label(client, rows, figures_dir / "heads_per_label.png"),
+        }
+        summary = SweepSummary(rows, best, {k: v for k, v in drawn.items() if v is not None},
+                               markdown(parent, rows, best))
+        write_csv(rows, folder / "trials.csv")
+        (folder / "summary.md").write_text(summary.markdown)
+        run_id, now = parent.info.run_id, int(time.time() * 1000)
+        metrics = {"n_trials": len(rows), "n_trials_finished": len(finished)}
+        if best is not None:
+            metrics["best_val_acc"] = best["val_acc"]
+            if best["test_acc"] is not None:
+                metrics["best_test_acc"] = best["test_acc"]
+        tags = {NOTE: summary.markdown, **({BEST_RUN: best["run_id"]} if best else {})}
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_artifacts(run_id, str(folder), "summary")
+        if out_dir is None:  # the temporary folder goes away
+            summary.figures = {}
+    return summary

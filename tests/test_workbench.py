@@ -1,0 +1,107 @@
+"""The sweep as a researcher sees it in MLflow, checked through a real `mlflow server`'s REST API (what
+the UI reads): the parent run's summary, short run names, analysis depth series, the HTML report."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import REPO, sweep_spec, write
+from test_faults import start_server, stop_server
+from test_multinode import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served_sweep(tmp_path_factory):
+    """A finished two-trial sweep (2 vs 4 heads, analysed, one prune cell) on an MLflow server."""
+    tmp = tmp_path_factory.mktemp("workbench")
+    port = free_port()
+    server = start_server(tmp, port)
+    uri = f"http://127.0.0.1:{port}"
+    spec = sweep_spec("bench", epochs=2, axes={"attention": [{"heads": 2, "head_dim": 16}, {"heads": 4, "head_dim": 8}],
+                                               "seed": [0]},
+                      analyze={"train_size": 128, "test_size": 64, "readout_epochs": 4},
+                      prune={"methods": ["none"], "finetune_epochs": 1})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        swept = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp, spec)), "--tracking-uri",
+                                uri, "--storage-path", str(tmp / "store")], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=600)
+        assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+        report = subprocess.run([sys.executable, "-m", "orchestrator", "report", "bench", "--tracking-uri", uri,
+                                 "--out", str(tmp / "report")], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+        yield {"client": MlflowClient(uri), "uri": uri, "tmp": tmp, "sweep_out": swept.stdout,
+               "report_out": report.stdout}
+    finally:
+        stop_server(server)
+
+
+def runs_of(client: MlflowClient, role: str) -> list:
+    exp = client.get_experiment_by_name("bench")
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("unitlab.role") == role]
+
+
+def test_parent_run_summarises_the_sweep(served_sweep, tmp_path):
+    client = served_sweep["client"]
+    (parent,) = runs_of(client, "sweep")
+    trials = runs_of(client, "trial")
+    metrics, tags = parent.data.metrics, parent.data.tags
+    assert metrics["n_trials_finished"] == 2 == metrics["n_trials"]
+    best = {r.info.run_id: r for r in trials}[tags["unitlab.best_run_id"]]
+    assert best.data.metrics["val_acc"] == max(r.data.metrics["val_acc"] for r in trials)
+    assert metrics["best_val_acc"] == pytest.approx(best.data.metrics["val_acc"])
+    assert metrics["best_test_acc"] == pytest.approx(best.data.metrics["test_acc"])  # chosen on val, not on test
+    note = tags["mlflow.note.content"]
+    assert best.info.run_name in note and "| trial | variant |" in note
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/trials.csv", "summary/summary.md", "summary/figures"} <= files
+    figures = {f.path for f in client.list_artifacts(parent.info.run_id, "summary/figures")}
+    assert {f"summary/figures/{n}.png" for n in ("accuracy_by_variant", "accuracy_vs_latency", "snr_by_depth",
+                                                 "heads_per_label")} <= figures
+    rows = list(csv.DictReader(open(client.download_artifacts(parent.info.run_id, "summary/trials.csv", str(tmp_path)))))
+    assert sorted(r["run_id"] for r in rows) == sorted(r.info.run_id for r in trials)
+
+
+def test_trial_runs_have_short_names_and_depth_series(served_sweep, tmp_path):
+    client = served_sweep["client"]
+    trials = runs_of(client, "trial")
+    assert sorted(r.info.run_name for r in trials) == ["h2d16", "h4d8"]
+    for run in trials:
+        assert run.data.tags["unitlab.variant"].startswith("heads=")
+        index = list(csv.DictReader(open(client.download_artifacts(run.info.run_id, "analysis/depth_index.csv",
+                                                                   str(tmp_path / run.info.run_id)))))
+        for series in ("snr_by_depth", "readout_acc_by_depth", "labels_per_unit_by_depth"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, series)]
+            assert sorted(steps) == list(range(len(index))), series
+        head_steps = [int(r["step"]) for r in index if r["tap"].endswith(".heads")]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "heads_per_label_by_depth")) == head_steps
+        assert not [k for k in run.data.metrics if "/" in k]
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "analysis")}
+        assert {"analysis/taps.csv", "analysis/units.csv", "analysis/coverage.csv"} <= files
+    names = {r.info.run_id: r.info.run_name for r in trials}
+    pruned = runs_of(client, "prune")
+    assert sorted(r.info.run_name for r in pruned) == sorted(f"{names[r.data.tags['unitlab.lineage.parent_run']]}·none"
+                                                               for r in pruned) == ["h2d16·none", "h4d8·none"]
+
+
+def test_report_is_one_self_contained_page_logged_to_the_parent(served_sweep):
+    client = served_sweep["client"]
+    (parent,) = runs_of(client, "sweep")
+    page = (served_sweep["tmp"] / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5  # 4 sweep figures + a depth figure per trial + pruning
+    assert "http://" not in page.replace(served_sweep["uri"], "") and "<script" not in page
+    assert "Pruning" in page and "h2d16" in page and "h4d8" in page
+    assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    link = f"{served_sweep['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert link in served_sweep["report_out"] and link in served_sweep["sweep_out"]
+    assert "workflowType=machine_learning" in served_sweep["sweep_out"]
