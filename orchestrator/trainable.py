@@ -18,6 +18,7 @@ from ray import tune
 from analysis.units.run import analyze_run_dir
 from orchestrator.analyze import log_analysis
 from orchestrator.figures import plot_curves
+from orchestrator.logged_model import log_dataset, log_trial_model
 from orchestrator.sweep_spec import FINAL_METRICS, SweepSpec
 from orchestrator.tracking import (DATASET, NODE_ID, NUM_CLASSES, SEED, START_EPOCH, SWEEP, TRIAL_ID, VARIANT, ChildRun,
                                    connect, flatten)
@@ -106,6 +107,8 @@ def train_trial(config: dict, context: TrialContext) -> None:
             if spec.analyze is not None:  # before FINISHED, so a finished run always holds its analysis
                 analyze_run_dir(job_dir, job_dir / "analysis", spec.analyze)
                 child.submit("analysis", lambda: log_analysis(child.run_id, job_dir / "analysis", client))
+            child.submit("model", lambda: log_trial_model(context.tracking_uri, child.run_id, job_dir, cfg, summary["norm"]))
+            child.submit("dataset", lambda: log_dataset(client, child.run_id, cfg))
             child.finish(summary, job_dir)
         except Exception as exc:
             child.fail(exc)

@@ -3,6 +3,7 @@ the UI reads): the parent run's summary, short run names, analysis depth series,
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -105,3 +106,25 @@ def test_report_is_one_self_contained_page_logged_to_the_parent(served_sweep):
     link = f"{served_sweep['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
     assert link in served_sweep["report_out"] and link in served_sweep["sweep_out"]
     assert "workflowType=machine_learning" in served_sweep["sweep_out"]
+
+
+def test_trials_log_a_loadable_model_and_their_dataset(served_sweep, tmp_path):
+    import mlflow
+    import numpy as np
+
+    from trainables.config import prepare
+    from trainables.data import load_splits
+    from trainables.probs import read_probs
+
+    client = served_sweep["client"]
+    mlflow.set_tracking_uri(served_sweep["uri"])
+    for run in runs_of(client, "trial"):
+        model = mlflow.pyfunc.load_model(run.data.tags["unitlab.model_uri"])
+        config = prepare(json.loads(open(client.download_artifacts(run.info.run_id, "config.json",
+                                                                   str(tmp_path / run.info.run_id))).read()))
+        images = load_splits(config.data, config.seed).test.images[:8]
+        _, _, stored, _ = read_probs(client.download_artifacts(run.info.run_id, "probs/probs_test.parquet",
+                                                               str(tmp_path / run.info.run_id)))
+        np.testing.assert_allclose(model.predict(images), stored[:8], atol=1e-4)
+        (dataset,) = run.inputs.dataset_inputs
+        assert dataset.dataset.name.startswith("synthetic")

@@ -310,6 +310,8 @@ def finish_job(model, cfg: JobConfig, splits, loaders, history, out_dir: Path, d
     summary["macs"] = count_macs(model)
     summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     summary["train_images_per_sec"] = float(np.mean([h["images_per_sec"] for h in history])) if history else 0.0
+    mean, std = _norm_stats(splits, cfg)
+    summary["norm"] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # what a served model applies
     summary["history"] = history
     torch.save(model.state_dict(), out_dir / "model.pt")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
