@@ -22,9 +22,13 @@ test: $(VENV)/.installed
 quick: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
+# Every stage on a CIFAR-100 subset: a sweep (4 variants, analysed), ANDC and its random control on
+# the best trial, a committee, and the HTML report; then the MLflow UI command and links.
 demo: $(VENV)/.installed
 	$(PY) -m orchestrator sweep configs/quick.yaml
-	$(PY) -m orchestrator runs quick
+	$(PY) -m orchestrator prune quick:best --methods andc,random --finetune-epochs 1
+	$(PY) -m orchestrator committee --experiment quick --size 3
+	$(PY) -m orchestrator report quick
 	@echo "Browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 clean-runs:

@@ -1,6 +1,7 @@
 """``python -m orchestrator prune TARGET --methods afcc,random [...]``: prune finished trials later.
 
-TARGET is a sweep name (all its finished training trials) or one trial's run id. The pruned trials
+TARGET is a sweep name (all its finished training trials), ``NAME:best`` (the trial the sweep chose
+on validation) or one trial's run id. The pruned trials
 run as the sweep's prune stage (``prune_stage.run_prune_stage``): nested under their parents'
 runs, with lineage tags, one run per (parent, cell), so a repeated command adds nothing.
 
@@ -30,14 +31,20 @@ from orchestrator.runs import format_runs
 from orchestrator.schema import SweepError
 from orchestrator.stage_spec import PruneSpec, parse_prune
 from orchestrator.sweep import logged_spec
-from orchestrator.tracking import (ANALYSIS, ANALYSIS_THRESHOLD, CELL, ROLE, ROLE_TRIAL, SWEEP, VARIANT, child_runs,
+from orchestrator.tracking import (ANALYSIS, ANALYSIS_THRESHOLD, BEST_RUN, CELL, ROLE, ROLE_TRIAL, SWEEP, VARIANT, child_runs,
                                    find_parent, open_client, prune_runs)
 from trainables.models import build_model
 from trainables.schema import InputError
 
 
 def target_parents(client: MlflowClient, target: str) -> tuple[Run, list[Run]]:
-    """(the sweep's parent run, the finished training trials TARGET names)."""
+    """(the sweep's parent run, the finished training trials TARGET names): NAME (all), NAME:best (the
+    trial the sweep chose on validation) or a trial's run id."""
+    if target.endswith(":best"):
+        parent = find_parent(client, target.removesuffix(":best"))
+        if parent is None or BEST_RUN not in parent.data.tags:
+            raise SweepError(f"prune {target}: no sweep of that name with a best trial (it is set when the sweep closes)")
+        target = parent.data.tags[BEST_RUN]
     parent = find_parent(client, target)
     if parent is not None:
         runs = [r for r in child_runs(client, parent.info.experiment_id, parent.info.run_id)
@@ -109,7 +116,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``prune`` on the CLI's subparsers."""
     p = subparsers.add_parser("prune", help="prune finished trials (nested runs with lineage tags)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("target", help="sweep name, or one trial's run id")
+    p.add_argument("target", help="sweep name, NAME:best (its best trial on validation), or one trial's run id")
     PrunePlan.add_flags(p)
     PruneConfig.add_flags(p, skip=("method", "level", "control_of", "threshold", "taps", "save_matrices"))
     p.add_argument("--analyze", action="store_true",

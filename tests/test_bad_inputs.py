@@ -250,3 +250,18 @@ def test_new_picks_the_first_free_name(assets, tmp_path):
     spec = load_spec(assets["root"] / "sweep.yaml")
     assert free_name(spec, client, new=True) == "corpus-3"
     assert free_name(spec, None, new=False) == "corpus"
+
+
+def test_prune_best_of_an_unclosed_sweep_is_one_line(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import ROLE, STORAGE, SWEEP
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("open", artifact_location=(tmp_path / "artifacts").as_uri())
+    client.create_run(exp, tags={ROLE: "sweep", SWEEP: "open", STORAGE: str(tmp_path / "tune")})
+    capsys.readouterr()
+    assert orchestrator_main(["prune", "open:best", "--methods", "none", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no sweep of that name with a best trial" in err[0], err

@@ -1,7 +1,7 @@
 """Figures of an analysis (matplotlib, Agg backend), written as PNG files.
 
 - ``depth.png``: SNR, labels per unit, noise per unit and readout accuracy along the taps.
-- ``shp_TAP.png``: one binarised SHP matrix per head of the first and last head tap, labels
+- ``shp_TAP.png``: each head's SHP matrix (scaled, with a colour bar) of the first and last head tap, labels
   permuted so each head's clusters sit on the diagonal (cluster labels first, the rest after).
 - ``heads_labels.png``: per head tap, the heads x labels node counts (labels ordered by the head
   holding most of their nodes).
@@ -18,7 +18,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .clusters import binarize  # noqa: E402
 from .pipeline import AnalysisResult  # noqa: E402
 from .summary import primary_kind  # noqa: E402
 
@@ -50,25 +49,34 @@ def plot_depth(result: AnalysisResult, path: Path) -> None:
 
 
 def plot_shp_grid(result: AnalysisResult, tap: str, path: Path) -> None:
+    """Each head's SHP matrix (scaled by its largest entry), labels in the head's cluster order so
+    clusters sit on the diagonal; axes name the labels, a colour bar gives the scale."""
     heads = result.matrices[tap]["head"]
     units = result.taps[tap]["kinds"]["head"]["units"]
     threshold = result.meta["threshold"]
-    cols = math.ceil(math.sqrt(len(heads)))
+    cols = min(4, math.ceil(math.sqrt(len(heads))))
     rows = math.ceil(len(heads) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(4.0, 2.2 * cols), 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 0.8, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    image = None
     for h, (M, unit) in enumerate(zip(heads, units)):
-        B = binarize(M, threshold)
         ax = axes.flat[h]
-        if B is not None:
-            order = cluster_order(unit["clusters"], min(B.shape))
-            order += list(range(min(B.shape), max(B.shape)))
-            ax.imshow(B[np.ix_(order[:B.shape[0]], order[:B.shape[1]])], cmap="Greys", interpolation="nearest")
-        ax.set_title(f"head {h}: {unit['n_labels']} labels, noise {unit['noise']}", fontsize=7)
-    fig.suptitle(f"SHP of {tap} (binarised at {threshold}, clusters on the diagonal)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.axis("on")
+        n = min(M.shape)
+        order = cluster_order(unit["clusters"], n)
+        scale = float(np.abs(M).max()) or 1.0
+        image = ax.imshow(M[np.ix_(order, order)] / scale, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        step = max(1, n // 5)
+        ax.set_xticks(range(0, n, step), [str(order[i]) for i in range(0, n, step)], fontsize=6)
+        ax.set_yticks(range(0, n, step), [str(order[i]) for i in range(0, n, step)], fontsize=6)
+        ax.set_xlabel("label (cluster order)", fontsize=7)
+        ax.set_ylabel("label", fontsize=7)
+        ax.set_title(f"head {h}: {unit['n_labels']} labels, noise {unit['noise']}", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, label="entry / largest entry")
+    fig.suptitle(f"SHP of {tap}: entries >= {threshold} of the largest form clusters (on the diagonal)", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
