@@ -30,17 +30,19 @@ from mlflow import MlflowClient
 
 from orchestrator.tracking import (DATASET, DEFAULT_TRACKING_URI, MEMBERS, METHOD, NUM_CLASSES, ROLE, ROLE_COMMITTEE,
                                    ROLE_TRIAL, SEED, SEED_MEMBERS, SEED_VARIANT, SWEEP, VARIANT, open_client,
-                                   search_all, ui_links)
-from trainables.schema import InputError
-from analysis.committees.selection import CommitteeConfig, evaluate, label_set_profile, seed_control, select
+                                   resolve_tracking_uri, search_all, ui_links)
+from trainables.schema import InputError, output_folder
+from analysis.committees.calibration import ece, fit_temperature, nll, scale
+from orchestrator.committee_model import gather_members, register_committee
+from orchestrator.predict import predict_images
+from orchestrator.schema import CommitteeError
+from analysis.committees.selection import (CommitteeConfig, Split, committee_probs, evaluate, label_set_profile,
+                                           seed_control, select)
 from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack
 
 ARTIFACT_DIR = "committee"
-MEMBER_FIELDS = ("run_id", "variant", "seed", "val_acc", "test_acc", "count", "weight")
-
-
-class CommitteeError(InputError):
-    """Bad input: reported as one line with exit code 2."""
+MEMBER_FIELDS = ("run_id", "variant", "seed", "val_acc", "test_acc", "count", "weight", "temperature",
+                 "test_nll_raw", "test_nll", "test_ece_raw", "test_ece")
 
 
 def trial_runs(client: MlflowClient, experiment_id: str, user_filter: str | None) -> list:
@@ -174,26 +176,38 @@ def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filt
     if not valid:
         reasons = "; ".join(f"{rid}: {why}" for rid, why in excluded) or "no trial runs"
         raise CommitteeError(f"no valid runs in experiment {experiment!r} ({reasons})")
-    val, test = stack(valid)
-    params: dict[str, object] = {"method": method, "size_requested": size, "filter": user_filter or ""}
+    raw_val, raw_test = stack(valid)
+    temperatures = [fit_temperature(p, raw_val.labels) if config.calibrate else 1.0 for p in raw_val.probs]
+    val = Split([scale(p, t) for p, t in zip(raw_val.probs, temperatures)], raw_val.labels)
+    test = Split([scale(p, t) for p, t in zip(raw_test.probs, temperatures)], raw_test.labels)
+    params: dict[str, object] = {"method": method, "size_requested": size, "filter": user_filter or "",
+                                 "calibrate": config.calibrate}
+    if method == "greedy":
+        params.update(init_size=config.init_size, bags=config.bags, bag_fraction=config.bag_fraction,
+                      truncate=config.truncate, bag_seed=config.bag_seed)
     options = {}
     if method == "diverse":
         profiles, mechanism = _profile_matrix(valid, {c.run_id: p for c, _, p in loaded}, profile_artifact)
         options = {"lam": config.diversity_weight, "mu": config.mechanism_weight, "profiles": profiles}
         params.update(diversity_weight=config.diversity_weight, mechanism_weight=config.mechanism_weight,
                       mechanism_diversity=mechanism)
-    selection = select(val, size, method, **options)
+    selection = select(val, size, method, init_size=config.init_size, bags=config.bags,
+                       bag_fraction=config.bag_fraction, truncate=config.truncate, bag_seed=config.bag_seed, **options)
     result = evaluate(selection, val, test)
     seed = seed_control(val, test, _seed_groups(valid))
     if seed is None and config.seed_control:
         raise CommitteeError("seed control unavailable: no variant has >= 2 valid runs")
 
     ids = [c.run_id for c in valid]
-    counts = selection.counts
+    counts, weights = selection.counts, selection.member_weights()
+    labels = raw_test.labels
     members = [{"run_id": ids[m], "variant": valid[m].variant,
                 "seed": valid[m].seed, "val_acc": result.member_val_acc[m],
-                "test_acc": result.member_test_acc[m], "count": counts[m],
-                "weight": counts[m] / len(selection.order)} for m in selection.members]
+                "test_acc": result.member_test_acc[m], "count": "" if selection.weights else counts[m],
+                "weight": weights[m], "temperature": temperatures[m],
+                "test_nll_raw": nll(raw_test.probs[m], labels), "test_nll": nll(test.probs[m], labels),
+                "test_ece_raw": ece(raw_test.probs[m], labels), "test_ece": ece(test.probs[m], labels)}
+               for m in selection.members]
     curve = [{"size": i + 1, "added_run_id": ids[j], "val_acc": v, "test_acc": t}
              for i, (j, v, t) in enumerate(zip(selection.order, result.val_curve, result.test_curve))]
     tags = {ROLE: ROLE_COMMITTEE, METHOD: method, MEMBERS: ",".join(ids[m] for m in selection.members)}
@@ -203,7 +217,11 @@ def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filt
     metrics = {"committee_test_acc": result.committee_test_acc, "best_member_test_acc": result.best_member_test_acc,
                "gain": result.gain, "committee_val_acc": result.committee_val_acc,
                "size": len(selection.order), "n_members": len(members),
-               "valid_runs": len(valid), "excluded_runs": len(excluded)}
+               "valid_runs": len(valid), "excluded_runs": len(excluded),
+               "committee_test_nll": nll(committee_probs(test, selection), labels),
+               "committee_test_ece": ece(committee_probs(test, selection), labels),
+               "committee_test_nll_raw": nll(committee_probs(raw_test, selection), labels),
+               "committee_test_ece_raw": ece(committee_probs(raw_test, selection), labels)}
     if seed:
         seed = {**seed, "size": len(seed["members"]), "members": [ids[i] for i in seed["members"]]}
         tags.update({SEED_VARIANT: seed["variant"], SEED_MEMBERS: ",".join(seed["members"])})
@@ -239,13 +257,21 @@ def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> s
     return run_id
 
 
-def build(client: MlflowClient, experiment: str, user_filter: str | None, config: CommitteeConfig) -> str:
-    """Check the input, then select, evaluate and log one committee; returns the committee run id."""
+def build(client: MlflowClient, experiment: str, user_filter: str | None, config: CommitteeConfig,
+          register: str | None = None, alias: str | None = None, tracking_uri: str = "") -> tuple[str, str | None]:
+    """Check the input, then select, evaluate and log one committee; with ``register``, check every
+    member's files first, then log the committee as an MLflow Model and register it.
+    Returns (committee run id, registered model URI or None)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise CommitteeError(f"unknown experiment {experiment!r}")
     record = compose(client, exp.experiment_id, experiment, user_filter, config)
-    return log_committee(client, exp.experiment_id, record)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "committee"
+        shape = gather_members(client, record.members, folder) if register else None  # before anything is logged
+        run_id = log_committee(client, exp.experiment_id, record)
+        model_uri = register_committee(tracking_uri, run_id, folder, shape, register, alias) if register else None
+    return run_id, model_uri
 
 
 def _read_csv(client: MlflowClient, run_id: str, name: str, dst: str) -> list[dict]:
@@ -269,6 +295,9 @@ def show(client: MlflowClient, run_id: str) -> str:
         f"  test acc {m['committee_test_acc']:.4f}  best member {m['best_member_test_acc']:.4f}  "
         f"gain {m['gain']:+.4f}  val acc {m['committee_val_acc']:.4f}",
     ]
+    if "committee_test_nll" in m:
+        lines.append(f"  test NLL {m['committee_test_nll']:.4f} (members uncalibrated: {m['committee_test_nll_raw']:.4f})  "
+                     f"ECE {m['committee_test_ece']:.4f} ({m['committee_test_ece_raw']:.4f})")
     if "seed_committee_test_acc" in m:
         lines.append(f"  seed control ({tags[SEED_VARIANT]}, {int(m['seed_size'])} runs): "
                      f"test acc {m['seed_committee_test_acc']:.4f}  best member "
@@ -276,10 +305,11 @@ def show(client: MlflowClient, run_id: str) -> str:
     else:
         lines.append("  seed control: unavailable (no variant with >= 2 valid runs)")
     lines.append(f"  {'run_id':<32}  {'variant':<30}  {'seed':>4}  {'val_acc':>7}  {'test_acc':>8}  "
-                 f"{'count':>5}  {'weight':>6}")
+                 f"{'count':>5}  {'weight':>6}  {'T':>5}")
     for r in members:
         lines.append(f"  {r['run_id']:<32}  {r['variant']:<30}  {r['seed']:>4}  {float(r['val_acc']):7.4f}  "
-                     f"{float(r['test_acc']):8.4f}  {r['count']:>5}  {float(r['weight']):6.3f}")
+                     f"{float(r['test_acc']):8.4f}  {r['count']:>5}  {float(r['weight']):6.3f}  "
+                     f"{float(r.get('temperature') or 1):5.2f}")
     lines.append(f"  excluded runs: {len(excluded)}")
     lines.extend(f"    {r['run_id']}  {r['reason']}" for r in excluded)
     return "\n".join(lines)
@@ -289,6 +319,15 @@ def run(args: argparse.Namespace) -> int:
     """Handle a parsed ``committee`` command; bad input gives one line on stderr and exit code 2."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
+        if args.committee_command == "predict":
+            open_client(args.tracking_uri, create=False)  # a registry that is not there: one line
+            os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(args.tracking_uri)
+            out = Path(args.out)
+            output_folder(out.parent, "--out")
+            if out.is_dir():
+                raise CommitteeError(f"--out: {out} is a folder; give a .parquet file")
+            print(f"predictions: {predict_images(args.model_uri, Path(args.images), out)}")
+            return 0
         if args.committee_command == "show":
             print(show(open_client(args.tracking_uri, create=False)[0], args.run_id))
             return 0
@@ -296,8 +335,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.experiment:
             raise CommitteeError("--experiment is required")
         client, uri = open_client(args.tracking_uri, create=False)
-        run_id = build(client, args.experiment, args.filter, config)
+        if args.alias and not args.register:
+            raise CommitteeError("--alias needs --register NAME")
+        run_id, model_uri = build(client, args.experiment, args.filter, config, args.register, args.alias, uri)
         print(show(client, run_id))
+        if model_uri:
+            print(f"registered: {model_uri}  (mlflow.pyfunc.load_model({model_uri!r}); "
+                  f"python -m orchestrator committee predict {model_uri} IMAGES)")
         print(ui_links(uri, client.get_run(run_id).info.experiment_id, run_id, "committee"))
         return 0
     except InputError as err:
@@ -314,11 +358,19 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--experiment", help="experiment (sweep) name")
     parser.add_argument("--filter", help=f"extra MLflow filter string, ANDed with tags.`{ROLE}` = '{ROLE_TRIAL}'")
     CommitteeConfig.add_flags(parser)
+    parser.add_argument("--register", default=None, metavar="NAME",
+                        help="log the committee as an MLflow Model and register it under NAME")
+    parser.add_argument("--alias", default=None, help="with --register: an alias for the new version (e.g. champion)")
     parser.add_argument("--tracking-uri", help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
-    sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show}")
+    sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show,predict}")
     show_parser = sub.add_parser("show", help="print a committee run")
     show_parser.add_argument("run_id")
     show_parser.add_argument("--tracking-uri", default=argparse.SUPPRESS, help="MLflow URI")
+    predict_parser = sub.add_parser("predict", help="label images with a registered committee (models:/NAME@ALIAS)")
+    predict_parser.add_argument("model_uri")
+    predict_parser.add_argument("images", help="a folder of PNG/JPEG files or a Parquet file of images")
+    predict_parser.add_argument("--out", default="predictions.parquet", help="output Parquet (source, label, probs)")
+    predict_parser.add_argument("--tracking-uri", default=argparse.SUPPRESS, help="MLflow URI")
     parser.set_defaults(func=run)
     return parser
 

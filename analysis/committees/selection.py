@@ -46,6 +46,13 @@ class CommitteeConfig(Settings):
                                     "diverse: the runs' label sets for mechanism diversity ('' turns it off)")
     seed_control: bool = setting(False, "fail unless the same-architecture seed committee can be formed "
                                  "(it is reported whenever it can)")
+    init_size: int = setting(0, "greedy: start from the N best single models (sorted initialisation)", low=0)
+    bags: int = setting(1, "greedy: repeat the selection on this many random subsets of the candidates and "
+                        "average the members' weights (1: no bagging)", low=1)
+    bag_fraction: float = setting(0.5, "greedy: share of the candidates in each bag", gt=0, high=1)
+    truncate: bool = setting(False, "greedy: cut each selection at its best validation accuracy")
+    calibrate: bool = setting(True, "fit one temperature per member on validation NLL before averaging")
+    bag_seed: int = setting(0, "greedy: seed of the bags' draws")
 _EPS = 1e-12
 
 
@@ -85,6 +92,15 @@ class Split:
         """(M,) mean negative log-probability of the true label for each model."""
         return _log_loss(self.true_prob)
 
+    def subset(self, models: Sequence[int]) -> "Split":
+        """The same split restricted to some models (their cached statistics reused)."""
+        out = object.__new__(Split)
+        idx = np.asarray(models, dtype=np.int64)
+        out.labels, out.probs = self.labels, [self.probs[i] for i in idx]
+        out.true_prob, out.rival_max, out.rival_idx = self.true_prob[idx], self.rival_max[idx], self.rival_idx[idx]
+        out.correct = self.correct[idx]
+        return out
+
 
 def _true_and_rival(p: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of ``p``: the true label's value, the largest other value and its first index."""
@@ -97,11 +113,21 @@ def _true_and_rival(p: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
 
 @dataclass(frozen=True)
 class Selection:
-    """A committee as the sequence of model indices added, with validation accuracy after each step."""
+    """A committee as the sequence of model indices added, with validation accuracy after each step.
+
+    A bagged selection also holds ``weights`` (member -> share, summing to 1); its ``order`` is then
+    the members by decreasing weight, and its curves add them in that order with their weights."""
 
     method: str
     order: list[int]
     val_curve: list[float]
+    weights: dict[int, float] | None = None
+
+    def member_weights(self) -> dict[int, float]:
+        """Member -> weight in the committee (its share of the selection steps unless bagged)."""
+        if self.weights is not None:
+            return dict(self.weights)
+        return {m: c / len(self.order) for m, c in self.counts.items()}
 
     @property
     def members(self) -> list[int]:
@@ -171,12 +197,24 @@ def running_accuracy(split: Split, order: list[int]) -> list[float]:
     return curve
 
 
-def greedy_select(val: Split, size: int) -> Selection:
-    """Caruana forward selection with replacement to ``size`` steps, on validation only."""
+def greedy_select(val: Split, size: int, init_size: int = 0, truncate: bool = False) -> Selection:
+    """Caruana forward selection with replacement to ``size`` steps, on validation only.
+
+    ``init_size``: start from that many best single models (sorted initialisation, Caruana et al.
+    2006); ``truncate``: keep the trajectory up to its best validation accuracy (the earliest step
+    reaching it)."""
     running = np.zeros_like(val.probs[0])
     running_true = np.zeros(val.n_samples, dtype=np.float64)
     order, curve = [], []
+    ranked = np.lexsort((np.arange(val.n_models), val.log_loss(), -val.accuracy()))
     for step in range(size):
+        if step < min(init_size, val.n_models):
+            j = int(ranked[step])
+            running += val.probs[j]
+            running_true += val.true_prob[j]
+            order.append(j)
+            curve.append(float((running.argmax(axis=1) == val.labels).mean()))
+            continue
         correct = val.correct.sum(axis=1) if step == 0 else candidate_correct(val, running)
         loss = _log_loss((running_true + val.true_prob) / (step + 1))
         j = _best(correct, loss)
@@ -184,7 +222,45 @@ def greedy_select(val: Split, size: int) -> Selection:
         running_true += val.true_prob[j]
         order.append(j)
         curve.append(float(correct[j] / val.n_samples))
+    if truncate:
+        keep = int(np.argmax(curve)) + 1
+        order, curve = order[:keep], curve[:keep]
     return Selection("greedy", order, curve)
+
+
+def bagged_select(val: Split, size: int, bags: int, fraction: float = 0.5, seed: int = 0, init_size: int = 0,
+                  truncate: bool = False) -> Selection:
+    """Greedy selection on ``bags`` random subsets of ``fraction`` of the candidates (drawn without
+    replacement, seeded), each member's weight averaged over the bags (Caruana et al. 2006)."""
+    rng = np.random.default_rng(seed)
+    k = max(1, int(round(fraction * val.n_models)))
+    weights = np.zeros(val.n_models)
+    for _ in range(bags):
+        pool = np.sort(rng.choice(val.n_models, size=k, replace=False))
+        chosen = greedy_select(val.subset(pool), size, init_size, truncate)
+        for j, w in chosen.member_weights().items():
+            weights[pool[j]] += w / bags
+    order = [int(j) for j in np.lexsort((np.arange(val.n_models), -weights)) if weights[j] > 0]
+    shares = {j: float(weights[j]) for j in order}
+    return Selection("greedy", order, weighted_curve(val, order, shares), shares)
+
+
+def weighted_curve(split: Split, order: list[int], weights: dict[int, float]) -> list[float]:
+    """Accuracy after adding each member of ``order`` with its weight."""
+    running = np.zeros(split.probs[0].shape, dtype=np.float64)
+    curve = []
+    for j in order:
+        running += weights[j] * split.probs[j]
+        curve.append(float((running.argmax(axis=1) == split.labels).mean()))
+    return curve
+
+
+def committee_probs(split: Split, selection: Selection) -> np.ndarray:
+    """The committee's averaged probabilities on a split (weights summing to 1)."""
+    out = np.zeros(split.probs[0].shape, dtype=np.float64)
+    for j, w in selection.member_weights().items():
+        out += w * split.probs[j]
+    return out
 
 
 def topk_select(val: Split, size: int) -> Selection:
@@ -219,12 +295,16 @@ def diverse_select(val: Split, size: int, lam: float = 0.05, mu: float = 0.5,
     return Selection("diverse", order, curve)
 
 
-def select(val: Split, size: int, method: str = "greedy", **options) -> Selection:
-    """Dispatch to ``greedy_select``, ``topk_select`` or ``diverse_select`` (options go to diverse)."""
+def select(val: Split, size: int, method: str = "greedy", *, init_size: int = 0, bags: int = 1,
+           bag_fraction: float = 0.5, truncate: bool = False, bag_seed: int = 0, **options) -> Selection:
+    """Dispatch to ``greedy_select`` (``bagged_select`` when ``bags`` > 1), ``topk_select`` or
+    ``diverse_select`` (``options`` go to diverse)."""
     if size < 1:
         raise ValueError(f"committee size must be >= 1, got {size}")
+    if method == "greedy" and bags > 1:
+        return bagged_select(val, size, bags, bag_fraction, bag_seed, init_size, truncate)
     if method == "greedy":
-        return greedy_select(val, size)
+        return greedy_select(val, size, init_size, truncate)
     if method == "topk":
         return topk_select(val, size)
     if method == "diverse":
@@ -236,7 +316,10 @@ def evaluate(selection: Selection, val: Split, test: Split) -> Evaluation:
     """Members' and committee's test accuracy, gain over the best member, accuracy vs size."""
     test_acc, val_acc = test.accuracy(), val.accuracy()
     members = selection.members
-    test_curve = running_accuracy(test, selection.order)
+    if selection.weights is not None:
+        test_curve = weighted_curve(test, selection.order, selection.weights)
+    else:
+        test_curve = running_accuracy(test, selection.order)
     best = float(max(test_acc[m] for m in members))
     return Evaluation(
         member_test_acc={m: float(test_acc[m]) for m in members},
