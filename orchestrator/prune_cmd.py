@@ -31,7 +31,7 @@ from orchestrator.runs import format_runs
 from orchestrator.schema import SweepError
 from orchestrator.stage_spec import PruneSpec, parse_prune
 from orchestrator.sweep import logged_spec
-from orchestrator.tracking import (ANALYSIS, ANALYSIS_THRESHOLD, BEST_RUN, CELL, ROLE, ROLE_TRIAL, SWEEP, VARIANT, child_runs,
+from orchestrator.tracking import (ANALYSIS, ANALYSIS_THRESHOLD, BEST_RUN, CELL, ROLE, SWEEP, VARIANT, child_runs,
                                    find_parent, open_client, prune_runs)
 from trainables.models import build_model
 from trainables.schema import InputError

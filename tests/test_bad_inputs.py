@@ -5,8 +5,6 @@ or URI), and leave the file tree as it found it (nothing half-written)."""
 from __future__ import annotations
 
 import io
-import json
-import os
 import shutil
 from pathlib import Path
 

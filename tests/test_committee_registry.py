@@ -2,7 +2,6 @@
 the stored test set, `committee predict` labels a folder of images, bad members register nothing."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -128,43 +127,16 @@ def test_a_member_without_weights_registers_nothing(store, capsys):
 
 @pytest.mark.slow
 def test_served_committee_answers_two_images_with_the_same_labels(store):
-    import os
-    import signal
-    import subprocess
-    import urllib.error
-    import urllib.request
-
-    from conftest import REPO
-    from test_multinode import BIN, free_port, port_open, wait_for
+    from test_logged_model import served
 
     if not store["client"].search_registered_models("name = 'toy-committee'"):
         pytest.skip("needs the registered committee of the first test")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "PYTHONPATH": str(REPO),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([BIN / "mlflow", "models", "serve", "-m", "models:/toy-committee@champion",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def post(body: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
-
-    try:
-        wait_for(lambda: port_open(port), 120, "mlflow models serve")
-        images = load_splits(store["job"].data, store["job"].seed).test.images[:2]
-        mlflow.set_tracking_uri(store["uri"])
-        expected = mlflow.pyfunc.load_model("models:/toy-committee@champion").predict(images)
+    images = load_splits(store["job"].data, store["job"].seed).test.images[:2]
+    mlflow.set_tracking_uri(store["uri"])
+    expected = mlflow.pyfunc.load_model("models:/toy-committee@champion").predict(images)
+    with served("models:/toy-committee@champion", store["uri"]) as post:
         status, answer = post({"inputs": images.tolist()})
         assert status == 200, answer
         assert answer["predictions"]["label"] == expected["label"].tolist()
         status, answer = post({"instances": "not images"})
         assert 400 <= status < 500 and answer.get("message"), answer
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

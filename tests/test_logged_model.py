@@ -2,11 +2,11 @@
 probabilities, and answers `mlflow models serve` requests (a malformed one with a clear 4xx)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -56,37 +56,44 @@ def test_logged_model_reproduces_the_trial_and_names_its_data(logged):
         model.predict(splits.test.images.astype(np.float64))
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_like_the_model_in_memory(logged):
+@contextlib.contextmanager
+def served(model_uri: str, tracking_uri: str):
+    """`mlflow models serve` of ``model_uri`` on a free loopback port; yields ``post(body) -> (status, json)``."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "PYTHONPATH": str(REPO),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the scoring server runs uvicorn from the venv
-    server = subprocess.Popen([BIN / "mlflow", "models", "serve", "-m", logged["model_uri"], "--env-manager", "local",
+    server = subprocess.Popen([BIN / "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def post(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
     try:
         wait_for(lambda: port_open(port), 120, "mlflow models serve")
-        images = load_splits(logged["cfg"].data, logged["cfg"].seed).test.images[:4]
-        mlflow.set_tracking_uri(logged["uri"])
-        expected = mlflow.pyfunc.load_model(logged["model_uri"]).predict(images)
+        yield post
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
-        def post(body: dict) -> tuple[int, dict]:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    return response.status, json.loads(response.read())
-            except urllib.error.HTTPError as err:
-                return err.code, json.loads(err.read() or b"{}")
 
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_like_the_model_in_memory(logged):
+    images = load_splits(logged["cfg"].data, logged["cfg"].seed).test.images[:4]
+    mlflow.set_tracking_uri(logged["uri"])
+    expected = mlflow.pyfunc.load_model(logged["model_uri"]).predict(images)
+    with served(logged["model_uri"], logged["uri"]) as post:
         status, answer = post({"inputs": images.tolist()})
         assert status == 200
         np.testing.assert_allclose(np.asarray(answer["predictions"], dtype=np.float32), expected, atol=1e-5)
         status, answer = post({"inputs": [[1, 2, 3]]})  # not an image batch
         assert 400 <= status < 500 and answer.get("message"), answer
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_model_name_is_stable():

@@ -1,0 +1,28 @@
+"""Inference on raw images as the datasets store them: uint8 (N, H, W, 3) in, softmax out."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def check_images(images: np.ndarray) -> np.ndarray:
+    """``images`` as a uint8 (N, H, W, 3) array, or ValueError saying what it is instead."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    return images
+
+
+def image_probs(model: nn.Module, images: np.ndarray, mean: list[float], std: list[float],
+                batch: int = 256) -> torch.Tensor:
+    """Softmax probabilities (N, classes, float32) of ``model`` in eval mode for uint8 images,
+    normalised with the training ``mean`` and ``std`` per channel, in batches."""
+    images = check_images(images)
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(images[start:start + batch]).permute(0, 3, 1, 2).float() / 255.0
+            out.append(torch.softmax(model((x - mean_t) / std_t).float(), dim=1))
+    return torch.cat(out) if out else torch.zeros(0, 0)
