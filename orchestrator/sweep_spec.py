@@ -20,7 +20,8 @@ before anything starts, so a bad spec fails with one line naming the field
     keep_checkpoints: 2
     analyze: false                   # true or {options}: each trial runs the single-unit analysis
     prune: {methods: [afcc, random]} # a second stage pruning every finished trial (stage_spec.py)
-    storage_path: runs/sweeps        # Tune storage; a shared path or URI on a cluster
+    storage_path: runs/sweeps        # Tune storage; a shared path or URI on a cluster (--storage-path,
+                                     # else UNITLAB_STORAGE_PATH, else this)
 
 Axis and distribution names: ``seed`` (replicas), a model field (``heads``, ``n_conv_blocks``,
 ``preset``...), a top-level job field (``epochs``) or a dotted job path (``recipe.lr``). An axis
@@ -32,6 +33,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,7 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_second
 FINAL_METRICS = ("test_acc", "test_loss", "latency_ms_b1", "latency_ms_per_image_large_batch", "params", "macs")
 SCHEDULER_METRIC = "val_acc"
 
+STORAGE_ENV = "UNITLAB_STORAGE_PATH"  # the cluster head's shared Tune storage, below --storage-path, above the spec
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # what pyarrow.fs opens
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -307,7 +310,7 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
         keep_checkpoints=top.keep_checkpoints,
         analyze=analyze,
         prune=parse_prune(top.prune, analyze),
-        storage_path=_storage(storage_path or top.storage_path),
+        storage_path=_storage(storage_path or os.environ.get(STORAGE_ENV) or top.storage_path),
         source=text,
     )
     _check_search(spec)

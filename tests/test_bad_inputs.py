@@ -263,3 +263,14 @@ def test_prune_best_of_an_unclosed_sweep_is_one_line(tmp_path, capsys):
     assert orchestrator_main(["prune", "open:best", "--methods", "none", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no sweep of that name with a best trial" in err[0], err
+
+
+def test_storage_path_comes_from_the_flag_then_the_cluster_env_then_the_spec(assets, tmp_path, monkeypatch):
+    from orchestrator.sweep_spec import load_spec
+
+    spec_file = assets["root"] / "sweep.yaml"
+    monkeypatch.delenv("UNITLAB_STORAGE_PATH", raising=False)
+    assert load_spec(spec_file).storage_path == str(assets["root"] / "store")
+    monkeypatch.setenv("UNITLAB_STORAGE_PATH", "s3://bucket/unitlab/tune")
+    assert load_spec(spec_file).storage_path == "s3://bucket/unitlab/tune"
+    assert load_spec(spec_file, str(tmp_path / "flag")).storage_path == str(tmp_path / "flag")
