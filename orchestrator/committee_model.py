@@ -14,12 +14,12 @@ from mlflow import MlflowClient
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from orchestrator.logged_model import TRAINABLES
+from orchestrator.logged_model import TRAINABLES, use_run_experiment
 from orchestrator.schema import CommitteeError
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.models import build_model
-from trainables.train import _norm_stats
+from trainables.train import norm_stats
 
 CODE = Path(__file__).parent / "served" / "committee_model.py"
 MODEL_NAME = "committee"
@@ -31,7 +31,7 @@ def member_norm(client: MlflowClient, run_id: str, folder: Path) -> dict:
     if "norm" in summary:
         return summary["norm"]
     config = prepare(json.loads(Path(client.download_artifacts(run_id, "config.json", str(folder))).read_text()))
-    mean, std = _norm_stats(load_splits(config.data, config.seed), config)
+    mean, std = norm_stats(load_splits(config.data, config.seed), config)
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
@@ -77,7 +77,7 @@ def register_committee(tracking_uri: str, run_id: str, folder: Path, shape: dict
                        alias: str | None) -> str:
     """Log the gathered committee (``gather_members``) as the committee run's Model and register it
     as ``name`` (with ``alias``); returns ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
-    mlflow.set_tracking_uri(tracking_uri)
+    use_run_experiment(tracking_uri, run_id)
     example = np.full((2, shape["image_size"], shape["image_size"], 3), 128, dtype=np.uint8)
     info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
                      python_model=str(CODE), artifacts={"committee": str(folder)},

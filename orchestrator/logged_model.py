@@ -37,7 +37,7 @@ def signature(image_size: int, num_classes: int) -> ModelSignature:
 def log_trial_model(tracking_uri: str, run_id: str, job_dir: Path, cfg: JobConfig, norm: dict) -> str:
     """Log the trial in ``job_dir`` (spec.json, model.pt) as the run's MLflow Model; returns its URI."""
     size, classes = cfg.model["image_size"], cfg.model["num_classes"]
-    mlflow.set_tracking_uri(tracking_uri)
+    use_run_experiment(tracking_uri, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         norm_path = Path(tmp) / "norm.json"
         norm_path.write_text(json.dumps(norm))
@@ -50,6 +50,13 @@ def log_trial_model(tracking_uri: str, run_id: str, job_dir: Path, cfg: JobConfi
                                     f"mlflow=={mlflow.__version__}", "pyarrow"])
     MlflowClient(tracking_uri).set_tag(run_id, MODEL_URI, info.model_uri)
     return info.model_uri
+
+
+def use_run_experiment(tracking_uri: str, run_id: str) -> None:
+    """Point MLflow's fluent API at the run's store and experiment: a Model logged for the run is
+    created in the run's experiment (and its artifact store), not in the Default one."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_id=MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
 
 
 def data_digest(cfg: JobConfig) -> str:

@@ -50,6 +50,9 @@ def test_logged_model_reproduces_the_trial_and_names_its_data(logged):
     inputs = model.metadata.get_input_schema().inputs[0]
     assert inputs.type == np.dtype(np.uint8) and inputs.shape == (-1, 16, 16, 3)
     run = logged["client"].get_run(logged["run_id"])
+    logged_model = logged["client"].get_logged_model(logged["model_uri"].rsplit("/", 1)[-1])
+    assert logged_model.experiment_id == run.info.experiment_id and logged_model.source_run_id == run.info.run_id
+    assert not (logged["tmp"].parent / "mlruns").exists()
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name.startswith("synthetic") and len(dataset.dataset.digest) == 12
     with pytest.raises(Exception, match="uint8|dtype|type"):

@@ -47,7 +47,7 @@ def device_flags(cfg: JobConfig, device: torch.device) -> tuple[bool, bool]:
     return flag(cfg.bf16), flag(cfg.channels_last)
 
 
-def _norm_stats(splits: Splits, cfg: JobConfig) -> tuple[tuple, tuple]:
+def norm_stats(splits: Splits, cfg: JobConfig) -> tuple[tuple, tuple]:
     if cfg.data.normalize == "unit":  # pixels scaled to [-1, 1], as in the Kanter-group CNN recipe
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     return splits.mean, splits.std
@@ -55,7 +55,7 @@ def _norm_stats(splits: Splits, cfg: JobConfig) -> tuple[tuple, tuple]:
 
 def make_loaders(splits: Splits, cfg: JobConfig, device: torch.device, channels_last: bool) -> dict[str, DeviceLoader]:
     """Device-resident loaders for train (augmented, shuffled), val and test."""
-    mean, std = _norm_stats(splits, cfg)
+    mean, std = norm_stats(splits, cfg)
     common = dict(device=device, mean=mean, std=std, num_classes=splits.num_classes, channels_last=channels_last)
     loaders = {
         "train": DeviceLoader(
@@ -310,7 +310,7 @@ def finish_job(model, cfg: JobConfig, splits, loaders, history, out_dir: Path, d
     summary["macs"] = count_macs(model)
     summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     summary["train_images_per_sec"] = float(np.mean([h["images_per_sec"] for h in history])) if history else 0.0
-    mean, std = _norm_stats(splits, cfg)
+    mean, std = norm_stats(splits, cfg)
     summary["norm"] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # what a served model applies
     summary["history"] = history
     torch.save(model.state_dict(), out_dir / "model.pt")
