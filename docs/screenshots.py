@@ -1,0 +1,80 @@
+"""Screenshots of the MLflow UI for a sweep, taken with headless Chromium (Debian's `chromium`).
+
+    python docs/screenshots.py quick [--tracking-uri sqlite:///mlflow.db] [--out docs/screenshots]
+
+Starts `mlflow server` on a free loopback port over the store, then shoots the sweep's parent run
+page and its best trial's artifacts page into OUT. Without Chromium it says so and exits with 0
+(nothing to do here), so it can run anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.tracking import BEST_RUN, find_parent, open_client, resolve_tracking_uri  # noqa: E402
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shoot(browser: str, url: str, path: Path) -> None:
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1400,1000", "--virtual-time-budget=15000", f"--screenshot={path}", url],
+                   check=True, capture_output=True, timeout=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--out", default="docs/screenshots")
+    args = parser.parse_args()
+    browser = next((b for b in BROWSERS if shutil.which(b)), None)
+    if browser is None:
+        print(f"skipped: no Chromium on PATH ({', '.join(BROWSERS)}); install Debian's chromium to take screenshots")
+        return 0
+    uri = resolve_tracking_uri(args.tracking_uri)
+    client, uri = open_client(uri, create=False)
+    parent = find_parent(client, args.sweep)
+    if parent is None:
+        print(f"error: no sweep {args.sweep!r} in {uri}", file=sys.stderr)
+        return 2
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                               str(port), "--backend-store-uri", uri, "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        exp = parent.info.experiment_id
+        shoot(browser, f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}", out / "sweep_run.png")
+        best = parent.data.tags.get(BEST_RUN)
+        if best:
+            shoot(browser, f"{base}/#/experiments/{exp}/runs/{best}/artifacts", out / "best_trial_artifacts.png")
+        print(f"screenshots in {out}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
