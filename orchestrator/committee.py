@@ -1,6 +1,6 @@
 """Soft committees from finished trial runs in MLflow (methods.md section 6, issue 6).
 
-``python -m orchestrator committee --experiment NAME [--filter F] [--size K] [--method M]`` reads
+``python -m orchestrator committee --experiment NAME[,NAME] | --runs ID,ID [--include-pruned] [--filter F] [--size K] [--method M]`` reads
 the trial runs' stored ``probs/probs_{val,test}.parquet`` (no model is re-evaluated), selects
 members on validation only, evaluates on test, and logs a committee run in the same experiment:
 tags ``unitlab.role=committee``, ``unitlab.members``, ``unitlab.method``; metrics
@@ -28,8 +28,8 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow import MlflowClient
 
-from orchestrator.tracking import (DATASET, DEFAULT_TRACKING_URI, MEMBERS, METHOD, NUM_CLASSES, ROLE, ROLE_COMMITTEE,
-                                   ROLE_TRIAL, SEED, SEED_MEMBERS, SEED_VARIANT, SWEEP, VARIANT, open_client,
+from orchestrator.tracking import (CELL, DATASET, DEFAULT_TRACKING_URI, MEMBERS, METHOD, NUM_CLASSES, ROLE,
+                                   ROLE_COMMITTEE, ROLE_PRUNE, ROLE_TRIAL, SEED, SEED_MEMBERS, SEED_VARIANT, SWEEP, VARIANT, open_client,
                                    resolve_tracking_uri, search_all, ui_links)
 from trainables.schema import InputError, output_folder
 from analysis.committees.calibration import ece, fit_temperature, nll, scale
@@ -45,10 +45,35 @@ MEMBER_FIELDS = ("run_id", "variant", "seed", "val_acc", "test_acc", "count", "w
                  "test_nll_raw", "test_nll", "test_ece_raw", "test_ece")
 
 
-def trial_runs(client: MlflowClient, experiment_id: str, user_filter: str | None) -> list:
-    """All active trial runs of the experiment matching ``user_filter``, oldest first."""
-    query = f"tags.`{ROLE}` = '{ROLE_TRIAL}'" + (f" AND {user_filter}" if user_filter else "")
-    return search_all(client, [experiment_id], query, order_by=["attributes.start_time ASC"])
+def trial_runs(client: MlflowClient, experiment_ids: list[str], user_filter: str | None,
+               include_pruned: bool = False) -> list:
+    """All active trial runs (and, with ``include_pruned``, pruned trial runs) of the experiments
+    matching ``user_filter``, oldest first. A pruned run's variant is its parent's plus its cell."""
+    runs = []
+    for role in (ROLE_TRIAL, ROLE_PRUNE) if include_pruned else (ROLE_TRIAL,):
+        query = f"tags.`{ROLE}` = '{role}'" + (f" AND {user_filter}" if user_filter else "")
+        found = search_all(client, experiment_ids, query)
+        if role == ROLE_PRUNE:
+            for run in found:
+                run.data.tags[VARIANT] = f"{run.data.tags.get(VARIANT, '')}|{run.data.tags.get(CELL, '')}"
+        runs += found
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def explicit_runs(client: MlflowClient, run_ids: list[str]) -> list:
+    """The runs named by id (trial or pruned trial runs), in the given order; one line for an unknown id."""
+    runs = []
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise CommitteeError(f"--runs: unknown run id {run_id!r}") from None
+        if run.data.tags.get(ROLE) not in (ROLE_TRIAL, ROLE_PRUNE):
+            raise CommitteeError(f"--runs: run {run_id} is not a trial or pruned trial run")
+        if run.data.tags.get(ROLE) == ROLE_PRUNE:
+            run.data.tags[VARIANT] = f"{run.data.tags.get(VARIANT, '')}|{run.data.tags.get(CELL, '')}"
+        runs.append(run)
+    return runs
 
 
 def _read_profile(path: str) -> np.ndarray:
@@ -162,12 +187,11 @@ def _seed_groups(valid: list[Candidate]) -> dict[str, list[int]]:
     return groups
 
 
-def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filter: str | None,
+def compose(client: MlflowClient, runs: list, experiment: str, user_filter: str | None,
             config: CommitteeConfig) -> Record:
     """Load and check the trial runs, select on validation, evaluate on test, seed control."""
     method, size = config.method, config.size
     profile_artifact = config.profile_artifact or None
-    runs = trial_runs(client, experiment_id, user_filter)
     with tempfile.TemporaryDirectory() as tmp:
         wanted = profile_artifact if method == "diverse" else None
         loaded = [download_candidate(client, r, Path(tmp) / r.info.run_id, wanted) for r in runs]
@@ -175,7 +199,7 @@ def compose(client: MlflowClient, experiment_id: str, experiment: str, user_filt
     valid, excluded = partition([c for c, _, _ in loaded])
     if not valid:
         reasons = "; ".join(f"{rid}: {why}" for rid, why in excluded) or "no trial runs"
-        raise CommitteeError(f"no valid runs in experiment {experiment!r} ({reasons})")
+        raise CommitteeError(f"no valid runs in {experiment!r} ({reasons})")
     raw_val, raw_test = stack(valid)
     temperatures = [fit_temperature(p, raw_val.labels) if config.calibrate else 1.0 for p in raw_val.probs]
     val = Split([scale(p, t) for p, t in zip(raw_val.probs, temperatures)], raw_val.labels)
@@ -257,19 +281,34 @@ def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> s
     return run_id
 
 
-def build(client: MlflowClient, experiment: str, user_filter: str | None, config: CommitteeConfig,
-          register: str | None = None, alias: str | None = None, tracking_uri: str = "") -> tuple[str, str | None]:
+def build(client: MlflowClient, experiments: str | None, user_filter: str | None, config: CommitteeConfig,
+          register: str | None = None, alias: str | None = None, tracking_uri: str = "",
+          run_ids: list[str] | None = None, include_pruned: bool = False) -> tuple[str, str | None]:
     """Check the input, then select, evaluate and log one committee; with ``register``, check every
     member's files first, then log the committee as an MLflow Model and register it.
-    Returns (committee run id, registered model URI or None)."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise CommitteeError(f"unknown experiment {experiment!r}")
-    record = compose(client, exp.experiment_id, experiment, user_filter, config)
+
+    Candidates: the trial runs of ``experiments`` (comma-separated names; pruned trials too with
+    ``include_pruned``), or the runs ``run_ids``. The committee run goes to the first experiment
+    (or the first run's). Returns (committee run id, registered model URI or None)."""
+    if run_ids:
+        runs = explicit_runs(client, run_ids)
+        home, label = runs[0].info.experiment_id, "--runs"
+    else:
+        names = [n.strip() for n in (experiments or "").split(",") if n.strip()]
+        if not names:
+            raise CommitteeError("--experiment or --runs is required")
+        ids = []
+        for name in names:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise CommitteeError(f"unknown experiment {name!r}")
+            ids.append(exp.experiment_id)
+        runs, home, label = trial_runs(client, ids, user_filter, include_pruned), ids[0], ",".join(names)
+    record = compose(client, runs, label, user_filter, config)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "committee"
         shape = gather_members(client, record.members, folder) if register else None  # before anything is logged
-        run_id = log_committee(client, exp.experiment_id, record)
+        run_id = log_committee(client, home, record)
         model_uri = register_committee(tracking_uri, run_id, folder, shape, register, alias) if register else None
     return run_id, model_uri
 
@@ -332,12 +371,12 @@ def run(args: argparse.Namespace) -> int:
             print(show(open_client(args.tracking_uri, create=False)[0], args.run_id))
             return 0
         config = CommitteeConfig.from_flags(args)
-        if not args.experiment:
-            raise CommitteeError("--experiment is required")
         client, uri = open_client(args.tracking_uri, create=False)
         if args.alias and not args.register:
             raise CommitteeError("--alias needs --register NAME")
-        run_id, model_uri = build(client, args.experiment, args.filter, config, args.register, args.alias, uri)
+        run_ids = [r.strip() for r in (args.runs or "").split(",") if r.strip()]
+        run_id, model_uri = build(client, args.experiment, args.filter, config, args.register, args.alias, uri,
+                                  run_ids, args.include_pruned)
         print(show(client, run_id))
         if model_uri:
             print(f"registered: {model_uri}  (mlflow.pyfunc.load_model({model_uri!r}); "
@@ -355,7 +394,9 @@ def run(args: argparse.Namespace) -> int:
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the committee options and its nested ``show`` command to ``parser``."""
-    parser.add_argument("--experiment", help="experiment (sweep) name")
+    parser.add_argument("--experiment", help="experiment (sweep) name, or several, comma-separated (same dataset)")
+    parser.add_argument("--runs", default=None, help="explicit candidate run ids, comma-separated (instead of --experiment)")
+    parser.add_argument("--include-pruned", action="store_true", help="pruned trial runs are candidates too")
     parser.add_argument("--filter", help=f"extra MLflow filter string, ANDed with tags.`{ROLE}` = '{ROLE_TRIAL}'")
     CommitteeConfig.add_flags(parser)
     parser.add_argument("--register", default=None, metavar="NAME",

@@ -347,9 +347,9 @@ def test_diverse_with_profiles_and_filter(sweep, capsys):
     (["--experiment", "toy", "--method", "diverse", "--mechanism-weight", "5"],
      "error: --mechanism-weight: must be in [0, 1], got 5.0"),
     (["--experiment", "toy", "--filter", "tags.`unitlab.variant` = 'none'"],
-     "error: no valid runs in experiment 'toy' (no trial runs)"),
+     "error: no valid runs in 'toy' (no trial runs)"),
     (["show", "0" * 32], "error: Run with id=" + "0" * 32 + " not found"),
-    ([], "error: --experiment is required"),
+    ([], "error: --experiment or --runs is required"),
 ])
 def test_bad_input_exits_2_with_one_line(sweep, capsys, argv, message):
     assert main([*argv, "--tracking-uri", sweep["uri"]]) == 2

@@ -140,3 +140,15 @@ def test_served_committee_answers_two_images_with_the_same_labels(store):
         assert answer["predictions"]["label"] == expected["label"].tolist()
         status, answer = post({"instances": "not images"})
         assert 400 <= status < 500 and answer.get("message"), answer
+
+
+def test_committee_of_explicit_runs_and_unknown_ids(store, capsys):
+    ids = store["runs"][:2]
+    assert main(["committee", "--runs", ",".join(ids), "--size", "2", "--method", "topk",
+                 "--tracking-uri", store["uri"]]) == 0
+    out = capsys.readouterr().out
+    assert all(i in out for i in ids) and store["runs"][2] not in out.split("excluded runs")[0]
+    assert main(["committee", "--runs", "nope", "--tracking-uri", store["uri"]]) == 2
+    assert "--runs: unknown run id 'nope'" in capsys.readouterr().err
+    assert main(["committee", "--experiment", "reg,nope", "--tracking-uri", store["uri"]]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err

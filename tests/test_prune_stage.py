@@ -155,3 +155,15 @@ def test_prune_command_needs_the_analysis_or_computes_it(swept, capsys):
         ray.shutdown()
     assert len(runs_by_role(client, exp_id)["prune"]) == len(CELLS) + 1
     assert "7 pruned trials" in capsys.readouterr().out
+
+
+def test_pruned_trials_are_committee_candidates(swept, capsys):
+    tmp, client, exp_id = swept
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    assert main(["committee", "--experiment", "staged", "--include-pruned", "--size", "3", "--method", "topk",
+                 "--tracking-uri", uri]) == 0
+    (committee,) = [r for r in client.search_runs([exp_id]) if r.data.tags.get("unitlab.role") == "committee"]
+    assert committee.data.metrics["valid_runs"] == 1 + len(CELLS)
+    members = committee.data.tags["unitlab.members"].split(",")
+    roles = {client.get_run(m).data.tags["unitlab.role"] for m in members}
+    assert "prune" in roles or len(members) == 3
