@@ -119,7 +119,9 @@ def stop_processes_matching(needles: tuple[str, ...]) -> None:
 def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(cluster, tmp_path):
     spec = {
         "name": "multinode",
-        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 2048, "val_size": 32,
+        # trials long enough (tens of seconds) that both run at once even when a loaded machine starts
+        # the second node's worker late; short ones let Tune reuse the first node's actor for both
+        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 8192, "val_size": 32,
                  "test_size": 32},
         "base": {"model": {"preset": "cct_tiny"}, "epochs": 2, "batch_size": 32,
                  "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
