@@ -365,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
             output_folder(out.parent, "--out")
             if out.is_dir():
                 raise CommitteeError(f"--out: {out} is a folder; give a .parquet file")
-            print(f"predictions: {predict_images(args.model_uri, Path(args.images), out)}")
+            print(f"predictions: {predict_images(args.model_uri, Path(args.images), out, args.device)}")
             return 0
         if args.committee_command == "show":
             print(show(open_client(args.tracking_uri, create=False)[0], args.run_id))
@@ -411,6 +411,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     predict_parser.add_argument("model_uri")
     predict_parser.add_argument("images", help="a folder of PNG/JPEG files or a Parquet file of images")
     predict_parser.add_argument("--out", default="predictions.parquet", help="output Parquet (source, label, probs)")
+    predict_parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                                help="where the members run (auto: the GPU when one is visible)")
     predict_parser.add_argument("--tracking-uri", default=argparse.SUPPRESS, help="MLflow URI")
     parser.set_defaults(func=run)
     return parser

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.models import Model, ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from orchestrator.logged_model import TRAINABLES, use_run_experiment
+from orchestrator.logged_model import DEVICE_PARAM, TRAINABLES, use_run_experiment
 from orchestrator.schema import CommitteeError
 from trainables.config import prepare
 from trainables.data import load_splits
@@ -70,7 +70,8 @@ def signature(image_size: int, num_classes: int) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), name="probs"),
-                        TensorSpec(np.dtype(np.int64), (-1,), name="label")]))
+                        TensorSpec(np.dtype(np.int64), (-1,), name="label")]),
+        params=DEVICE_PARAM)
 
 
 def register_committee(tracking_uri: str, run_id: str, folder: Path, shape: dict, name: str,

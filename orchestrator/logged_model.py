@@ -17,7 +17,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.models import Model, ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from orchestrator.tracking import MODEL_URI
 from trainables.config import JobConfig
@@ -25,13 +25,15 @@ from trainables.data import resolve_data_dir
 
 MODEL_NAME = "pyfunc"  # the logged model's name; its URI (models:/m-...) is the run's unitlab.model_uri tag
 CODE = Path(__file__).parent / "served" / "trial_model.py"
+DEVICE_PARAM = ParamSchema([ParamSpec("device", "string", "cpu")])  # predict(..., params={"device": "cuda"})
 TRAINABLES = Path(__file__).resolve().parents[1] / "trainables"
 
 
 def signature(image_size: int, num_classes: int) -> ModelSignature:
     """uint8 images (N, H, W, 3) in, float32 probabilities (N, num_classes) out."""
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+                          params=DEVICE_PARAM)
 
 
 def log_trial_model(tracking_uri: str, run_id: str, job_dir: Path, cfg: JobConfig, norm: dict) -> str:

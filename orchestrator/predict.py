@@ -3,7 +3,8 @@ registered committee (or any model this project logged).
 
 IMAGES is a folder of PNG/JPEG files or a Parquet file of encoded images (an ``img`` or ``image``
 column as in the Hugging Face layout, ``{bytes, path}``). Every image must have the size the
-model's signature names; they go through the model in batches (progress on stderr), and the
+model's signature names; they go through the model in batches on the GPU when one is visible
+(``--device``), with progress on stderr, and the
 output Parquet holds ``source`` (file name or row), ``label`` and ``probs`` (list<float32>).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from orchestrator.schema import CommitteeError
+from trainables.infer import inference_device
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -54,8 +56,13 @@ def decode(names: list[str], blobs: list[bytes], size: int) -> np.ndarray:
     return out
 
 
-def predict_images(model_uri: str, images: Path, out: Path, batch: int = 512) -> Path:
-    """Label every image with the model; writes the output Parquet and returns its path."""
+def predict_images(model_uri: str, images: Path, out: Path, device: str = "auto", batch: int = 512) -> Path:
+    """Label every image with the model on ``device`` (auto: the GPU when one is visible); writes the
+    output Parquet and returns its path."""
+    try:
+        device = inference_device(device).type
+    except ValueError as exc:
+        raise CommitteeError(f"--device: {exc}") from None
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:  # noqa: BLE001 - an unknown or unreadable model is bad input
@@ -67,7 +74,7 @@ def predict_images(model_uri: str, images: Path, out: Path, batch: int = 512) ->
     pixels = decode(names, blobs, size)
     probs, labels = [], []
     for start in range(0, len(pixels), batch):
-        result = model.predict(pixels[start:start + batch])
+        result = model.predict(pixels[start:start + batch], params={"device": device})
         chunk = result["probs"] if isinstance(result, dict) else np.asarray(result)
         probs.append(np.asarray(chunk, dtype=np.float32))
         labels.append(np.asarray(result["label"]) if isinstance(result, dict) else probs[-1].argmax(axis=1))

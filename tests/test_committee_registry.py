@@ -8,6 +8,7 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -100,6 +101,12 @@ def test_committee_predict_labels_a_folder_of_images(store, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image small.png is 8x8 px, the model takes 16x16" in err[0], err
     assert not (tmp_path / "p2.parquet").exists()
+    (folder / "small.png").unlink()
+    if not torch.cuda.is_available():
+        assert main(["committee", "predict", "models:/toy-committee@champion", str(folder), "--out",
+                     str(tmp_path / "p3.parquet"), "--device", "cuda", "--tracking-uri", store["uri"]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--device: device cuda requested but no CUDA device is visible" in err[0], err
 
 
 def test_a_member_without_weights_registers_nothing(store, capsys):

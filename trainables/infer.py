@@ -14,15 +14,27 @@ def check_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def inference_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when one is visible, else the CPU; ``cuda`` without a GPU is a ValueError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is visible")
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def image_probs(model: nn.Module, images: np.ndarray, mean: list[float], std: list[float],
                 batch: int = 256) -> torch.Tensor:
-    """Softmax probabilities (N, classes, float32) of ``model`` in eval mode for uint8 images,
-    normalised with the training ``mean`` and ``std`` per channel, in batches."""
+    """Softmax probabilities (N, classes, float32, on the CPU) of ``model`` in eval mode for uint8
+    images, normalised with the training ``mean`` and ``std`` per channel, in batches on the
+    model's device."""
     images = check_images(images)
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    device = next(model.parameters()).device
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            x = torch.from_numpy(images[start:start + batch]).permute(0, 3, 1, 2).float() / 255.0
-            out.append(torch.softmax(model((x - mean_t) / std_t).float(), dim=1))
+            x = torch.from_numpy(images[start:start + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
+            out.append(torch.softmax(model((x - mean_t) / std_t).float(), dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)

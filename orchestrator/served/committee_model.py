@@ -4,7 +4,8 @@ Artifact ``committee`` is a folder: ``committee.json`` (members in order, each w
 the committee and its temperature) and per member ``MEMBER/spec.json``, ``MEMBER/model.pt`` (a
 ``state_dict``, loaded with ``weights_only=True``) and ``MEMBER/norm.json``. ``predict`` takes
 uint8 images (N, H, W, 3) and returns ``probs`` (N, num_classes, float32: the weighted mean of the
-members' temperature-scaled softmax outputs) and ``label`` (N, int64: its argmax).
+members' temperature-scaled softmax outputs) and ``label`` (N, int64: its argmax). The param
+``device`` (cpu, cuda or auto; default cpu) chooses where the members run.
 """
 from __future__ import annotations
 
@@ -34,10 +35,12 @@ class CommitteeModel(mlflow.pyfunc.PythonModel):
                                  float(member["temperature"])))
 
     def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
-        from trainables.infer import image_probs
+        from trainables.infer import image_probs, inference_device
 
+        device = inference_device((params or {}).get("device", "cpu"))
         total = None
         for model, norm, weight, temperature in self.members:
+            model.to(device)
             probs = image_probs(model, model_input, norm["mean"], norm["std"]).double()
             if temperature != 1.0:  # as the offline committee: softmax(log p / T) of the member's p
                 probs = torch.softmax(torch.log(probs.clamp_min(1e-12)) / temperature, dim=1)

@@ -3,7 +3,8 @@
 Artifacts: ``spec`` (spec.json: the model spec), ``weights`` (model.pt: a ``state_dict``, loaded
 with ``weights_only=True``), ``norm`` (norm.json: the training normalisation). ``predict`` takes a
 batch of uint8 images (N, H, W, 3) as the dataset stores them and returns the class probabilities
-(N, num_classes) as float32; the signature says so.
+(N, num_classes) as float32; the signature says so. The param ``device`` (cpu, cuda or auto;
+default cpu) chooses where it runs.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ class TrialModel(mlflow.pyfunc.PythonModel):
         self.norm = json.loads(open(context.artifacts["norm"]).read())
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        from trainables.infer import image_probs
+        from trainables.infer import image_probs, inference_device
 
+        self.model.to(inference_device((params or {}).get("device", "cpu")))
         return image_probs(self.model, model_input, self.norm["mean"], self.norm["std"]).numpy()
 
 
