@@ -150,29 +150,39 @@ def tap_names(client: MlflowClient, run_id: str, folder: Path) -> dict[int, str]
         return {int(row["step"]): row["tap"] for row in csv.DictReader(handle)}
 
 
+def merged_tap_order(tap_lists: list[list[str]]) -> list[str]:
+    """One depth order for taps of several models (longest first; a tap a model has alone goes
+    right after its predecessor in that model), so a conv-replaced block sits where attention was."""
+    order: list[str] = []
+    for names in sorted(tap_lists, key=len, reverse=True):
+        for i, name in enumerate(names):
+            if name not in order:
+                before = names[i - 1] if i else None
+                order.insert(order.index(before) + 1 if before in order else len(order), name)
+    return order
+
+
 def plot_snr_by_depth(client: MlflowClient, rows: list[dict], path: Path) -> Path | None:
-    """SNR along depth of every analysed trial, one line each (x: tap in depth order)."""
-    analysed = [r for r in rows if r["analysed"]]
-    if not analysed:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ticks: dict[int, str] = {}
-    drawn = 0
+    """SNR along depth of every analysed trial, one line each, taps aligned by name across models."""
+    curves = []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in analysed:
+        for r in rows:
+            if not r["analysed"]:
+                continue
             series = depth_history(client, r["run_id"], "snr_by_depth")
-            if series:
-                drawn += 1
-                ax.plot(list(series), list(series.values()), marker="o", ms=3, label=r["name"])
-                names = tap_names(client, r["run_id"], Path(tmp) / r["run_id"])
-                if len(names) > len(ticks):
-                    ticks = names
-    if not drawn:  # analyses logged before depth series existed
-        plt.close(fig)
+            names = tap_names(client, r["run_id"], Path(tmp) / r["run_id"])
+            if series and names:
+                curves.append((r["name"], {names[step]: value for step, value in series.items() if step in names},
+                               [names[k] for k in sorted(names)]))
+    if not curves:  # analyses logged before depth series existed
         return None
-    if ticks:
-        ax.set_xticks(list(ticks), list(ticks.values()), rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("tap (depth order of the deepest model)")
+    order = merged_tap_order([taps for _, _, taps in curves])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values, taps in curves:
+        xs = [order.index(t) for t in taps if t in values]
+        ax.plot(xs, [values[t] for t in taps if t in values], marker="o", ms=3, label=name)
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("tap (depth order; models without a tap skip it)")
     ax.set_ylabel("SNR")
     ax.set_title("SNR along depth")
     ax.legend(fontsize=7)
