@@ -24,7 +24,7 @@ from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from orchestrator.runs import PRUNE_ACCURACIES, prune_rows  # noqa: E402
-from orchestrator.summary import TABLE, SweepSummary, summarize_sweep  # noqa: E402
+from orchestrator.summary import TABLE, SweepSummary, finish, summarize_sweep  # noqa: E402
 from orchestrator.tracking import (DEFAULT_TRACKING_URI, MEMBERS, METHOD, ROLE, ROLE_COMMITTEE, find_parent,  # noqa: E402
                                    open_client, search_all, ui_links)
 from trainables.schema import InputError  # noqa: E402
@@ -65,15 +65,8 @@ def plot_pruning(rows: list[dict], path: Path) -> Path | None:
         mine = sorted((r for r in points if r["prune"].split(",")[0] == method), key=lambda r: r["dilution"])
         ax.plot([r["dilution"] for r in mine], [r["acc_finetuned_val"] for r in mine], "o" if method == "none" else "o-",
                 label=method, ms=5)
-    ax.set_xlabel("dilution (share of weights removed)")
-    ax.set_ylabel("val accuracy after fine-tuning")
-    ax.set_title("pruning: guided masks vs random controls")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, "dilution (share of weights removed)", "val accuracy after fine-tuning",
+                  "pruning: guided masks vs random controls")
 
 
 def committee_rows(client: MlflowClient, parent: Run) -> list[dict]:

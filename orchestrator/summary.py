@@ -101,11 +101,7 @@ def plot_accuracy_by_variant(rows: list[dict], path: Path) -> Path | None:
                    label=key if i == 0 else None)
             ax.scatter([i + offset] * len(values), values, color=colour, s=18, zorder=3)
     ax.set_xticks(range(len(variants)), [v.replace(",", "\n") for v in variants], fontsize=7)
-    ax.set_ylabel("accuracy (dots: seeds, bars: mean)")
-    ax.set_title("accuracy per variant")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return finish(fig, ax, path, "", "accuracy (dots: seeds, bars: mean)", "accuracy per variant", grid_axis="y")
 
 
 def plot_accuracy_vs_latency(rows: list[dict], path: Path) -> Path | None:
@@ -123,12 +119,7 @@ def plot_accuracy_vs_latency(rows: list[dict], path: Path) -> Path | None:
     edge = sorted((r for r in points if r["run_id"] in front), key=lambda r: r["latency_ms_b1"])
     ax.plot([r["latency_ms_b1"] for r in edge], [r["test_acc"] for r in edge], color="tab:red", lw=1.2,
             label="Pareto front")
-    ax.set_xlabel("latency at batch 1 (ms)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("accuracy vs latency")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return finish(fig, ax, path, "latency at batch 1 (ms)", "test accuracy", "accuracy vs latency")
 
 
 def depth_history(client: MlflowClient, run_id: str, name: str) -> dict[int, float]:
@@ -182,12 +173,8 @@ def plot_snr_by_depth(client: MlflowClient, rows: list[dict], path: Path) -> Pat
         xs = [order.index(t) for t in taps if t in values]
         ax.plot(xs, [values[t] for t in taps if t in values], marker="o", ms=3, label=name)
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("tap (depth order; models without a tap skip it)")
-    ax.set_ylabel("SNR")
-    ax.set_title("SNR along depth")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return finish(fig, ax, path, "tap (depth order; models without a tap skip it)", "SNR", "SNR along depth",
+                  legend_size=7)
 
 
 def plot_heads_per_label(client: MlflowClient, rows: list[dict], path: Path) -> Path | None:
@@ -205,11 +192,19 @@ def plot_heads_per_label(client: MlflowClient, rows: list[dict], path: Path) -> 
     ax.plot(heads, heads, color="grey", lw=0.8, ls="--", label="every head")
     ax.set_xscale("log", base=2)
     ax.set_xticks(heads, [str(h) for h in heads])
-    ax.set_xlabel("heads per block")
-    ax.set_ylabel("heads recognising a label (mean)")
-    ax.set_title("heads per label vs head count (colour: depth)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    return finish(fig, ax, path, "heads per block", "heads recognising a label (mean)",
+                  "heads per label vs head count (colour: depth)")
+
+
+def finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8,
+           grid_axis: str = "both") -> Path:
+    """Label, legend and grid one chart, then save it (the one style of every sweep figure)."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    ax.grid(axis=grid_axis, alpha=0.3)
     return _save(fig, path)
 
 
