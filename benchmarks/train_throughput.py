@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
-from trainables.loader import Augment, DeviceLoader
+from trainables.data import AugmentConfig
+from trainables.loader import DeviceLoader
 from trainables.models import build_model, count_params
 
 
@@ -112,7 +113,7 @@ def main() -> None:
     mean, std = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
     device_loader = DeviceLoader(
         images, labels, batch_size=args.batch, device=device, mean=mean, std=std, num_classes=100,
-        augment=Augment(flip=True, translate=4), shuffle=True, drop_last=True,
+        augment=AugmentConfig(flip=True, translate=4), shuffle=True, drop_last=True,
     )
     plain_loader = DataLoader(
         ArrayImages(images, labels, mean, std), batch_size=args.batch, shuffle=True, drop_last=True,

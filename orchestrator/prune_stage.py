@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from ray import tune
@@ -37,6 +36,7 @@ from analysis.units.results import load_label_sets
 from orchestrator.analyze import analysed_at, fetch_run_dir
 from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.sweep_spec import SweepSpec
+from orchestrator.trainable import take_trial_share
 from orchestrator.tracking import (CELL, DATASET, LINEAGE, NODE_ID, NUM_CLASSES, PRUNE_LABEL_SETS, PRUNE_METHOD,
                                    ROLE_PRUNE, SEED, SWEEP, VARIANT, ChildRun, connect, find_child, flatten)
 from trainables.models import build_model
@@ -119,7 +119,7 @@ class PruneRun(ChildRun):
 
 def prune_trial(config: dict, context: PruneContext) -> None:
     """Prune one finished trial with one cell, fine-tune, log; report each fine-tuning epoch to Tune."""
-    torch.set_num_threads(context.spec.threads)
+    take_trial_share(context.spec)
     client = connect(context.tracking_uri)
     parent = client.get_run(config["parent_run"])
     cell = context.spec.prune.cells[config["cell"]]

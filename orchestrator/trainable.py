@@ -72,10 +72,20 @@ def restore(checkpoint: tune.Checkpoint | None, folder: Path) -> tuple[Path | No
     return folder, (folder / RUN_ID_FILE).read_text().strip(), history
 
 
+def take_trial_share(spec: SweepSpec) -> None:
+    """Inside a trial process: torch threads = its CPU share; with a fraction of a GPU
+    (``resources.gpus`` < 1, trials packed on one GPU) this process's CUDA memory is capped at that
+    fraction, so one trial's allocator cannot starve the others (each trial is its own process with
+    its own CUDA context and default stream)."""
+    torch.set_num_threads(spec.threads)
+    if 0 < spec.gpus < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(spec.gpus)
+
+
 def train_trial(config: dict, context: TrialContext) -> None:
     """Train the trial's cell; log its child run; report and checkpoint every epoch."""
     spec = context.spec
-    torch.set_num_threads(spec.threads)
+    take_trial_share(spec)
     cfg = spec.job(config)
     trial_id = tune.get_context().get_trial_id()
     tags = {

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.data import DataConfig, DataError, load_splits
-from trainables.loader import Augment, DeviceLoader
+from trainables.data import AugmentConfig, DataConfig, DataError, load_splits
+from trainables.loader import DeviceLoader
 
 
 def cifar_cfg(data_dir, **extra) -> DataConfig:
@@ -60,7 +60,7 @@ def test_missing_data_names_data_dir_and_torchvision(tmp_path, monkeypatch):
         load_splits(DataConfig(data_dir=str(tmp_path), val_size=10))
 
 
-def make_loader(augment: Augment | None, seed: int = 0, **kw) -> DeviceLoader:
+def make_loader(augment: AugmentConfig | None, seed: int = 0, **kw) -> DeviceLoader:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(64) % 4
@@ -79,7 +79,7 @@ def test_loader_without_augmentation_normalises_exactly():
 
 
 def test_translation_is_a_bounded_shift_and_seeded():
-    loader = make_loader(Augment(flip=False, translate=2))
+    loader = make_loader(AugmentConfig(flip=False, translate=2))
     loader.shuffle = False
     x, _ = next(iter(loader))
     original = loader.images[:16].permute(0, 3, 1, 2).float()
@@ -92,14 +92,39 @@ def test_translation_is_a_bounded_shift_and_seeded():
             for dx in range(5)
         ]
         assert any(matches), f"sample {i} is not a shift of at most 2 px"
-    again, _ = next(iter(make_loader(Augment(flip=True, translate=2))))
-    same, _ = next(iter(make_loader(Augment(flip=True, translate=2))))
-    other, _ = next(iter(make_loader(Augment(flip=True, translate=2), seed=1)))
+    again, _ = next(iter(make_loader(AugmentConfig(flip=True, translate=2))))
+    same, _ = next(iter(make_loader(AugmentConfig(flip=True, translate=2))))
+    other, _ = next(iter(make_loader(AugmentConfig(flip=True, translate=2), seed=1)))
     assert torch.equal(again, same) and not torch.equal(again, other)
 
 
+CCT_AUGMENT = dict(flip=True, translate=4, rand_augment={"num_ops": 2, "magnitude": 9}, erasing=0.25,
+                   mixup=0.8, cutmix=1.0)
+
+
+def test_full_cct_augmentation_is_per_sample_and_resumes_exactly():
+    """RandAugment and erasing through the loader: every sample its own draw, the same batches
+    after restoring both generators' states (what a resumed checkpoint does)."""
+    augment = AugmentConfig.parse(CCT_AUGMENT)
+    rng = np.random.default_rng(0)
+    one = rng.integers(0, 256, size=(1, 16, 16, 3), dtype=np.uint8)
+    loader = DeviceLoader(np.repeat(one, 32, axis=0), np.zeros(32, dtype=np.int64), batch_size=32,
+                          device=torch.device("cpu"), mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=4,
+                          augment=augment.replace(mixup=0.0, cutmix=0.0), shuffle=True)
+    x, _ = next(iter(loader))
+    assert len({tuple(sample.flatten().tolist()) for sample in x}) > 24  # one image, (almost) all different
+    mixing = make_loader(augment)
+    next(iter(mixing))
+    state = {k: v.clone() for k, v in mixing.rng_state().items()}
+    first = list(mixing)
+    mixing.set_rng_state(state)
+    again = list(mixing)
+    for (xa, ya), (xb, yb) in zip(first, again):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 def test_mixup_and_cutmix_give_soft_targets_that_sum_to_one():
-    for aug in (Augment(mixup=0.8), Augment(cutmix=1.0), Augment(mixup=0.8, cutmix=1.0, crop_scale=(0.8, 1.0))):
+    for aug in (AugmentConfig(mixup=0.8), AugmentConfig(cutmix=1.0), AugmentConfig(mixup=0.8, cutmix=1.0, crop_scale=(0.8, 1.0))):
         x, y = next(iter(make_loader(aug)))
         assert y.shape == (16, 4) and torch.allclose(y.sum(1), torch.ones(16))
         assert x.shape == (16, 3, 8, 8) and torch.isfinite(x).all()

@@ -100,6 +100,29 @@ def test_heads_tap_is_head_major_attention_output() -> None:
     torch.testing.assert_close(feats["block.0.heads"], torch.cat(heads, dim=-1))
 
 
+def _explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """softmax(q k^T / sqrt(d)) v written out: the reference for the fused SDPA kernel."""
+    assert attn_mask is None and dropout_p == 0.0 and not is_causal
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return (q @ k.transpose(-2, -1) * scale).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("overrides", [{"preset": "cct_7_3x1"},
+                                       {"preset": "cct_narrow", "heads": 16, "head_dim": 8, "n_conv_blocks": 1}])
+def test_sdpa_attention_matches_explicit_attention(overrides: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tap and the logits agree to 1e-5 (fp32) whether attention runs through
+    scaled_dot_product_attention or the explicit softmax formula."""
+    model = build_model(overrides).eval()
+    x = _images(model, 3)
+    with torch.no_grad():
+        fused_logits, fused = model(x, taps=list(model.taps))
+        monkeypatch.setattr(F, "scaled_dot_product_attention", _explicit_attention)
+        explicit_logits, explicit = model(x, taps=list(model.taps))
+    for tap in model.taps:
+        torch.testing.assert_close(fused[tap], explicit[tap], atol=1e-5, rtol=1e-5, msg=tap)
+    torch.testing.assert_close(fused_logits, explicit_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_conv_blocks_replace_first_transformer_blocks() -> None:
     model = build_model({"preset": "cct_narrow", "blocks": 3, "n_conv_blocks": 2}).eval()
     assert list(model.taps) == ["tokenizer", "conv_block.0", "conv_block.1", "block.2.heads",

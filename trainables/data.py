@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainables.augment import RandAugmentConfig
 from trainables.schema import InputError, Settings, setting
 
 KNOWN_DATASETS = ("cifar100", "flowers102", "synthetic")
@@ -34,8 +35,16 @@ class AugmentConfig(Settings):
     flip: bool = setting(True, "random horizontal flips")
     translate: int = setting(4, "random shifts of up to this many pixels", low=0)
     crop_scale: tuple[float, float] | None = setting(None, "random-resized-crop area range [low, high]")
+    rand_augment: RandAugmentConfig | None = setting(None, "per-sample RandAugment (CCT recipe: {num_ops: 2, "
+                                                     "magnitude: 9, magnitude_std: 0.5}; null: off)")
+    erasing: float = setting(0.0, "random-erasing probability per image, after normalisation (CCT recipe: 0.25)",
+                             low=0, high=1)
     mixup: float = setting(0.0, "mixup alpha (0: off)", low=0)
     cutmix: float = setting(0.0, "cutmix alpha (0: off)", low=0)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
 
     def check(self) -> None:
         scale = self.crop_scale

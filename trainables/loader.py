@@ -2,29 +2,14 @@
 each batch is augmented with whole-batch tensor ops (no per-image Python work in the step)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class Augment:
-    """Training augmentation. ``translate`` is the max shift in pixels (zero padding);
-    ``crop_scale`` enables random-resized-crop with that area range; ``mixup``/``cutmix`` are the
-    Beta alphas (0 disables); when both are on, each batch picks one with equal probability."""
-
-    flip: bool = True
-    translate: int = 4
-    crop_scale: tuple[float, float] | None = None
-    mixup: float = 0.0
-    cutmix: float = 0.0
-
-    @property
-    def mixes(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
+from trainables.augment import random_erasing, rand_augment
+from trainables.data import AugmentConfig
 
 
 def to_model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -37,8 +22,10 @@ def to_model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
 class DeviceLoader:
     """Iterates (inputs, targets) batches of one split held on ``device``.
 
-    Targets are int64 labels, or soft (B, C) targets when mixup/cutmix is on. Shuffling and
-    augmentation draw from a private generator whose state is part of a training checkpoint.
+    Targets are int64 labels, or soft (B, C) targets when mixup/cutmix is on. Per-sample draws
+    (order, shifts, flips) come from a generator on ``device``; per-batch scalars (mixup's lambda,
+    the cutmix box) from one on the host, so no batch waits for the device. Both states are part of
+    a training checkpoint (``rng_state``).
     """
 
     def __init__(
@@ -51,7 +38,7 @@ class DeviceLoader:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         num_classes: int,
-        augment: Augment | None = None,
+        augment: AugmentConfig | None = None,
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
@@ -70,6 +57,8 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.host_generator = torch.Generator()
+        self.host_generator.manual_seed(seed + 1)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -86,17 +75,35 @@ class DeviceLoader:
             idx = order[start : start + self.batch_size]
             x = self.images[idx].permute(0, 3, 1, 2).float()
             y = self.labels[idx]
-            if self.augment is not None:
-                x, y = self._augment(x, y)
+            aug = self.augment
+            if aug is not None:
+                x = self._augment_pixels(x)
             x = (x / 255.0 - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+            if aug is not None and aug.erasing > 0:
+                x = random_erasing(x, self.generator, p=aug.erasing)
+            if aug is not None and aug.mixes:  # mixing is linear, so it commutes with the normalisation
+                x, y = self._mix(x, y)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """Both generators' states, for a checkpoint."""
+        return {"device": self.generator.get_state(), "host": self.host_generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        """Restore ``rng_state()``; a bare tensor (older checkpoints) restores the device generator only."""
+        if isinstance(state, torch.Tensor):
+            self.generator.set_state(state)
+            return
+        self.generator.set_state(state["device"])
+        self.host_generator.set_state(state["host"])
+
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, device=self.device, generator=self.generator)
 
-    def _augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _augment_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample geometry and RandAugment on pixel values 0..255."""
         aug = self.augment
         if aug.crop_scale is not None:
             x = self._random_resized_crop(x, aug.crop_scale)
@@ -105,9 +112,10 @@ class DeviceLoader:
         if aug.flip:
             flip = self._rand(x.shape[0]) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        if aug.mixes:
-            return self._mix(x, y)
-        return x, y
+        if aug.rand_augment is not None:
+            # RandAugment's ops act on uint8 values: a resized crop's interpolated pixels are rounded first
+            x = rand_augment(x.round() if aug.crop_scale is not None else x, self.generator, aug.rand_augment)
+        return x
 
     def _translate(self, x: torch.Tensor, pad: int) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -135,15 +143,16 @@ class DeviceLoader:
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         aug = self.augment
-        use_cutmix = aug.cutmix > 0 and (aug.mixup <= 0 or bool(self._rand(1) < 0.5))
+        host = self.host_generator
+        use_cutmix = aug.cutmix > 0 and (aug.mixup <= 0 or bool(torch.rand(1, generator=host) < 0.5))
         alpha = aug.cutmix if use_cutmix else aug.mixup
-        beta_seed = int(torch.randint(2**31, (1,), device=self.device, generator=self.generator))
+        beta_seed = int(torch.randint(2**31, (1,), generator=host))
         lam = float(np.random.default_rng(beta_seed).beta(alpha, alpha))
         perm = torch.randperm(x.shape[0], device=x.device, generator=self.generator)
         if use_cutmix:
             h, w = x.shape[2:]
             cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
-            cy, cx = (self._rand(2) * torch.tensor([h, w], device=x.device)).long().tolist()
+            cy, cx = (torch.rand(2, generator=host) * torch.tensor([h, w])).long().tolist()
             y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
             x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
             x = x.clone()

@@ -83,7 +83,8 @@ class Settings:
         values = {}
         for name, value in raw.items():
             nested = _settings_class(hints[name])
-            if nested is not None and (value is None or isinstance(value, Mapping)):
+            optional = _unwrap(hints[name])[1]  # an optional nested section given as null stays off
+            if nested is not None and (isinstance(value, Mapping) or (value is None and not optional)):
                 base = _custom_defaults(known[name], nested)  # what the field's default sets differently
                 value = nested.parse({**base, **(value or {})}, f"{where}.{name}" if where else name)
             values[name] = value

@@ -22,7 +22,7 @@ import yaml
 
 from trainables.config import JobConfig, load_yaml, prepare, set_dotted
 from trainables.data import Splits, load_splits
-from trainables.loader import Augment, DeviceLoader
+from trainables.loader import DeviceLoader
 from trainables.models import build_model, count_macs, count_params
 from trainables.probs import write_probs
 from trainables.schema import InputError, output_folder
@@ -59,7 +59,7 @@ def make_loaders(splits: Splits, cfg: JobConfig, device: torch.device, channels_
     common = dict(device=device, mean=mean, std=std, num_classes=splits.num_classes, channels_last=channels_last)
     loaders = {
         "train": DeviceLoader(
-            splits.train.images, splits.train.labels, batch_size=cfg.batch_size, augment=Augment(**cfg.data.augment.to_dict()),
+            splits.train.images, splits.train.labels, batch_size=cfg.batch_size, augment=cfg.data.augment,
             shuffle=True, drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed, **common,
         )
     }
@@ -89,15 +89,17 @@ def lr_lambda(cfg: JobConfig, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
-    """AdamW (no decay on norms, biases and embeddings) or SGD with Nesterov momentum."""
+    """AdamW (no decay on norms, biases and embeddings) or SGD with Nesterov momentum; the fused
+    (one kernel for all parameters) implementation on CUDA."""
     recipe = cfg.recipe
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim <= 1 or "pos_emb" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
     if recipe.name == "adamw_cosine":
-        return torch.optim.AdamW(groups, lr=recipe.lr)
-    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+        return torch.optim.AdamW(groups, lr=recipe.lr, **fused)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True, **fused)
 
 
 def train_epoch(model, loader, optimizer, scheduler, cfg: JobConfig, autocast: bool) -> dict:
@@ -133,18 +135,21 @@ def train_epoch(model, loader, optimizer, scheduler, cfg: JobConfig, autocast: b
 
 @torch.no_grad()
 def evaluate(model, loader, autocast: bool) -> tuple[float, float, np.ndarray]:
-    """(mean cross-entropy, accuracy, softmax probabilities) over a split, in order."""
+    """(mean cross-entropy, accuracy, softmax probabilities) over a split, in order; sums stay on
+    the device until the end (one transfer, no per-batch synchronisation)."""
     model.eval()
-    probs, losses, correct = [], 0.0, 0
+    probs = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
+    correct = torch.zeros((), dtype=torch.int64, device=loader.device)
     for x, y in loader:
         with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x)
         logits = logits.float()
-        losses += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        probs.append(torch.softmax(logits, 1).cpu())
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        probs.append(torch.softmax(logits, 1))
     n = len(loader.labels)
-    return losses / n, correct / n, torch.cat(probs).numpy()
+    return float(loss_sum) / n, int(correct) / n, torch.cat(probs).cpu().numpy()
 
 
 @torch.no_grad()
@@ -226,7 +231,7 @@ def fit(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: JobConfig
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
-        loaders["train"].generator.set_state(resume_state["loader_rng"])
+        loaders["train"].set_rng_state(resume_state["loader_rng"])
         torch.set_rng_state(resume_state["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in resume_state:
             torch.cuda.set_rng_state(resume_state["cuda_rng"])
@@ -245,7 +250,7 @@ def fit(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: JobConfig
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "loader_rng": loaders["train"].generator.get_state(),
+                "loader_rng": loaders["train"].rng_state(),
                 "torch_rng": torch.get_rng_state(),
                 "history": history,
             }
