@@ -23,6 +23,7 @@ from orchestrator.cluster import start_driver
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.spool import call_when_up
+from orchestrator.storage import check_remote_storage
 from orchestrator.summary import summarize_sweep
 from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
 from orchestrator.tracking import (ENDED, ERROR, STOPPED, STORAGE, SWEEP, TRIALS_FAILED, child_runs, end_run, experiment_id,
@@ -110,6 +111,7 @@ def run_sweep(spec_file: str | Path, address: str | None, tracking_uri: str | No
     spec = load_spec(spec_file, storage_path)
     uri = resolve_tracking_uri(tracking_uri)
     client = open_client(uri, create=False)[0] if store_exists(uri) else None  # a new SQLite file only after every check
+    check_remote_storage(spec.storage_path)
     name = free_name(spec, client, new)
     if name != spec.name:
         print(f"sweep {spec.name}: that name is in use; this sweep is {name}")
@@ -130,6 +132,7 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
     if parent is None:
         raise SweepError(f"resume {name}: no sweep of that name in {uri}")
     spec = logged_spec(client, parent, storage_path)
+    check_remote_storage(spec.storage_path)
     if not tune.Tuner.can_restore(spec.experiment_path):
         raise SweepError(f"resume {name}: no Tune experiment at {spec.experiment_path} (pass --storage-path)")
     start_driver(spec, address)

@@ -183,6 +183,9 @@ CASES = {
                                       "sweep.storage_path: unsupported scheme 'ftp'"),
     "sweep: storage URI without a bucket": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
                                                             "--storage-path", "s3://"], "names no bucket or folder"),
+    "sweep: no Ray cluster at the address": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
+                                                             "--address", "127.0.0.1:9"],
+                                             "--address 127.0.0.1:9: no Ray cluster answers there"),
     "analyze: threshold above 1": (lambda a, out: ["orchestrator", "analyze", "x", "--threshold", "2"],
                               "--threshold: must be in (0, 1), got 2"),
 }
@@ -211,6 +214,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, assets, tmp_path,
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert (_tree(assets["root"]), _tree(tmp_path)) == before
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_s3_storage_is_one_line_before_ray_starts(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unused")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unused")
+    before = _tree(assets["root"])
+    argv = ["sweep", str(assets["root"] / "sweep.yaml"), "--storage-path", "s3://unitlab-missing/tune"]
+    assert orchestrator_main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: sweep.storage_path: s3://unitlab-missing/tune: cannot be opened")
+    assert _tree(assets["root"]) == before and not (tmp_path / "mlflow.db").exists()
 
 
 def test_corpus_covers_every_command():
