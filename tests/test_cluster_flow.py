@@ -134,7 +134,8 @@ def autoscaling_cluster(tmp_path, s3):
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-        stop_processes_matching((str(ray_tmp), f"127.0.0.1:{gcs_port}"))
+        # the head's client server names neither the temp folder nor 127.0.0.1 (it takes the host's IP)
+        stop_processes_matching((str(ray_tmp), f"127.0.0.1:{gcs_port}", f":{gcs_port} "))
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -234,6 +235,8 @@ def test_sweep_on_an_autoscaling_cluster_with_s3_storage_stops_and_resumes(autos
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert sorted(steps) == list(range(epochs)), (run.info.run_name, steps)
         assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 1
+    nodes = {r.data.tags["unitlab.node_id"] for r in runs}
+    assert len(nodes) >= 2 and not any(n.endswith("00000") for n in nodes), nodes  # workers, never the CPU-0 head
     for run_id, before in finished_before.items():  # a finished trial is not trained again
         after = client.get_run(run_id)
         assert after.info.end_time == before.info.end_time

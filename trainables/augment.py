@@ -248,7 +248,10 @@ def _equalize(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
     b, c, h, w = x.shape
     values = x.to(torch.long).reshape(b * c, h * w)
     offsets = torch.arange(b * c, device=x.device).unsqueeze(1) * 256
-    hist = torch.bincount((values + offsets).view(-1), minlength=b * c * 256).view(b * c, 256)
+    # scatter_add into a fixed-size histogram: bincount would read the input's max back to the host
+    flat = (values + offsets).view(-1)
+    hist = torch.zeros(b * c * 256, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    hist = hist.view(b * c, 256)
     levels = torch.arange(256, device=x.device)
     top = torch.where(hist > 0, levels, 0).amax(dim=1, keepdim=True)
     step = (h * w - hist.gather(1, top)) // 255
