@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def shoot(browser: str, url: str, path: Path) -> None:
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1400,1000", "--virtual-time-budget=15000", f"--screenshot={path}", url],
+                    "--window-size=1600,1100", "--virtual-time-budget=15000", f"--screenshot={path}", url],
                    check=True, capture_output=True, timeout=120)
 
 
@@ -65,10 +65,13 @@ def main() -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         exp = parent.info.experiment_id
-        shoot(browser, f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}", out / "sweep_run.png")
+        mode = "?workflowType=machine_learning"  # MLflow 3 opens experiments in its GenAI view otherwise
+        shoot(browser, f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}{mode}", out / "sweep_run.png")
         best = parent.data.tags.get(BEST_RUN)
         if best:
-            shoot(browser, f"{base}/#/experiments/{exp}/runs/{best}/artifacts", out / "best_trial_artifacts.png")
+            figure = "analysis/figures/depth.png"  # the best trial's SNR / labels / readout along depth
+            shoot(browser, f"{base}/#/experiments/{exp}/runs/{best}/artifacts/{figure}{mode}",
+                  out / "best_trial_artifacts.png")
         print(f"screenshots in {out}")
     finally:
         server.terminate()
