@@ -99,7 +99,7 @@ def job(scale: Scale, device: torch.device, **overrides) -> "JobConfig":  # noqa
     """A resolved job config of the CCT recipe on 100-class 32 px images."""
     user = {"model": {"preset": scale.preset}, "data": {"name": "synthetic", "num_classes": 100, "image_size": 32,
                                                         "augment": CCT_AUGMENT},
-            "recipe": CCT_RECIPE, "batch_size": scale.batch, "bf16": True, "channels_last": True,
+            "recipe": CCT_RECIPE, "batch_size": scale.batch, "bf16": "auto", "channels_last": True,
             "device": device.type, "epochs": 1, **overrides}
     return prepare(user)
 
@@ -321,7 +321,7 @@ def part_accuracy(scale: Scale, device: torch.device, seconds_left: float, image
     epochs = int(max(1, min(scale.accuracy_max_epochs, seconds_left * images_per_sec / (1.25 * train_images))))
     cfg = prepare({"model": {"preset": scale.preset}, "data": {**data, "augment": {**CCT_AUGMENT, **CCT_MIXING}},
                    "recipe": {**CCT_RECIPE, "warmup_epochs": max(1, round(epochs * 10 / 300))},
-                   "epochs": epochs, "batch_size": scale.batch, "label_smoothing": 0.1, "bf16": True,
+                   "epochs": epochs, "batch_size": scale.batch, "label_smoothing": 0.1, "bf16": "auto",
                    "channels_last": True, "compile": device.type == "cuda", "device": device.type,
                    "latency": {"large_batch": 256, "repeats": 4}})
     curve: list[float] = []

@@ -14,7 +14,7 @@ from conftest import REPO, synthetic_job
 from trainables.models import build_model
 from trainables.probs import read_probs
 from trainables.config import prepare
-from trainables.train import evaluate, main, make_loaders, run_job
+from trainables.train import device_flags, evaluate, main, make_loaders, native_bf16, run_job
 from trainables.data import load_splits
 
 
@@ -65,6 +65,21 @@ def test_model_rebuilt_from_artifacts_reproduces_test_accuracy(tmp_path):
     _, acc, probs = evaluate(model, loaders["test"], autocast=False)
     assert acc == summary["test_acc"]
     assert np.allclose(probs, read_probs(tmp_path / "probs_test.parquet")[2], atol=1e-6)
+
+
+def test_bf16_auto_follows_the_hardware_and_forced_emulation_warns(capsys):
+    """auto is on only where bf16 is native (a CPU without AVX-512 BF16/AMX emulates it ~100x slower);
+    an explicit true is honoured, with one warning where it is emulated."""
+    cpu = torch.device("cpu")
+    native = native_bf16(cpu)
+    a = torch.randn(64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16  # autocast itself works either way; only its speed differs
+    assert device_flags(prepare({"bf16": "auto"}), cpu) == (native, False)
+    assert device_flags(prepare({"bf16": False, "channels_last": True}), cpu) == (False, True)
+    assert device_flags(prepare({"bf16": True}), cpu) == (True, False)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "config.bf16" in line]
+    assert len(warned) == (0 if native else 1), warned
 
 
 BAD_JOBS = {

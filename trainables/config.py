@@ -70,7 +70,7 @@ class JobConfig(Settings):
     seed: int = 0
     label_smoothing: float = setting(0.1, low=0, lt=1)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
-    bf16: Any = setting("auto", "bf16 autocast: auto (on CUDA), true or false", choices=TRI_STATE)
+    bf16: Any = setting("auto", "bf16 autocast: auto (where the device has native bf16), true or false", choices=TRI_STATE)
     channels_last: Any = setting("auto", "channels_last memory format: auto, true or false", choices=TRI_STATE)
     compile: bool = False
     checkpoint: bool = True

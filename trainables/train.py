@@ -40,11 +40,27 @@ def select_device(cfg: JobConfig) -> torch.device:
     return torch.device("cuda")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX-512 BF16 or AMX (without them oneDNN emulates bf16, hundreds of times slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def device_flags(cfg: JobConfig, device: torch.device) -> tuple[bool, bool]:
-    """(bf16 autocast, channels_last) on ``device``: "auto" means on for CUDA."""
-    def flag(value) -> bool:
-        return device.type == "cuda" if value == "auto" else bool(value)
-    return flag(cfg.bf16), flag(cfg.channels_last)
+    """(bf16 autocast, channels_last) on ``device``. bf16 "auto" is on where ``device`` has native
+    bf16 (``true`` on a device without it warns once: emulated bf16 is very slow); channels_last
+    "auto" is on for CUDA."""
+    bf16 = native_bf16(device) if cfg.bf16 == "auto" else bool(cfg.bf16)
+    if bf16 and cfg.bf16 is True and not native_bf16(device):
+        print(f"warning: config.bf16 is true but this {device.type} has no native bf16 (emulated, often 100x "
+              "slower than fp32); bf16: auto turns it on only where it is native", file=sys.stderr)
+    channels_last = device.type == "cuda" if cfg.channels_last == "auto" else bool(cfg.channels_last)
+    return bf16, channels_last
 
 
 def norm_stats(splits: Splits, cfg: JobConfig) -> tuple[tuple, tuple]:
