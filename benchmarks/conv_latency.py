@@ -1,6 +1,6 @@
 """Claim 5's latency side: a CCT with its first blocks conv-replaced vs the same CCT with attention.
 
-    python benchmarks/conv_latency.py [--model '{"preset": "cct_narrow", "tokenizer_layers": 2}'] [--conv-blocks 0,1]
+    python benchmarks/conv_latency.py [--model SPEC_JSON] [--conv-blocks 0,1] [--large-batch 256]
 
 Latency depends on the architecture, not on trained weights, so every variant is built from random
 init in this one process and timed with the same ``measure_latency`` the trials log (fp32, batch 1
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for n, model in models.items():
             for fmt in ("contiguous", "channels_last"):
-                model = model.to(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+                model.to(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
                 samples[(n, fmt)].append(measure_latency(model, image_size, torch.device("cpu"), args.large_batch,
                                                          args.repeats))
     rows = []

@@ -56,7 +56,7 @@ def device_flags(cfg: JobConfig, device: torch.device) -> tuple[bool, bool]:
     bf16 (``true`` on a device without it warns once: emulated bf16 is very slow); channels_last
     "auto" is on for CUDA."""
     bf16 = native_bf16(device) if cfg.bf16 == "auto" else bool(cfg.bf16)
-    if bf16 and cfg.bf16 is True and not native_bf16(device):
+    if cfg.bf16 is True and not native_bf16(device):
         print(f"warning: config.bf16 is true but this {device.type} has no native bf16 (emulated, often 100x "
               "slower than fp32); bf16: auto turns it on only where it is native", file=sys.stderr)
     channels_last = device.type == "cuda" if cfg.channels_last == "auto" else bool(cfg.channels_last)
