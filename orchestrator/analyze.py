@@ -29,7 +29,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -148,12 +147,14 @@ def log_analysis(run_id: str, results_dir: str | Path, client: MlflowClient) -> 
     ``analysis/`` artifacts (with ``depth_index.csv``).
 
     Works on finished runs and inside the trainable's active run alike. Returns the series logged.
+    Idempotent: the metrics carry the time ``taps.json`` was written, so a retried call (the spool
+    retries a write whose reply was lost) sends identical rows, which the store keeps once.
     """
     results_dir = Path(results_dir)
     taps_json = json.loads((results_dir / "taps.json").read_text())
     series = depth_series(taps_json)
     write_depth_index(taps_json, results_dir / "depth_index.csv")
-    now = int(time.time() * 1000)
+    now = int((results_dir / "taps.json").stat().st_mtime * 1000)
     meta = taps_json["meta"]
     tags = {ANALYSIS: "done", ANALYSIS_THRESHOLD: str(meta["threshold"]), ANALYSIS_RECIPE: meta["recipe"]}
     metrics = [Metric(name, value, now, step) for name, steps in series.items() for step, value in steps.items()]

@@ -229,3 +229,21 @@ def test_report_prints_depth_and_head_tables(results, trained, tmp_path, capsys)
     head_taps = [t for t, info in model.taps.items() if info.heads]
     assert [r.split(" | ")[0][2:] for r in rows] == list(model.taps) + head_taps
     assert report_main([str(tmp_path)]) == 2 and "taps.json: not found" in capsys.readouterr().err
+
+
+def test_a_retried_log_analysis_logs_each_series_point_once(results, tmp_path):
+    """The spool retries a write whose reply was lost: logging the same results twice adds nothing."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from orchestrator.analyze import log_analysis
+
+    folder = tmp_path / "results"
+    shutil.copytree(results, folder)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("retry")).info.run_id
+    series = log_analysis(run_id, folder, client)
+    log_analysis(run_id, folder, client)
+    for name, steps in series.items():
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == sorted(steps), name
