@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from orchestrator.schema import CommitteeError
-from trainables.infer import inference_device
+from trainables.device import pick_device
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -59,10 +59,7 @@ def decode(names: list[str], blobs: list[bytes], size: int) -> np.ndarray:
 def predict_images(model_uri: str, images: Path, out: Path, device: str = "auto", batch: int = 512) -> Path:
     """Label every image with the model on ``device`` (auto: the GPU when one is visible); writes the
     output Parquet and returns its path."""
-    try:
-        device = inference_device(device).type
-    except ValueError as exc:
-        raise CommitteeError(f"--device: {exc}") from None
+    device = pick_device(device, "--device").type
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:  # noqa: BLE001 - an unknown or unreadable model is bad input

@@ -38,7 +38,8 @@ from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.sweep_spec import SweepSpec
 from orchestrator.trainable import take_trial_share
 from orchestrator.tracking import (CELL, DATASET, LINEAGE, NODE_ID, NUM_CLASSES, PRUNE_LABEL_SETS, PRUNE_METHOD,
-                                   ROLE_PRUNE, SEED, SWEEP, VARIANT, ChildRun, connect, find_child, flatten)
+                                   ROLE_PRUNE, SEED, SWEEP, VARIANT, ChildRun, connect, environment_tags, find_child,
+                                   flatten)
 from trainables.models import build_model
 
 # Files of a finished prune job and where they go in its run.
@@ -114,7 +115,8 @@ class PruneRun(ChildRun):
 
     def finish(self, summary: dict, job_dir: Path) -> None:
         """Final metrics and the prune job's artifacts, then FINISHED."""
-        self.close_finished(prune_metrics(summary), [(job_dir / name, folder) for name, folder in PRUNE_ARTIFACTS.items()], {})
+        self.close_finished(prune_metrics(summary), [(job_dir / name, folder) for name, folder in PRUNE_ARTIFACTS.items()],
+                            environment_tags(summary))
 
 
 def prune_trial(config: dict, context: PruneContext) -> None:

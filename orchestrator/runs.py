@@ -7,7 +7,8 @@ from orchestrator.sweep_spec import SweepError
 from orchestrator.tracking import (CELL, ERROR, METRICS, SEED, SWEEP, TRIAL_ID, VARIANT, child_runs, find_parent,
                                    prune_runs, ui_links)
 
-COLUMNS = ("trial", "status", "variant", "seed", "epochs", "val_acc", "test_acc", "latency_ms_b1", "params", "run_id")
+COLUMNS = ("trial", "status", "variant", "seed", "epochs", "precision", "val_acc", "test_acc", "latency_ms_b1", "params",
+           "run_id")
 PRUNE_ACCURACIES = ("acc_before_val", "acc_pruned_val", "acc_finetuned_val", "acc_finetuned_test")
 PRUNE_COLUMNS = ("status", "variant", "seed", "prune", "dilution", "params_kept", *PRUNE_ACCURACIES, "run_id")
 FORMATS = {"val_acc": "{:.4f}", "test_acc": "{:.4f}", "latency_ms_b1": "{:.2f}", "params": "{:,.0f}",
@@ -25,12 +26,29 @@ def trial_rows(client: MlflowClient, parent) -> list[dict]:
             "variant": tags.get(VARIANT, ""),
             "seed": tags.get(SEED, ""),
             "epochs": len(client.get_metric_history(run.info.run_id, "val_acc")),
+            "precision": tags.get("unitlab.train_precision", ""),
+            "machine": machine(tags),
             **{k: metrics.get(k) for k in ("val_acc", "test_acc", "latency_ms_b1", "params")},
             "run_id": run.info.run_id,
             "error": tags.get(ERROR, "") if run.info.status == "FAILED" else "",
             "metrics": metrics,
         })
     return sorted(rows, key=lambda r: (r["variant"], int(r["seed"] or 0), r["trial"]))
+
+
+def machine(tags: dict[str, str]) -> str:
+    """Where a run ran, from its environment tags: ``cpu (AMD EPYC; avx512_bf16,avx2), torch 2.14.1,
+    train bf16 / eval fp32``; empty for runs logged before these tags existed."""
+    if "unitlab.device" not in tags:
+        return ""
+    where = tags["unitlab.device"]
+    if "unitlab.cpu" in tags:
+        where += f" ({tags['unitlab.cpu']}; {tags.get('unitlab.cpu_flags', '')})"
+    if "unitlab.torch" in tags:
+        where += f", torch {tags['unitlab.torch']}"
+    if "unitlab.train_precision" in tags:
+        where += f", train {tags['unitlab.train_precision']} / eval {tags.get('unitlab.eval_precision', '?')}"
+    return where
 
 
 def pareto_front(rows: list[dict], objectives: dict[str, str]) -> set[str]:
@@ -77,6 +95,7 @@ def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
     lines = [_table(COLUMNS + (("pareto",) if front else ()), rows)]
     lines += [f"  {r['trial']}: {r['error']}" for r in rows if r["error"]]
     lines.append(f"{len(rows)} trials in sweep {name} (parent run {parent.info.run_id}, {parent.info.status})")
+    lines += [f"ran on: {where}" for where in sorted({r["machine"] for r in rows if r["machine"]})]
     pruned = prune_rows(client, parent)
     if pruned:
         lines += ["", _table(PRUNE_COLUMNS, pruned), f"{len(pruned)} pruned trials (nested under their parents' runs)"]

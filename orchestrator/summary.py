@@ -28,7 +28,8 @@ from orchestrator.tracking import ANALYSIS, BEST_RUN, child_runs  # noqa: E402
 
 NOTE = "mlflow.note.content"
 MAX_NOTE_ROWS = 30  # the description stays within MLflow's tag size; trials.csv holds every trial
-TABLE = ("name", "variant", "seed", "status", "epochs", "val_acc", "test_acc", "latency_ms_b1", "params", "run_id")
+TABLE = ("name", "variant", "seed", "status", "epochs", "precision", "machine", "val_acc", "test_acc", "latency_ms_b1",
+         "params", "run_id")
 
 
 @dataclass
@@ -74,6 +75,8 @@ def markdown(parent: Run, rows: list[dict], best: dict | None) -> str:
                      f"{_fmt(r['params'], '{:,.0f}')} |")
     if len(rows) > len(shown):
         lines.append(f"| ... {len(rows) - len(shown)} more trials in `summary/trials.csv` |||||||||")
+    machines = sorted({r["machine"] for r in rows if r.get("machine")})
+    lines += ["", *[f"Ran on: {where}." for where in machines]]
     lines += ["", "Figures and `trials.csv` are under this run's artifacts, `summary/`."]
     return "\n".join(lines)
 

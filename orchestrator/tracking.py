@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 
 from orchestrator.spool import TRIAL_HTTP_DEFAULTS, Spool, call_when_up
 from orchestrator.sweep_spec import EPOCH_METRICS, FINAL_METRICS, SweepError, SweepSpec
+from trainables.device import ENVIRONMENT_KEYS
 
 PARENT_TAG = "mlflow.parentRunId"
 ROLE, SWEEP, TRIAL_ID = "unitlab.role", "unitlab.sweep", "unitlab.trial_id"
@@ -195,6 +196,11 @@ def end_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]
     client.set_terminated(run_id, status)
 
 
+def environment_tags(summary: dict) -> dict[str, str]:
+    """A job summary's description of where it ran (``trainables.device.describe``) as ``unitlab.*`` tags."""
+    return {f"unitlab.{key}": str(summary[key]) for key in ENVIRONMENT_KEYS if key in summary}
+
+
 def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
     """Nested config as ``a.b.c`` -> string, for MLflow params."""
     out = {}
@@ -268,7 +274,7 @@ class ChildRun:
         """Final metrics, the device and the job's artifacts, then FINISHED."""
         final = {k: float(summary[k]) for k in FINAL_METRICS}
         artifacts = [(job_dir / name, folder) for name, folder in ARTIFACTS.items()]
-        self.close_finished(final, artifacts, {"unitlab.device": summary["device"]})
+        self.close_finished(final, artifacts, environment_tags(summary))
 
     def close_finished(self, metrics: dict[str, float], artifacts: list[tuple[Path, str | None]],
                        tags: dict[str, str]) -> None:

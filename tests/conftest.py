@@ -27,6 +27,27 @@ def data_dir() -> Path:
     return root
 
 
+BF16_MODES = {"auto": "auto", "on": True, "off": False}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bf16", choices=sorted(BF16_MODES), default=os.environ.get("UNITLAB_TEST_BF16", "auto"),
+                     help="bf16 autocast of every job the suite trains (default auto: where the CPU has native "
+                          "bf16; also UNITLAB_TEST_BF16). The reproduction tests run both precisions anyway.")
+
+
+SUITE_BF16: bool | str = "auto"  # set from --bf16 before collection; synthetic_job and sweep_spec use it
+
+
+def pytest_configure(config):
+    global SUITE_BF16
+    SUITE_BF16 = BF16_MODES[config.getoption("--bf16")]
+
+
+def pytest_report_header(config):
+    return f"unitlab: jobs train with bf16={SUITE_BF16} (--bf16 / UNITLAB_TEST_BF16)"
+
+
 def pytest_collection_modifyitems(items):
     """Tests that read the real datasets carry the ``realdata`` marker (``-m "not realdata"`` skips them)."""
     for item in items:
@@ -50,6 +71,7 @@ def synthetic_job(**overrides) -> dict:
         "epochs": 2,
         "batch_size": 32,
         "latency": {"large_batch": 16, "repeats": 3},
+        "bf16": SUITE_BF16,
     }
     for key, value in overrides.items():
         job[key] = value
@@ -68,6 +90,7 @@ def sweep_spec(name: str, epochs: int = 2, train_size: int = 256, **overrides) -
             "epochs": epochs,
             "batch_size": 32,
             "latency": {"large_batch": 16, "repeats": 3},
+            "bf16": SUITE_BF16,
         },
         "axes": {
             "attention": [{"heads": 2, "head_dim": 16}, {"heads": 4, "head_dim": 8}],

@@ -24,10 +24,11 @@ from trainables.probs import read_probs
 from trainables.train import run_job
 
 
-@pytest.fixture(scope="module")
-def logged(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "bf16"])
+def logged(tmp_path_factory, request):
+    """A tiny job trained in fp32 or in bf16 (forced, whatever the CPU), logged as an MLflow Model."""
     tmp = tmp_path_factory.mktemp("logged")
-    cfg = prepare(synthetic_job(epochs=1, checkpoint=False))
+    cfg = prepare(synthetic_job(epochs=1, checkpoint=False, bf16=request.param, channels_last=request.param))
     summary = run_job(cfg, tmp / "job")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -45,8 +46,10 @@ def test_logged_model_reproduces_the_trial_and_names_its_data(logged):
     probs = model.predict(splits.test.images)
     _, labels, stored, _ = read_probs(logged["tmp"] / "job" / "probs_test.parquet")
     assert probs.shape == stored.shape and probs.dtype == np.float32
-    np.testing.assert_allclose(probs, stored, atol=1e-4)
+    np.testing.assert_allclose(probs, stored, atol=1e-5, rtol=0)
     assert (probs.argmax(1) == stored.argmax(1)).all()
+    summary = json.loads((logged["tmp"] / "job" / "summary.json").read_text())
+    assert float((probs.argmax(1) == labels).mean()) == summary["test_acc"]
     inputs = model.metadata.get_input_schema().inputs[0]
     assert inputs.type == np.dtype(np.uint8) and inputs.shape == (-1, 16, 16, 3)
     run = logged["client"].get_run(logged["run_id"])
@@ -87,6 +90,7 @@ def served(model_uri: str, tracking_uri: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("logged", [False], ids=["fp32"], indirect=True)
 def test_mlflow_models_serve_answers_like_the_model_in_memory(logged):
     images = load_splits(logged["cfg"].data, logged["cfg"].seed).test.images[:4]
     mlflow.set_tracking_uri(logged["uri"])

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -181,23 +182,24 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
         assert tags["unitlab.dataset"] == "synthetic" and tags["unitlab.num_classes"] == "4"
         assert steps(tmp_path, run.info.run_id) == [0, 1]
         assert set(FINAL_METRICS) <= set(run.data.metrics) and run.data.params["model.heads"] in ("2", "4")
-    run = children[0]
-    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "art")))
-    for name in ("model/spec.json", "model/model.pt", "probs/probs_val.parquet", "probs/probs_test.parquet",
-                 "figures/curves.png", "summary.json", "config.json"):
-        assert (local / name).is_file(), name
-    model = build_model(json.loads((local / "model/spec.json").read_text()))
-    model.load_state_dict(torch.load(local / "model/model.pt", weights_only=True))
-    cfg = prepare(json.loads((local / "config.json").read_text()))
-    loaders = make_loaders(load_splits(cfg.data, cfg.seed), cfg, torch.device("cpu"), False)
-    _, acc, probs = evaluate(model, loaders["test"], autocast=False)
-    assert acc == run.data.metrics["test_acc"]
-    assert read_probs(local / "probs/probs_test.parquet")[2].shape == probs.shape == (64, 4)
+    for i, run in enumerate(children):  # every trial: the documented rebuild reproduces the logged accuracy
+        local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / f"art{i}")))
+        for name in ("model/spec.json", "model/model.pt", "probs/probs_val.parquet", "probs/probs_test.parquet",
+                     "figures/curves.png", "summary.json", "config.json"):
+            assert (local / name).is_file(), name
+        model = build_model(json.loads((local / "model/spec.json").read_text()))
+        model.load_state_dict(torch.load(local / "model/model.pt", weights_only=True))
+        cfg = prepare(json.loads((local / "config.json").read_text()))
+        loaders = make_loaders(load_splits(cfg.data, cfg.seed), cfg, torch.device("cpu"), False)
+        _, acc, probs = evaluate(model, loaders["test"])
+        assert acc == run.data.metrics["test_acc"]
+        np.testing.assert_allclose(probs, read_probs(local / "probs/probs_test.parquet")[2], atol=1e-5, rtol=0)
     capsys.readouterr()
     assert main(["runs", "e2e", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     out = capsys.readouterr().out
     assert sum(" FINISHED " in line for line in out.splitlines()) == 4
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "ran on: cpu (" in out and f"torch {torch.__version__}" in out and "eval fp32" in out
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def test_pruned_model_rebuilds_from_its_artifacts(swept):
                            torch.load(local / "model/model.pt", weights_only=True), masks)
     cfg = prepare(json.loads((local / "config.json").read_text()))
     loaders = make_loaders(load_splits(cfg.data, cfg.seed), cfg, torch.device("cpu"), False)
-    _, acc, _ = evaluate(model, loaders["test"], autocast=False)
+    _, acc, _ = evaluate(model, loaders["test"])
     assert acc == run.data.metrics["test_acc"] == run.data.metrics["acc_finetuned_test"]
     mask = masks["blocks.0.mlp.fc1.weight"]
     assert 0 < int(mask.sum()) < mask.numel() and not model.get_submodule("blocks.0.mlp.fc1").weight[~mask].any()

@@ -14,7 +14,9 @@ from conftest import REPO, synthetic_job
 from trainables.models import build_model
 from trainables.probs import read_probs
 from trainables.config import prepare
-from trainables.train import device_flags, evaluate, main, make_loaders, native_bf16, run_job
+from trainables.device import native_bf16
+from trainables.infer import image_probs
+from trainables.train import device_flags, evaluate, main, make_loaders, run_job
 from trainables.data import load_splits
 
 
@@ -55,16 +57,23 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_model_rebuilt_from_artifacts_reproduces_test_accuracy(tmp_path):
-    summary = run_job(prepare(synthetic_job()), tmp_path)
-    spec = json.loads((tmp_path / "spec.json").read_text())
-    model = build_model(spec)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_model_rebuilt_from_artifacts_reproduces_test_accuracy(tmp_path, bf16):
+    """Whatever the training precision and memory format, README's rebuild (spec.json + model.pt, fp32)
+    reproduces the logged accuracy exactly and the stored probabilities to 1e-5."""
+    cfg = prepare(synthetic_job(bf16=bf16, channels_last=True))
+    summary = run_job(cfg, tmp_path)
+    assert (summary["train_precision"], summary["eval_precision"]) == ("bf16" if bf16 else "fp32", "fp32")
+    assert summary["torch"] == torch.__version__ and summary["device"] == "cpu" and summary["cpu"]
+    model = build_model(json.loads((tmp_path / "spec.json").read_text()))
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    cfg = prepare(synthetic_job())
-    loaders = make_loaders(load_splits(cfg.data), cfg, torch.device("cpu"), False)
-    _, acc, probs = evaluate(model, loaders["test"], autocast=False)
-    assert acc == summary["test_acc"]
-    assert np.allclose(probs, read_probs(tmp_path / "probs_test.parquet")[2], atol=1e-6)
+    test = load_splits(cfg.data, cfg.seed).test
+    probs = image_probs(model.eval(), test.images, **summary["norm"]).numpy()
+    _, labels, stored, _ = read_probs(tmp_path / "probs_test.parquet")
+    assert float((probs.argmax(1) == labels).mean()) == summary["test_acc"]
+    np.testing.assert_allclose(probs, stored, atol=1e-5, rtol=0)
+    _, acc, loader_probs = evaluate(model, make_loaders(load_splits(cfg.data), cfg, torch.device("cpu"), True)["test"])
+    assert acc == summary["test_acc"] and np.array_equal(loader_probs, stored)
 
 
 def test_bf16_auto_follows_the_hardware_and_forced_emulation_warns(capsys):

@@ -20,12 +20,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def served_sweep(tmp_path_factory):
-    """A finished two-trial sweep (2 vs 4 heads, analysed, one prune cell) on an MLflow server."""
+    """A finished two-trial sweep (2 heads trained in bf16, 4 in fp32, whatever the CPU; analysed, one
+    prune cell) on an MLflow server."""
     tmp = tmp_path_factory.mktemp("workbench")
     port = free_port()
     server = start_server(tmp, port)
     uri = f"http://127.0.0.1:{port}"
-    spec = sweep_spec("bench", epochs=2, axes={"attention": [{"heads": 2, "head_dim": 16}, {"heads": 4, "head_dim": 8}],
+    spec = sweep_spec("bench", epochs=2, axes={"attention": [{"heads": 2, "head_dim": 16, "bf16": True},
+                                                             {"heads": 4, "head_dim": 8, "bf16": False}],
                                                "seed": [0]},
                       analyze={"train_size": 128, "test_size": 64, "readout_epochs": 4},
                       prune={"methods": ["none"], "finetune_epochs": 1})
@@ -120,9 +122,14 @@ def test_trials_log_a_loadable_model_and_their_dataset(served_sweep, tmp_path):
         model = mlflow.pyfunc.load_model(run.data.tags["unitlab.model_uri"])
         config = prepare(json.loads(open(client.download_artifacts(run.info.run_id, "config.json",
                                                                    str(tmp_path / run.info.run_id))).read()))
-        images = load_splits(config.data, config.seed).test.images[:8]
-        _, _, stored, _ = read_probs(client.download_artifacts(run.info.run_id, "probs/probs_test.parquet",
-                                                               str(tmp_path / run.info.run_id)))
-        np.testing.assert_allclose(model.predict(images), stored[:8], atol=1e-4)
+        images = load_splits(config.data, config.seed).test.images
+        _, labels, stored, _ = read_probs(client.download_artifacts(run.info.run_id, "probs/probs_test.parquet",
+                                                                    str(tmp_path / run.info.run_id)))
+        probs = model.predict(images)
+        np.testing.assert_allclose(probs, stored, atol=1e-5, rtol=0)
+        assert float((probs.argmax(1) == labels).mean()) == run.data.metrics["test_acc"]
+        tags = run.data.tags
+        assert tags["unitlab.train_precision"] == ("bf16" if config.bf16 else "fp32")
+        assert tags["unitlab.eval_precision"] == "fp32" and tags["unitlab.torch"] and tags["unitlab.cpu"]
         (dataset,) = run.inputs.dataset_inputs
         assert dataset.dataset.name.startswith("synthetic")

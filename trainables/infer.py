@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainables.device import pick_device
+
 
 def check_images(images: np.ndarray) -> np.ndarray:
     """``images`` as a uint8 (N, H, W, 3) array, or ValueError saying what it is instead."""
@@ -15,12 +17,8 @@ def check_images(images: np.ndarray) -> np.ndarray:
 
 
 def inference_device(name: str = "auto") -> torch.device:
-    """``auto``: the GPU when one is visible, else the CPU; ``cuda`` without a GPU is a ValueError."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA device is visible")
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+    """The device to serve on (``device.pick_device``); a bad or unavailable name is a ValueError."""
+    return pick_device(name, "device")
 
 
 def image_probs(model: nn.Module, images: np.ndarray, mean: list[float], std: list[float],

@@ -22,6 +22,7 @@ import yaml
 
 from trainables.config import JobConfig, load_yaml, prepare, set_dotted
 from trainables.data import Splits, load_splits
+from trainables.device import describe, pick_device, train_flags
 from trainables.loader import DeviceLoader
 from trainables.models import build_model, count_macs, count_params
 from trainables.probs import write_probs
@@ -32,35 +33,13 @@ CHECKPOINT_FILE = "state.pt"
 
 
 def select_device(cfg: JobConfig) -> torch.device:
-    """CUDA when present (or asked for), else CPU."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("config.device", "cuda requested but no CUDA device is visible")
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with
-    AVX-512 BF16 or AMX (without them oneDNN emulates bf16, hundreds of times slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """The job's device (``config.device``: auto, cpu or cuda)."""
+    return pick_device(cfg.device, "config.device")
 
 
 def device_flags(cfg: JobConfig, device: torch.device) -> tuple[bool, bool]:
-    """(bf16 autocast, channels_last) on ``device``. bf16 "auto" is on where ``device`` has native
-    bf16 (``true`` on a device without it warns once: emulated bf16 is very slow); channels_last
-    "auto" is on for CUDA."""
-    bf16 = native_bf16(device) if cfg.bf16 == "auto" else bool(cfg.bf16)
-    if cfg.bf16 is True and not native_bf16(device):
-        print(f"warning: config.bf16 is true but this {device.type} has no native bf16 (emulated, often 100x "
-              "slower than fp32); bf16: auto turns it on only where it is native", file=sys.stderr)
-    channels_last = device.type == "cuda" if cfg.channels_last == "auto" else bool(cfg.channels_last)
-    return bf16, channels_last
+    """(bf16 autocast, channels_last) for training ``cfg`` on ``device`` (``device.train_flags``)."""
+    return train_flags(cfg.bf16, cfg.channels_last, device)
 
 
 def norm_stats(splits: Splits, cfg: JobConfig) -> tuple[tuple, tuple]:
@@ -70,13 +49,15 @@ def norm_stats(splits: Splits, cfg: JobConfig) -> tuple[tuple, tuple]:
 
 
 def make_loaders(splits: Splits, cfg: JobConfig, device: torch.device, channels_last: bool) -> dict[str, DeviceLoader]:
-    """Device-resident loaders for train (augmented, shuffled), val and test."""
+    """Device-resident loaders for train (augmented, shuffled, ``channels_last`` when asked), val and
+    test (contiguous batches: the evaluation of record runs as a rebuilt model does)."""
     mean, std = norm_stats(splits, cfg)
-    common = dict(device=device, mean=mean, std=std, num_classes=splits.num_classes, channels_last=channels_last)
+    common = dict(device=device, mean=mean, std=std, num_classes=splits.num_classes)
     loaders = {
         "train": DeviceLoader(
             splits.train.images, splits.train.labels, batch_size=cfg.batch_size, augment=cfg.data.augment,
-            shuffle=True, drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed, **common,
+            shuffle=True, drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed,
+            channels_last=channels_last, **common,
         )
     }
     for name in ("val", "test"):
@@ -150,17 +131,16 @@ def train_epoch(model, loader, optimizer, scheduler, cfg: JobConfig, autocast: b
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast: bool) -> tuple[float, float, np.ndarray]:
-    """(mean cross-entropy, accuracy, softmax probabilities) over a split, in order; sums stay on
-    the device until the end (one transfer, no per-batch synchronisation)."""
+def evaluate(model, loader) -> tuple[float, float, np.ndarray]:
+    """(mean cross-entropy, accuracy, softmax probabilities) over a split, in order, in fp32 whatever
+    the training precision (``trainables.device``); sums stay on the device until the end (one
+    transfer, no per-batch synchronisation)."""
     model.eval()
     probs = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
     correct = torch.zeros((), dtype=torch.int64, device=loader.device)
     for x, y in loader:
-        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x)
-        logits = logits.float()
+        logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         probs.append(torch.softmax(logits, 1))
@@ -256,7 +236,7 @@ def fit(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: JobConfig
     step_model = torch.compile(model) if cfg.compile else model
     for epoch in range(start_epoch, cfg.epochs):
         metrics = train_epoch(step_model, loaders["train"], optimizer, scheduler, cfg, autocast)
-        metrics["val_loss"], metrics["val_acc"], _ = evaluate(step_model, loaders["val"], autocast)
+        metrics["val_loss"], metrics["val_acc"], _ = evaluate(step_model, loaders["val"])
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch"] = epoch
         history.append(metrics)
@@ -315,21 +295,25 @@ def run_job(
             on_epoch(metrics, ckpt_dir)
 
     history = fit(model, loaders, cfg, autocast, after_epoch, resume_state)
-    return finish_job(model, cfg, splits, loaders, history, out_dir, device, autocast)
+    return finish_job(model, cfg, splits, loaders, history, out_dir, describe(device, autocast))
 
 
-def finish_job(model, cfg: JobConfig, splits, loaders, history, out_dir: Path, device, autocast) -> dict:
-    """Final evaluation, probabilities, latency, size; writes model.pt, probs_*.parquet, summary.json."""
+def finish_job(model, cfg: JobConfig, splits, loaders, history, out_dir: Path, environment: dict) -> dict:
+    """Latency, size, then the evaluation of record (fp32, contiguous memory format, as a model rebuilt
+    from spec.json + model.pt runs); writes model.pt, probs_*.parquet, summary.json. ``environment``
+    (``device.describe``) goes into the summary."""
     summary = {"epochs": len(history), "dataset": splits.name, "num_classes": splits.num_classes}
+    device = loaders["test"].device
+    summary.update(measure_latency(model, cfg.model["image_size"], device, **cfg.latency.to_dict()))
+    model = model.to(memory_format=torch.contiguous_format)
     for split in ("val", "test"):
-        loss, acc, probs = evaluate(model, loaders[split], autocast)
+        loss, acc, probs = evaluate(model, loaders[split])
         summary[f"{split}_loss"], summary[f"{split}_acc"] = loss, acc
         source = getattr(splits, split)
         write_probs(out_dir / f"probs_{split}.parquet", probs, source.labels, source.indices, splits.name, split)
-    summary.update(measure_latency(model, cfg.model["image_size"], device, **cfg.latency.to_dict()))
     summary["params"] = count_params(model)
     summary["macs"] = count_macs(model)
-    summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    summary.update(environment)
     summary["train_images_per_sec"] = float(np.mean([h["images_per_sec"] for h in history])) if history else 0.0
     mean, std = norm_stats(splits, cfg)
     summary["norm"] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # what a served model applies

@@ -30,6 +30,7 @@ from trainables.loader import DeviceLoader
 from trainables.models.taps import TappedModel
 from trainables.probs import write_probs
 from trainables.schema import InputError, Settings, setting
+from trainables.device import describe
 from trainables.train import device_flags, evaluate, fit, make_loaders, select_device
 
 METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels")
@@ -210,10 +211,12 @@ def unit_counts(model: TappedModel, taps: list[str]) -> dict[str, int]:
 
 # ---------------------------------------------------------------- the job
 
-def _accuracies(model, loaders, autocast: bool) -> dict[str, Any]:
+def _accuracies(model, loaders) -> dict[str, Any]:
+    """The evaluation of record on val and test: fp32, the model in the contiguous memory format."""
+    model.to(memory_format=torch.contiguous_format)
     out = {}
     for split in ("val", "test"):
-        loss, acc, probs = evaluate(model, loaders[split], autocast)
+        loss, acc, probs = evaluate(model, loaders[split])
         out[split] = {"acc": acc, "loss": loss, "probs": probs}
     return out
 
@@ -280,11 +283,9 @@ def run_prune_job(
     autocast, channels_last = device_flags(cfg, device)
 
     model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     loaders = make_loaders(splits, cfg, device, channels_last)
     seconds: dict[str, float] = {}
-    before = _accuracies(model, loaders, autocast)
+    before = _accuracies(model, loaders)
 
     label_stats: dict[str, dict] = {}
     analysis = None
@@ -299,16 +300,18 @@ def run_prune_job(
     seconds["label_sets"] = time.perf_counter() - start
     masks = build_prune_masks(model, config, layers, unit_label_sets(label_sets) if label_sets else None)
     apply_masks(model, masks)
-    pruned = _accuracies(model, loaders, autocast)
+    pruned = _accuracies(model, loaders)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ft_cfg = cfg.replace(epochs=max(1, config.finetune_epochs),
                          recipe=cfg.recipe.replace(lr=config.finetune_lr or 0.1 * cfg.recipe.lr,
                                                    warmup_epochs=config.finetune_warmup_epochs))
     start = time.perf_counter()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     history = finetune(model, loaders, ft_cfg, autocast, on_epoch) if config.finetune_epochs else []
     seconds["finetune"] = time.perf_counter() - start
-    final = _accuracies(model, loaders, autocast) if history else pruned
+    final = _accuracies(model, loaders) if history else pruned
 
     save_masks(out_dir / "masks.pt", masks)
     torch.save(model.state_dict(), out_dir / "model.pt")
@@ -337,6 +340,7 @@ def run_prune_job(
         "label_stats": label_stats,
         "history": history,
         "seconds": seconds,
+        **describe(device, autocast),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
