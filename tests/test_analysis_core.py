@@ -13,6 +13,7 @@ from torch import nn
 from analysis.units.clusters import binarize, greedy_clusters, unit_stats
 from analysis.units.features import collect_features
 from analysis.units.readout import Readout, train_readout
+from analysis.units.results import load_matrices, matrix_arrays
 from analysis.units.reference import reference_unit_matrices
 from analysis.units.summary import analyse_unit, head_structure, summarise_tap, tap_summary, UnitResult
 from analysis.units.matrices import tap_unit_matrices, unit_matrices
@@ -152,6 +153,24 @@ def test_unit_matrices_group_sums():
     nodes, heads = unit_matrices(means, W, 1), unit_matrices(means, W, 4)
     np.testing.assert_allclose(nodes.reshape(2, 4, 3, 4).sum(1), heads)
     np.testing.assert_allclose(nodes[5], np.outer(means[:, 5], W[:, 5]))
+
+
+def test_tap_matrices_are_float32():
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(20, 3, 4, generator=gen), torch.arange(20) % 3
+    tm = tap_unit_matrices(random_readout("token", 4, 3, gen).float(), x, y, 3, head_dim=2)
+    assert {m.dtype for m in tm.units.values()} == {np.dtype(np.float32)}
+
+
+def test_matrices_npz_is_exact_and_old_layout_still_loads(tmp_path):
+    m = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    np.savez_compressed(tmp_path / "new.npz", **matrix_arrays({"t.0": {"node": m}}))
+    assert np.array_equal(load_matrices(tmp_path / "new.npz")["t.0"]["node"], m)  # bit-exact
+    scale = np.abs(m).reshape(3, -1).max(1)
+    np.savez_compressed(tmp_path / "old.npz", **{"t.0/node": (m / scale[:, None, None]).astype(np.float16),
+                                                 "t.0/node/scale": scale})
+    old = load_matrices(tmp_path / "old.npz")["t.0"]["node"]
+    assert old.dtype == np.float32 and np.abs(old - m).max() <= 1e-3 * scale.max()
 
 
 # ------------------------------------------------------------------ readout training

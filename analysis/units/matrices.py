@@ -14,7 +14,9 @@ Units are contiguous groups of readout inputs:
 - ``"head"`` (token taps with heads): the ``head_dim`` channels of one head.
 
 The matrices of the units of one kind sum to the full readout's class-mean field ``m @ W.T``;
-``tap_unit_matrices`` checks this.
+``kind_matrices`` checks this in float64, then rounds every matrix to float32: the values every
+later step (clusters, statistics) uses and ``matrices.npz`` stores, so re-thresholding that file
+reproduces the analysis bit for bit.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def check_decomposition(matrices: np.ndarray, full: np.ndarray, rtol: float = 1e
 class TapMatrices:
     """Unit matrices of one tap by unit kind, plus the full field they sum to."""
 
-    units: dict[str, np.ndarray]  # kind -> (U, L, C)
+    units: dict[str, np.ndarray]  # kind -> (U, L, C) float32
     full: np.ndarray  # (L, C)
     means: np.ndarray  # (L, F) class-conditional readout-input means
 
@@ -95,15 +97,23 @@ def unit_groups(kind: str, feature_shape: tuple[int, ...], head_dim: int | None 
     raise ValueError(f"kind must be 'conv' or 'token', got {kind!r}")
 
 
+def kind_matrices(means: np.ndarray, weight: np.ndarray, kind: str, feature_shape: tuple[int, ...],
+                  head_dim: int | None = None, rtol: float = 1e-6) -> dict[str, np.ndarray]:
+    """Unit matrices (U, L, C) by unit kind, checked in float64 to sum to the full field, as float32."""
+    full = full_field(means, weight)
+    units = {}
+    for name, group in unit_groups(kind, feature_shape, head_dim).items():
+        m = unit_matrices(means, weight, group)
+        check_decomposition(m, full, rtol)
+        units[name] = m.astype(np.float32)
+    return units
+
+
 def tap_unit_matrices(readout: Readout, test_x: Tensor, test_y: Tensor, num_labels: int,
                       head_dim: int | None = None, batch_size: int = 256,
                       device: str | torch.device | None = None, rtol: float = 1e-6) -> TapMatrices:
-    """All unit matrices of a tap from its test features and trained readout, checked to sum up."""
+    """All unit matrices of a tap from its test features and trained readout (``kind_matrices``)."""
     means = class_means(readout, test_x, test_y, num_labels, batch_size, device)
     weight = readout.fc.weight.detach().double().cpu().numpy()
-    full = full_field(means, weight)
-    units = {}
-    for name, group in unit_groups(readout.kind, tuple(test_x.shape), head_dim).items():
-        units[name] = unit_matrices(means, weight, group)
-        check_decomposition(units[name], full, rtol)
-    return TapMatrices(units=units, full=full, means=means)
+    units = kind_matrices(means, weight, readout.kind, tuple(test_x.shape), head_dim, rtol)
+    return TapMatrices(units=units, full=full_field(means, weight), means=means)

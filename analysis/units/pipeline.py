@@ -5,9 +5,9 @@
    taps of a group with the same feature shape trained together, ``readout.train_readouts``).
 2. Test split: **one** forward pass for all taps. Test features are never cached: each batch is
    reduced at once to per-label sums of every readout's input (``TapAccumulator``), which is all
-   the unit matrices need (``units.unit_matrices``), plus the readout's correct count.
-3. Per tap: unit matrices by unit kind, clusters, noise, SNR, coverage and head structure
-   (``summary.summarise_tap``).
+   the unit matrices need (``matrices.unit_matrices``), plus the readout's correct count.
+3. Per tap: unit matrices by unit kind (float32, exactly as ``matrices.npz`` stores them), clusters,
+   noise, SNR, coverage and head structure (``summary.summarise_tap``).
 
 Imports only torch and numpy (no ray, mlflow or optuna).
 """
@@ -28,7 +28,7 @@ from .clusters import DEFAULT_THRESHOLD
 from .features import collect_features
 from .readout import DEFAULT_RECIPE, RECIPES, Readout, ReadoutResult, readout_config, train_readouts
 from .summary import summarise_tap
-from .matrices import check_decomposition, full_field, unit_groups, unit_matrices
+from .matrices import kind_matrices
 
 Transform = Callable[[np.ndarray], Tensor]
 
@@ -94,7 +94,7 @@ class AnalysisResult:
     # tap -> summarise_tap output (its head structure as "heads_structure", None for other taps)
     # plus kind, heads, head_dim, feature_shape, train_accuracy
     taps: dict[str, dict]
-    matrices: dict[str, dict[str, np.ndarray]]  # tap -> unit kind -> (U, L, C) float64
+    matrices: dict[str, dict[str, np.ndarray]]  # tap -> unit kind -> (U, L, C) float32 (what clusters use)
     readouts: dict[str, ReadoutResult]  # tap -> trained readout (test accuracy set from the test pass)
     meta: dict = field(default_factory=dict)  # threshold, recipe, sizes, groups, timings
     train_rows: np.ndarray | None = None  # rows of the source training split the readouts saw
@@ -162,14 +162,9 @@ class TapAccumulator:
 
 def matrices_from_means(readout: Readout, means: np.ndarray, kind: str, feature_shape: tuple[int, ...],
                         head_dim: int | None, rtol: float = 1e-6) -> dict[str, np.ndarray]:
-    """Unit matrices of every unit kind of a tap, checked to sum up to the full readout's field."""
+    """Float32 unit matrices of every unit kind of a tap (``matrices.kind_matrices``)."""
     weight = readout.fc.weight.detach().double().cpu().numpy()
-    full = full_field(means, weight)
-    units = {}
-    for name, group in unit_groups(kind, (1, *feature_shape), head_dim).items():
-        units[name] = unit_matrices(means, weight, group)
-        check_decomposition(units[name], full, rtol)
-    return units
+    return kind_matrices(means, weight, kind, (1, *feature_shape), head_dim, rtol)
 
 
 @torch.no_grad()
