@@ -85,18 +85,19 @@ def lr_lambda(cfg: JobConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return step_decay if recipe.name == "sgd_step" else cosine
 
 
-def make_optimizer(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
-    """AdamW (no decay on norms, biases and embeddings) or SGD with Nesterov momentum; the fused
-    (one kernel for all parameters) implementation on CUDA."""
+def make_optimizer(model: torch.nn.Module, cfg: JobConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW (no decay on norms, biases and embeddings) or SGD with Nesterov momentum. ``fused`` (one
+    kernel for all parameters): None means on CUDA only; the tests force it on the CPU's kernel."""
     recipe = cfg.recipe
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim <= 1 or "pos_emb" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
+    if fused is None:
+        fused = all(p.is_cuda for p in model.parameters())
     if recipe.name == "adamw_cosine":
-        return torch.optim.AdamW(groups, lr=recipe.lr, **fused)
-    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True, **fused)
+        return torch.optim.AdamW(groups, lr=recipe.lr, fused=fused)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True, fused=fused)
 
 
 def train_epoch(model, loader, optimizer, scheduler, cfg: JobConfig, autocast: bool) -> dict:
