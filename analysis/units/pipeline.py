@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainables.device import pick_device
 from trainables.schema import InputError, Settings, setting
 
 from .clusters import DEFAULT_THRESHOLD
@@ -82,9 +83,7 @@ class AnalysisConfig(Settings):
         return [t for t in model.taps if t in set(self.taps)]
 
     def resolved_device(self) -> torch.device:
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise InputError("--device", "cuda requested but no CUDA device is visible")
-        return torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
+        return pick_device(self.device, "--device")
 
 
 @dataclass
