@@ -8,7 +8,10 @@ magnitudes and signs from a caller-owned ``torch.Generator`` (e.g. ``DeviceLoade
 makes a batch reproducible from the generator state. There is no Python loop over samples: geometry
 is one affine ``grid_sample`` per op slot for the whole batch, and each colour/histogram op is computed
 for the whole batch with per-sample parameters and kept (``torch.where``) only where a sample drew it.
-That costs some redundant arithmetic but never syncs with the host, so it suits CUDA.
+That costs some redundant arithmetic (every op on every sample, about 13 times the work) but never
+syncs with the host, so it suits CUDA. On the CPU, where there is no sync to avoid and that arithmetic
+is the whole cost, ``apply_rand_augment`` instead computes each op only on the samples that drew it;
+the two paths give bit-identical outputs.
 
 Random erasing works on the normalised batch (timm's ``RandomErasing`` semantics, one box per sample).
 
@@ -155,9 +158,12 @@ def _warp(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     rescaled = theta.transpose(1, 2) / half  # (B, 3, 2)
     # Output pixel centres measured from the image centre. Elementwise rather than a matmul, so a
     # TF32 matmul setting cannot blur the coordinates (it matches torchvision's float32 bmm).
-    xs = (torch.arange(w, dtype=torch.float32, device=x.device) - (w - 1) / 2).view(1, 1, w, 1)
-    ys = (torch.arange(h, dtype=torch.float32, device=x.device) - (h - 1) / 2).view(1, h, 1, 1)
-    grid = xs * rescaled[:, None, None, 0] + ys * rescaled[:, None, None, 1] + rescaled[:, None, None, 2]
+    # Built as (B, 2, H, W) and viewed as grid_sample's (B, H, W, 2): the same arithmetic as
+    # broadcasting into (B, H, W, 2) directly, but with W innermost, which the CPU does ~10x faster.
+    xs = (torch.arange(w, dtype=torch.float32, device=x.device) - (w - 1) / 2).view(1, 1, 1, w)
+    ys = (torch.arange(h, dtype=torch.float32, device=x.device) - (h - 1) / 2).view(1, 1, h, 1)
+    a, b, c = (rescaled[:, row].view(-1, 2, 1, 1) for row in range(3))
+    grid = (xs * a + ys * b + c).permute(0, 2, 3, 1)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
@@ -171,8 +177,9 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
 
 
 def _to_uint8_range(x: torch.Tensor) -> torch.Tensor:
-    """Clamp to 0..255 and truncate, as torchvision's ``.clamp_(0, 255).to(uint8)``."""
-    return x.clamp(0, 255).trunc()
+    """Clamp to 0..255 and truncate, as torchvision's ``.clamp_(0, 255).to(uint8)``. Once clamped
+    nothing is negative, so floor truncates (and is vectorised on CPU, where trunc is not)."""
+    return x.clamp(0, 255).floor_()
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -205,13 +212,18 @@ def _contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend interior pixels with a rounded 3x3 smoothing (centre weight 5/13); borders kept."""
+    """Blend interior pixels with a rounded 3x3 smoothing (centre weight 5/13); borders kept.
+
+    The smoothing is round(k / 13) with k the integer 3x3 sum plus 4 times the centre, summed exactly
+    from shifted slices. k / 13 is never within 1/26 of a half, so this equals rounding torchvision's
+    float32 convolution in any summation order; unlike a convolution it cannot be blurred by TF32 on
+    a GPU, and on the CPU it is several times faster than a depthwise convolution."""
     if x.shape[-1] <= 2 or x.shape[-2] <= 2:
         return x
-    kernel = torch.full((3, 3), 1.0 / 13.0, dtype=torch.float32, device=x.device)
-    kernel[1, 1] = 5.0 / 13.0
-    blurred = F.conv2d(x, kernel.expand(x.shape[1], 1, 3, 3), groups=x.shape[1]).round()
     inner = x[..., 1:-1, 1:-1]
+    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    blurred = (box + 4.0 * inner).div_(13.0).round_()
     # inner + (1 - factor) * (blurred - inner), fused as in torchvision (see _blend).
     alpha = _per_sample(1.0 - factor).double()
     sharpened = (inner.double() + (blurred - inner).double() * alpha).float()
@@ -246,19 +258,22 @@ def _equalize(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
     lut[v] = (pixels below v + step // 2) // step with step = (pixels not at the channel's top
     value) // 255; channels with step 0 are left unchanged."""
     b, c, h, w = x.shape
-    values = x.to(torch.long).reshape(b * c, h * w)
-    offsets = torch.arange(b * c, device=x.device).unsqueeze(1) * 256
+    # Each pixel's index into one (b * c * 256) table of per-channel histograms and lookup tables,
+    # offset while still float (exact below 2**24, float32's integer range) and converted once.
+    exact = torch.float32 if b * c * 256 <= 2**24 else torch.float64
+    offsets = torch.arange(0, b * c * 256, 256, dtype=exact, device=x.device).view(b, c, 1, 1)
+    flat = (x + offsets).to(torch.long).reshape(-1)
     # scatter_add into a fixed-size histogram: bincount would read the input's max back to the host
-    flat = (values + offsets).view(-1)
-    hist = torch.zeros(b * c * 256, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    ones = torch.ones(1, dtype=torch.long, device=x.device).expand_as(flat)
+    hist = torch.zeros(b * c * 256, dtype=torch.long, device=x.device).scatter_add_(0, flat, ones)
     hist = hist.view(b * c, 256)
     levels = torch.arange(256, device=x.device)
     top = torch.where(hist > 0, levels, 0).amax(dim=1, keepdim=True)
     step = (h * w - hist.gather(1, top)) // 255
     below = hist.cumsum(dim=1) - hist
     lut = ((below + step // 2) // step.clamp(min=1)).clamp(max=255)
-    equalized = torch.where(step > 0, lut.gather(1, values), values)
-    return equalized.view(b, c, h, w).to(x.dtype)
+    lut = torch.where(step > 0, lut, levels).to(x.dtype)  # channels with step 0: the identity
+    return lut.view(-1).take(flat).view(b, c, h, w)
 
 
 def _identity(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,14 +328,23 @@ def draw_rand_augment(
     return RandAugmentDraw(ops=ops, magnitudes=magnitudes, signs=signs)
 
 
-def apply_rand_augment(x: torch.Tensor, draw: RandAugmentDraw) -> torch.Tensor:
+def apply_rand_augment(x: torch.Tensor, draw: RandAugmentDraw, *, by_index: bool | None = None) -> torch.Tensor:
     """Apply a draw to x (B, 3, H, W, float, values 0..255): op slot by op slot, every sample its
-    own op. Returns a new tensor with the same shape and dtype."""
+    own op. Returns a new tensor with the same shape and dtype.
+
+    ``by_index`` picks how a slot reaches each op's samples (both give identical outputs): True
+    gathers them and computes each op only on its own samples, which reads the selection back to the
+    host; False computes every op on the whole batch and keeps it where drawn, with no host sync but
+    about ``len(OPS)`` times the arithmetic. Default: by index on the CPU (where there is no sync to
+    avoid and the arithmetic is the cost), masked elsewhere."""
     _, _, h, w = x.shape
+    if by_index is None:
+        by_index = x.device.type == "cpu"
+    apply_slot = _apply_slot_by_index if by_index else _apply_slot
     out = x.to(torch.float32)
     for slot in range(draw.ops.shape[1]):
         ops, magnitude, sign = draw.ops[:, slot], draw.magnitudes[:, slot], draw.signs[:, slot]
-        out = _apply_slot(out, ops, magnitude, sign, h, w)
+        out = apply_slot(out, ops, magnitude, sign, h, w)
     return out.to(x.dtype)
 
 
@@ -343,6 +367,27 @@ def _apply_slot(
             continue
         chosen = (ops == OPS.index(op)).view(b, 1, 1, 1)
         out = torch.where(chosen, fn(x, op_argument(op, magnitude, sign, h, w)), out)
+    return out
+
+
+def _apply_slot_by_index(
+    x: torch.Tensor, ops: torch.Tensor, magnitude: torch.Tensor, sign: torch.Tensor, h: int, w: int
+) -> torch.Tensor:
+    """One op per sample: each op computed only on the samples that drew it (one host read)."""
+    order = torch.argsort(ops, stable=True)
+    counts = torch.bincount(ops, minlength=len(OPS)).tolist()
+    out = x.clone()
+    start = 0
+    for op, count in zip(OPS, counts):
+        idx, start = order[start : start + count], start + count
+        if count == 0 or op == "Identity":
+            continue
+        arg = op_argument(op, magnitude[idx], sign[idx], h, w)
+        if op in GEOMETRIC_OPS:
+            done = _warp(x[idx], _inverse_affine(op, arg, h, w))
+        else:
+            done = _PIXEL_OPS[op](x[idx], arg)
+        out[idx] = done
     return out
 
 

@@ -78,9 +78,9 @@ class DeviceLoader:
             aug = self.augment
             if aug is not None:
                 x = self._augment_pixels(x)
-            x = (x / 255.0 - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+            x = self._normalise(x)
             if aug is not None and aug.erasing > 0:
-                x = random_erasing(x, self.generator, p=aug.erasing)
+                x = self._erase(x)
             if aug is not None and aug.mixes:  # mixing is linear, so it commutes with the normalisation
                 x, y = self._mix(x, y)
             if self.channels_last:
@@ -110,22 +110,36 @@ class DeviceLoader:
         if aug.translate > 0:
             x = self._translate(x, aug.translate)
         if aug.flip:
-            flip = self._rand(x.shape[0]) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x = self._flip(x)
         if aug.rand_augment is not None:
             # RandAugment's ops act on uint8 values: a resized crop's interpolated pixels are rounded first
             x = rand_augment(x.round() if aug.crop_scale is not None else x, self.generator, aug.rand_augment)
         return x
 
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel values 0..255 (NCHW float) -> the model's normalised input."""
+        return to_model_input(x, self.mean, self.std)
+
+    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+        """Random erasing of the normalised batch (one box per sample with probability ``erasing``)."""
+        return random_erasing(x, self.generator, p=self.augment.erasing)
+
+    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Mirror each sample left-right with probability 0.5."""
+        flip = self._rand(x.shape[0]) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
     def _translate(self, x: torch.Tensor, pad: int) -> torch.Tensor:
-        b, _, h, w = x.shape
+        """Shift each sample by up to ``pad`` pixels each way, zero fill (a padded random crop)."""
+        b, c, h, w = x.shape
         padded = F.pad(x, (pad, pad, pad, pad))
         shift = (self._rand(b, 2) * (2 * pad + 1)).long()
         rows = shift[:, 0:1] + torch.arange(h, device=x.device)
         cols = shift[:, 1:2] + torch.arange(w, device=x.device)
-        batch = torch.arange(b, device=x.device).view(b, 1, 1)
-        out = padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)]
-        return out.permute(0, 3, 1, 2)
+        # One gather along each sample's flattened padded planes: a plain copy, several times faster on
+        # the CPU than the equivalent advanced indexing padded[batch, :, rows, cols].
+        index = (rows.view(b, h, 1) * (w + 2 * pad) + cols.view(b, 1, w)).view(b, 1, h * w)
+        return padded.flatten(2).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
 
     def _random_resized_crop(self, x: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
         b = x.shape[0]
