@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze
 from trainables.config import DEFAULT_MODEL, JobConfig, prepare, set_dotted
 from trainables.data import DataError, check_data_available
 from trainables.models import build_model
-from trainables.schema import InputError, Settings, output_folder, setting
+from trainables.schema import InputError, Settings, output_folder, seed_setting, setting
 
 # Metrics every epoch reports, and those known only when a trial ends.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")
@@ -68,7 +69,7 @@ class SearchConfig(Settings):
     num_samples: int = setting(1, "grid: repeats of the grid; optuna: trials", low=1)
     metrics: dict = setting(factory=lambda: {"val_acc": "max"}, flag=False)
     distributions: dict = setting(factory=dict, flag=False)
-    seed: int = 0
+    seed: int = seed_setting(0, "seed of the search's sampler")
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class Distribution(Settings):
     low: float | None = None
     high: float | None = None
     log: bool = False
-    step: float | None = None
+    step: float | None = setting(None, "grid step of an int or float distribution", gt=0)
     choices: tuple | None = None
 
 
@@ -329,9 +330,15 @@ def _storage(path: str) -> str:
                              f"(a local folder or one of {', '.join(s + '://' for s in REMOTE_SCHEMES)})")
         if not rest.strip("/"):
             raise SweepError(f"sweep.storage_path: {path} names no bucket or folder")
+        if scheme == "file":  # a local folder all the same: it must be writable before MLflow or Ray start
+            _local_storage(urllib.parse.unquote(urllib.parse.urlparse(path).path))
         return path
+    return str(_local_storage(Path(path).expanduser().resolve()))
+
+
+def _local_storage(path: str | Path) -> Path:
     try:
-        return str(output_folder(Path(path).expanduser().resolve(), "sweep.storage_path"))
+        return output_folder(path, "sweep.storage_path")
     except InputError as exc:
         raise SweepError(str(exc)) from None
 

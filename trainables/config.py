@@ -14,7 +14,7 @@ import yaml
 
 from trainables.data import DataConfig, dataset_shape
 from trainables.models import resolve_spec
-from trainables.schema import InputError, Settings, setting
+from trainables.schema import InputError, Settings, seed_setting, setting
 
 # Recipe defaults from methods.md section 4, filled where the user leaves a field null.
 RECIPE_DEFAULTS = {
@@ -67,7 +67,7 @@ class JobConfig(Settings):
     epochs: int = setting(5, low=1)
     batch_size: int = setting(128, low=1)
     eval_batch_size: int = setting(500, low=1)
-    seed: int = 0
+    seed: int = seed_setting(0, "training seed (initialisation, order, augmentation)")
     label_smoothing: float = setting(0.1, low=0, lt=1)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     bf16: Any = setting("auto", "bf16 autocast: auto (where the device has native bf16), true or false", choices=TRI_STATE)

@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from trainables.augment import RandAugmentConfig
-from trainables.schema import InputError, Settings, setting
+from trainables.schema import InputError, Settings, seed_setting, setting
 
 KNOWN_DATASETS = ("cifar100", "flowers102", "synthetic")
 # Fixed shape of each real dataset: (classes, image size).
 DATASET_SHAPES = {"cifar100": (100, 32), "flowers102": (102, 64)}
+# Images in each official split: sizes are checked against them when a config is read.
+DATASET_SPLITS = {"cifar100": {"train": 50000, "test": 10000},
+                  "flowers102": {"train": 1020, "validation": 1020, "test": 6149}}
+DEFAULT_HELD_OUT = 5000  # validation images held out of train where a dataset has no official split
 PARQUET_COLUMNS = {"cifar100": ("img", "fine_label"), "flowers102": ("image", "label")}
 
 
@@ -62,16 +66,59 @@ class DataConfig(Settings):
     data_dir: str | None = setting(None, "Parquet root (default: the DATA_DIR environment variable)")
     torchvision_root: str | None = None
     train_size: int | None = setting(None, "first N training images (default: all)", low=1)
-    val_size: int | None = setting(5000, "images held out of train for validation (a dataset with an "
-                                   "official validation split: the first N of it, null: all)", low=0)
+    val_size: int | None = setting(None, "images held out of train for validation (default 5000); with an "
+                                   "official validation split (Flowers-102): its first N (default: all)", low=1)
     test_size: int | None = setting(None, "first N test images (default: all)", low=1)
-    val_seed: int = 0
+    val_seed: int = seed_setting(0, "seed of the held-out validation draw (fixed across trials)")
     num_classes: int = setting(10, "synthetic data only", low=2)
     image_size: int = setting(32, "synthetic data only", low=4)
-    synthetic_seed: int = 0
+    synthetic_seed: int = seed_setting(0, "synthetic data only")
     synthetic_noise: float = setting(40.0, low=0)
     normalize: str = setting("dataset", "dataset: per-channel statistics; unit: [-1, 1]", choices=("dataset", "unit"))
     augment: AugmentConfig = setting(factory=AugmentConfig)
+
+    def check(self) -> None:
+        """Sizes within what the dataset holds (real data), or within this machine's memory (synthetic)."""
+        if self.name == "synthetic":
+            self._check_synthetic_memory()
+            return
+        splits = DATASET_SPLITS[self.name]
+        train = splits["train"]
+        if "validation" in splits:
+            _at_most("val_size", self.val_size, splits["validation"], f"{self.name}'s validation images")
+            held_out = ""
+        else:
+            if self.val_size is None:
+                object.__setattr__(self, "val_size", DEFAULT_HELD_OUT)
+            if self.val_size >= train:
+                raise InputError("val_size", f"{self.val_size:,} leaves no training image ({self.name} has {train:,})")
+            train -= self.val_size
+            held_out = f" after {self.val_size:,} held out for validation"
+        _at_most("train_size", self.train_size, train, f"{self.name}'s training images{held_out}")
+        _at_most("test_size", self.test_size, splits["test"], f"{self.name}'s test images")
+
+    def _check_synthetic_memory(self) -> None:
+        counts = (self.train_size or 20 * self.num_classes, self.val_size or 5 * self.num_classes,
+                  self.test_size or 5 * self.num_classes)
+        needed = sum(counts) * self.image_size ** 2 * 3
+        available = _memory_bytes()
+        if available and needed > available / 2:
+            raise InputError("train_size" if counts[0] == max(counts) else "image_size",
+                             f"{sum(counts):,} synthetic images of {self.image_size}x{self.image_size} px need "
+                             f"{needed / 2**30:,.1f} GiB; this machine has {available / 2**30:,.1f} GiB of memory")
+
+
+def _at_most(name: str, size: int | None, available: int, what: str) -> None:
+    if size is not None and size > available:
+        raise InputError(name, f"{size:,} is more than {what} ({available:,})")
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -169,10 +216,10 @@ def load_splits(data_cfg: DataConfig, seed: int = 0) -> Splits:
             raise DataError(f"data.val_size: must be in 1..{len(train_y) - 1} for {name}, got {n_val}")
         val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
         val_x, val_y = train_x, train_y
-    train_idx = _take(train_idx, data_cfg.train_size)
-    val_idx = _take(val_idx, data_cfg.val_size if "validation" in raw else None)
+    train_idx = _take(train_idx, data_cfg.train_size, "train_size", name)
+    val_idx = _take(val_idx, data_cfg.val_size if "validation" in raw else None, "val_size", name)
     test_x, test_y = raw["test"]
-    test_idx = _take(np.arange(len(test_y)), data_cfg.test_size)
+    test_idx = _take(np.arange(len(test_y)), data_cfg.test_size, "test_size", name)
     train = ArraySplit(np.ascontiguousarray(train_x[train_idx]), train_y[train_idx].astype(np.int64), train_idx)
     num_classes, image_size = DATASET_SHAPES[name]
     mean, std = _channel_stats(train.images)
@@ -189,8 +236,11 @@ def load_splits(data_cfg: DataConfig, seed: int = 0) -> Splits:
     )
 
 
-def _take(indices: np.ndarray, size: int | None) -> np.ndarray:
-    return indices if size is None else indices[: min(size, len(indices))]
+def _take(indices: np.ndarray, size: int | None, field: str, name: str) -> np.ndarray:
+    """The first ``size`` of ``indices``; a size beyond what the data folder holds is a DataError."""
+    if size is not None and size > len(indices):
+        raise DataError(f"data.{field}: {size:,} is more than the {len(indices):,} images the {name} files hold")
+    return indices if size is None else indices[:size]
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -6,11 +6,17 @@ may add cross-field checks in ``check``. The same class is built from YAML (``pa
 command-line flags generated from its fields (``add_flags`` / ``from_flags``), so file and CLI
 cannot drift. Every failure is one ``InputError`` line naming the field, e.g.
 ``config.recipe.lr: must be > 0, got -1``.
+
+The numeric rule, for every field of every class (present and future): a float must be finite
+(NaN and infinities are refused, which a two-sided bound alone would let NaN through); an integer
+must fit in 64 bits; a seed (``seed_setting``) lies in ``SEED_RANGE`` in every verb. Sizes are
+checked against what the data holds where the data is known (``DataConfig``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -18,6 +24,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 _NONE = type(None)
+INT64 = 2**63 - 1  # the largest integer any setting may hold (torch and numpy index with int64)
+SEED_RANGE = (0, 2**32 - 1)  # every seed of every verb: what numpy, torch and Ray all accept
+EXCERPT = 80  # characters of a bad value an error line echoes
 
 
 class InputError(ValueError):
@@ -48,6 +57,24 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, low: float | 
     return dataclasses.field(default=default, metadata=rule)
 
 
+def seed_setting(default: int = 0, help: str = "seed") -> Any:
+    """A seed field: an integer in ``SEED_RANGE``, the same in every verb and file."""
+    return setting(default, help, low=SEED_RANGE[0], high=SEED_RANGE[1])
+
+
+def check_seed(value: Any, where: str) -> int:
+    """``value`` as a seed in ``SEED_RANGE`` (for hand-written flags; settings use ``seed_setting``)."""
+    value = _coerce(where, value, int)
+    _check_rule(where, value, {"low": SEED_RANGE[0], "high": SEED_RANGE[1]})
+    return value
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)``, cut to ``EXCERPT`` characters so an error line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= EXCERPT else f"{text[:EXCERPT]}... ({len(text):,} characters)"
+
+
 class Settings:
     """Base of every frozen settings dataclass (see the module docstring)."""
 
@@ -71,7 +98,7 @@ class Settings:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
-            raise InputError(where or "settings", f"must be a mapping, got {raw!r}")
+            raise InputError(where or "settings", f"must be a mapping, got {excerpt(raw)}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         for key in raw:
             if key not in known:
@@ -131,7 +158,7 @@ class Settings:
             if base is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif base in (tuple, list):
-                kwargs["type"] = _comma_list(_item_hint(hints[f.name]) or str)
+                kwargs["type"] = _comma_list(_item_hint(hints[f.name]) or str, optional)
                 kwargs["metavar"] = "A,B"
             elif base in (int, float, str):
                 kwargs["type"] = _typed(base, optional)
@@ -176,6 +203,14 @@ def _custom_defaults(f: dataclasses.Field, nested: type) -> dict[str, Any]:
     return {k: v for k, v in mine.items() if plain[k] != v}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose every refusal is one line, ``error: argument --x: ...``, exit 2 (not
+    argparse's usage block); subcommand parsers inherit it. ``--help`` still prints the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message.splitlines()[0] if message else 'bad arguments'}\n")
+
+
 def output_folder(path: str | Path, flag: str = "--out") -> Path:
     """``path`` as a folder that can be created or written, checked before any work starts."""
     path = Path(path)
@@ -199,11 +234,11 @@ def _typed(base: type, optional: bool):
     return convert
 
 
-def _comma_list(item: type):
+def _comma_list(item: type, optional: bool):
     convert_item = _typed(item, optional=False)
 
     def convert(text: str) -> list | None:
-        if text.lower() in ("none", "null"):
+        if optional and text.lower() in ("none", "null"):  # else "none" is an item (a method named none)
             return None
         return [convert_item(part.strip()) for part in text.split(",") if part.strip()]
     convert.__name__ = f"comma-separated {item.__name__}"
@@ -249,7 +284,15 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     bases = base if isinstance(base, tuple) else (base,)
     for kind in bases:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float's range
+                number = math.inf
+            if not math.isfinite(number):
+                raise InputError(name, f"must be a finite number, got {excerpt(value)}")
+            return number
+        if kind is int and isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64:
+            raise InputError(name, f"must fit in 64 bits (at most {INT64:,} in size), got {excerpt(value)}")
         if kind is tuple and isinstance(value, (list, tuple)):
             item = _item_hint(hint)
             return tuple(value) if item is None else tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
@@ -257,7 +300,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return value
         if kind is not bool and isinstance(value, kind) and not (isinstance(value, bool) and kind is int):
             return value
-    raise InputError(name, f"must be {_type_name(base)}{' or null' if optional else ''}, got {value!r}")
+    raise InputError(name, f"must be {_type_name(base)}{' or null' if optional else ''}, got {excerpt(value)}")
 
 
 def _type_name(base: Any) -> str:
@@ -271,7 +314,7 @@ def _check_rule(name: str, value: Any, rule: Mapping[str, Any]) -> None:
         return
     choices = rule.get("choices")
     if choices is not None and value not in choices:
-        raise InputError(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise InputError(name, f"must be one of {', '.join(map(str, choices))}, got {excerpt(value)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     low, gt, high, lt = rule.get("low"), rule.get("gt"), rule.get("high"), rule.get("lt")
@@ -279,14 +322,19 @@ def _check_rule(name: str, value: Any, rule: Mapping[str, Any]) -> None:
         bad = (gt is not None and value <= gt) or (low is not None and value < low) \
             or (lt is not None and value >= lt) or (high is not None and value > high)
         if bad:
-            left = f"({gt:g}" if gt is not None else f"[{low:g}"
-            right = f"{lt:g})" if lt is not None else f"{high:g}]"
+            left = f"({_bound(gt)}" if gt is not None else f"[{_bound(low)}"
+            right = f"{_bound(lt)})" if lt is not None else f"{_bound(high)}]"
             raise InputError(name, f"must be in {left}, {right}, got {value}")
         return
     for bound, ok, text in ((low, lambda b: value >= b, ">="), (gt, lambda b: value > b, ">"),
                             (high, lambda b: value <= b, "<="), (lt, lambda b: value < b, "<")):
         if bound is not None and not ok(bound):
-            raise InputError(name, f"must be {text} {bound:g}, got {value}")
+            raise InputError(name, f"must be {text} {_bound(bound)}, got {value}")
+
+
+def _bound(value: float) -> str:
+    """A rule's bound as written: integers in full (4294967295), other numbers short (1e-05)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _deep_merge(base: dict, changes: Mapping[str, Any]) -> dict:

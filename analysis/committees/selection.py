@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainables.schema import Settings, setting
+from trainables.schema import Settings, seed_setting, setting
 
 METHODS = ("greedy", "topk", "diverse")
 
@@ -52,7 +52,7 @@ class CommitteeConfig(Settings):
     bag_fraction: float = setting(0.5, "greedy: share of the candidates in each bag", gt=0, high=1)
     truncate: bool = setting(False, "greedy: cut each selection at its best validation accuracy")
     calibrate: bool = setting(True, "fit one temperature per member on validation NLL before averaging")
-    bag_seed: int = setting(0, "greedy: seed of the bags' draws")
+    bag_seed: int = seed_setting(0, "greedy: seed of the bags' draws")
 _EPS = 1e-12
 
 

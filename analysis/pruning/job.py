@@ -29,7 +29,7 @@ from trainables.data import Splits, load_splits
 from trainables.loader import DeviceLoader
 from trainables.models.taps import TappedModel
 from trainables.probs import write_probs
-from trainables.schema import InputError, Settings, setting
+from trainables.schema import InputError, Settings, seed_setting, setting
 from trainables.device import describe
 from trainables.train import device_flags, evaluate, fit, make_loaders, select_device
 
@@ -56,7 +56,7 @@ class PruneConfig(Settings):
     finetune_epochs: int = setting(1, "fine-tuning epochs after pruning (0: none)", low=0)
     finetune_lr: float | None = setting(None, "fine-tuning learning rate (default: 0.1 x the parent's)", gt=0)
     finetune_warmup_epochs: int = setting(0, "linear warm-up epochs of the fine-tuning", low=0)
-    seed: int = setting(0, "mask and fine-tuning seed", low=0)
+    seed: int = seed_setting(0, "mask and fine-tuning seed")
     start_tap: str | None = setting(None, "prune only layers fed by this tap or deeper ones")
     random_labels_k: int = setting(5, "labels per unit (method random_labels)", low=1)
     control_of: str | None = setting(None, "random: copy this guided method's layers and dilution",

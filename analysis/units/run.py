@@ -29,7 +29,7 @@ from trainables.config import JobConfig, load_yaml, prepare
 from trainables.data import KNOWN_DATASETS, DataConfig, Splits, dataset_shape, load_splits
 from trainables.loader import to_model_input
 from trainables.models import build_model
-from trainables.schema import InputError, output_folder
+from trainables.schema import InputError, check_seed, output_folder
 
 from .pipeline import AnalysisConfig, AnalysisResult, analyse
 from .results import write_results
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = AnalysisConfig.from_flags(args)
+        check_seed(args.seed, "--seed")
         if args.run_dir:
             spec_path, checkpoint_path, job = run_dir_inputs(args.run_dir)
             data_cfg, seed = job.data, job.seed
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             data_cfg = data_config(args.data, args.data_dir)
         else:
             raise InputError("give --run-dir, or all of --checkpoint, --spec and --data")
+        if not args.out.strip():  # not the current folder
+            raise InputError("--out", "empty path; give a folder")
         out = output_folder(args.out)
         result = analyze_files(spec_path, checkpoint_path, data_cfg, out, config, seed=seed,
                                log=lambda m: print(m, file=sys.stderr, flush=True))
