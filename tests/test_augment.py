@@ -157,6 +157,26 @@ def test_rand_augment_equals_ops_applied_one_by_one():
         assert torch.equal(out[i : i + 1], expected), (i, draw.ops[i].tolist())
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_index_and_masked_dispatch_agree_bit_for_bit(layout):
+    """The CPU default (each op on its own samples) and the CUDA default (every op on the whole
+    batch, kept where drawn) give the same bits, whatever the input's memory layout."""
+    x = _images().float().repeat(3, 1, 1, 1)
+    draw = draw_rand_augment(len(x), RandAugmentConfig(num_ops=3), torch.Generator().manual_seed(9))
+    by_index = apply_rand_augment(x.contiguous(memory_format=layout), draw, by_index=True)
+    masked = apply_rand_augment(x, draw, by_index=False)
+    assert torch.equal(by_index.view(torch.int32), masked.view(torch.int32))
+    assert torch.equal(apply_rand_augment(x, draw), by_index)  # the CPU default
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_ignores_memory_layout(op):
+    x = _images().float()
+    magnitude, sign = _magnitudes_and_signs(2, len(x))
+    expected = apply_op(x, op, magnitude, sign)
+    assert torch.equal(apply_op(x.contiguous(memory_format=torch.channels_last), op, magnitude, sign), expected)
+
+
 def test_non_geometric_samples_keep_their_pixels():
     x = _images().float()
     n = len(x)

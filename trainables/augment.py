@@ -186,10 +186,11 @@ def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.T
     """ratio * x + (1 - ratio) * other, rounded as torchvision's fused ``mul(r).add_(o, alpha=1-r)``.
 
     torch's ``add(alpha=...)`` is a fused multiply-add; computing the sum in float64 from float32
-    operands (the product is exact there) and rounding once to float32 reproduces it bit for bit."""
+    operands (the product is exact there) and rounding once to float32 reproduces it bit for bit.
+    (``addcmul`` in float64 does that sum in one pass; fused or not, its exact product rounds alike.)"""
     scaled = x * _per_sample(ratio)
     alpha = _per_sample(1.0 - ratio).double()
-    return (scaled.double() + other.double() * alpha).float()
+    return torch.addcmul(scaled.double(), other.double(), alpha).float()
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +227,7 @@ def _sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     blurred = (box + 4.0 * inner).div_(13.0).round_()
     # inner + (1 - factor) * (blurred - inner), fused as in torchvision (see _blend).
     alpha = _per_sample(1.0 - factor).double()
-    sharpened = (inner.double() + (blurred - inner).double() * alpha).float()
+    sharpened = torch.addcmul(inner.double(), (blurred - inner).double(), alpha).float()
     out = x.clone()
     out[..., 1:-1, 1:-1] = sharpened
     return _to_uint8_range(out)
@@ -264,8 +265,7 @@ def _equalize(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
     offsets = torch.arange(0, b * c * 256, 256, dtype=exact, device=x.device).view(b, c, 1, 1)
     flat = (x + offsets).to(torch.long).reshape(-1)
     # scatter_add into a fixed-size histogram: bincount would read the input's max back to the host
-    ones = torch.ones(1, dtype=torch.long, device=x.device).expand_as(flat)
-    hist = torch.zeros(b * c * 256, dtype=torch.long, device=x.device).scatter_add_(0, flat, ones)
+    hist = torch.zeros(b * c * 256, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     hist = hist.view(b * c, 256)
     levels = torch.arange(256, device=x.device)
     top = torch.where(hist > 0, levels, 0).amax(dim=1, keepdim=True)
@@ -273,7 +273,7 @@ def _equalize(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
     below = hist.cumsum(dim=1) - hist
     lut = ((below + step // 2) // step.clamp(min=1)).clamp(max=255)
     lut = torch.where(step > 0, lut, levels).to(x.dtype)  # channels with step 0: the identity
-    return lut.view(-1).take(flat).view(b, c, h, w)
+    return lut.view(-1).index_select(0, flat).view(b, c, h, w)
 
 
 def _identity(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
