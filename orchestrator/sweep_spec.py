@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from analysis.units.pipeline import AnalysisConfig
 from orchestrator.schema import SweepError
@@ -48,7 +47,7 @@ from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze
 from trainables.config import DEFAULT_MODEL, JobConfig, prepare, set_dotted
 from trainables.data import DataError, check_data_available
 from trainables.models import build_model
-from trainables.schema import InputError, Settings, output_folder, seed_setting, setting
+from trainables.schema import InputError, Settings, output_folder, parse_yaml, read_text_file, seed_setting, setting
 
 # Metrics every epoch reports, and those known only when a trial ends.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")
@@ -266,18 +265,19 @@ def field_path(name: str) -> str:
 
 def load_spec(path: str | Path, storage_path: str | None = None) -> SweepSpec:
     """Read and fully validate a sweep spec file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep spec {path}: not found")
-    return parse_spec(path.read_text(), storage_path, origin=str(path))
+    try:
+        text = read_text_file(path, "sweep spec")
+    except InputError as exc:
+        raise SweepError(str(exc)) from None
+    return parse_spec(text, storage_path, origin=str(path))
 
 
 def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec") -> SweepSpec:
     """Validate spec text: schema, axes, search, then every cell's job config and the data."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep spec {origin}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raw = parse_yaml(text, f"sweep spec {origin}")
+    except InputError as exc:
+        raise SweepError(str(exc)) from None
     if not isinstance(raw, dict):
         raise SweepError(f"sweep spec {origin}: must hold a mapping at the top level")
     top = SpecFile.parse(raw)

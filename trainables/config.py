@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from trainables.data import DataConfig, dataset_shape
 from trainables.models import resolve_spec
-from trainables.schema import InputError, Settings, seed_setting, setting
+from trainables.schema import InputError, Settings, read_yaml, seed_setting, setting
 
 # Recipe defaults from methods.md section 4, filled where the user leaves a field null.
 RECIPE_DEFAULTS = {
@@ -97,17 +96,8 @@ def prepare(user: dict | JobConfig) -> JobConfig:
 
 
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file {path}", "not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"config file {path}", f"not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"config file {path}", "must hold a mapping at the top level")
-    return data
+    """Read a job config file (``schema.read_yaml``: errors name the file)."""
+    return read_yaml(path, "config file")
 
 
 def set_dotted(cfg: dict, dotted: str, value: Any) -> None:

@@ -18,15 +18,23 @@ import argparse
 import dataclasses
 import math
 import os
+import reprlib
 import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+import yaml
+
 _NONE = type(None)
 INT64 = 2**63 - 1  # the largest integer any setting may hold (torch and numpy index with int64)
 SEED_RANGE = (0, 2**32 - 1)  # every seed of every verb: what numpy, torch and Ray all accept
 EXCERPT = 80  # characters of a bad value an error line echoes
+MAX_YAML_BYTES = 1 << 20  # a config or sweep spec file is text of at most 1 MiB
+MIN_YAML_VALUES = 10_000  # aliases may expand a YAML text to this many values, or to its length if larger
+_SHORT = reprlib.Repr()  # Python 3.11's Repr takes its limits as attributes
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 3, 6, 6, 6, 6
+_SHORT.maxstring = _SHORT.maxother = EXCERPT
 
 
 class InputError(ValueError):
@@ -70,9 +78,71 @@ def check_seed(value: Any, where: str) -> int:
 
 
 def excerpt(value: Any) -> str:
-    """``repr(value)``, cut to ``EXCERPT`` characters so an error line stays one short line."""
-    text = repr(value)
-    return text if len(text) <= EXCERPT else f"{text[:EXCERPT]}... ({len(text):,} characters)"
+    """A bounded ``repr(value)`` (never built whole: nested and shared values are cut while written),
+    so an error line stays one short line whatever the value."""
+    if isinstance(value, str) and len(value) > EXCERPT:
+        return f"{value[:EXCERPT]!r}... ({len(value):,} characters)"
+    text = _SHORT.repr(value)
+    return text if len(text) <= 2 * EXCERPT else f"{text[:2 * EXCERPT]}..."
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """Scalars, lists and mappings in ``data`` with shared parts counted each time they appear, up to
+    ``limit`` (the walk stops there, so a bomb costs no more than ``limit`` steps)."""
+    count, todo = 0, [data]
+    while todo and count <= limit:
+        item = todo.pop()
+        count += 1
+        if isinstance(item, dict):
+            todo += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            todo += item
+    return count
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text (a file's, or a flag's value) as plain data; a syntax error, or aliases that expand
+    to more values than the text could hold without them (a "billion laughs" file), is an
+    ``InputError`` naming ``where``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(where, f"not valid YAML ({str(exc).splitlines()[0][:2 * EXCERPT]})") from None
+    limit = max(len(text), MIN_YAML_VALUES)
+    if _count_values(data, limit) > limit:
+        raise InputError(where, f"YAML aliases (*name) expand it to more than {limit:,} values")
+    return data
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """A small UTF-8 text file's content: missing, a folder, larger than ``MAX_YAML_BYTES`` or
+    binary is one ``InputError`` naming ``what`` and the path."""
+    path = Path(path)
+    where = f"{what} {path}"
+    if path.is_dir():
+        raise InputError(where, "is a folder, not a file")
+    if not path.is_file():
+        raise InputError(where, "not found")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise InputError(where, f"is {path.stat().st_size:,} bytes; a YAML config is at most {MAX_YAML_BYTES:,}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(where, "is not a text file (not UTF-8: binary?)") from None
+    except OSError as exc:
+        raise InputError(where, f"cannot be read ({exc.strerror})") from None
+    if "\0" in text:
+        raise InputError(where, "is not a text file (holds NUL bytes: binary?)")
+    return text
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file holding a mapping (``read_text_file``, ``parse_yaml``); errors name the file."""
+    where = f"{what} {path}"
+    data = parse_yaml(read_text_file(path, what), where)
+    if not isinstance(data, dict):
+        raise InputError(where, "must hold a mapping at the top level")
+    return data
 
 
 class Settings:

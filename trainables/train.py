@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from trainables.config import JobConfig, load_yaml, prepare, set_dotted
 from trainables.data import Splits, load_splits
@@ -26,7 +25,7 @@ from trainables.device import describe, pick_device, train_flags
 from trainables.loader import DeviceLoader
 from trainables.models import build_model, count_macs, count_params
 from trainables.probs import write_probs
-from trainables.schema import InputError, output_folder
+from trainables.schema import InputError, output_folder, parse_yaml
 
 EpochCallback = Callable[[dict, Path], None]
 CHECKPOINT_FILE = "state.pt"
@@ -337,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             key, sep, value = item.partition("=")
             if not sep:
                 raise InputError(f"--set {item}", "expected KEY=VALUE")
-            set_dotted(user, key, yaml.safe_load(value))
+            set_dotted(user, key, parse_yaml(value, f"--set {key}"))
         cfg = prepare(user)
         out = output_folder(args.out or Path("runs") / Path(args.config).stem)
         summary = run_job(cfg, out, on_epoch=_print_epoch, resume_from=args.resume)
