@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from trainables.device import pick_device
+from trainables.loader import to_model_input
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
@@ -24,15 +25,14 @@ def inference_device(name: str = "auto") -> torch.device:
 def image_probs(model: nn.Module, images: np.ndarray, mean: list[float], std: list[float],
                 batch: int = 256) -> torch.Tensor:
     """Softmax probabilities (N, classes, float32, on the CPU) of ``model`` in eval mode for uint8
-    images, normalised with the training ``mean`` and ``std`` per channel, in batches on the
-    model's device."""
+    images, normalised as in training (``loader.to_model_input`` with the training ``mean`` and
+    ``std``), in batches on the model's device."""
     images = check_images(images)
     device = next(model.parameters()).device
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            x = torch.from_numpy(images[start:start + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
-            out.append(torch.softmax(model((x - mean_t) / std_t).float(), dim=1).cpu())
+            x = to_model_input(torch.from_numpy(images[start:start + batch]).to(device), mean_t, std_t)
+            out.append(torch.softmax(model(x).float(), dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
