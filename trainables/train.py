@@ -25,6 +25,7 @@ from trainables.device import describe, pick_device, train_flags
 from trainables.loader import DeviceLoader
 from trainables.models import build_model, count_macs, count_params
 from trainables.probs import write_probs
+from trainables.run_folder import CHECKPOINT, CONFIG, SPEC, SUMMARY, RunFolder
 from trainables.schema import InputError, output_folder, parse_yaml
 
 EpochCallback = Callable[[dict, Path], None]
@@ -282,11 +283,11 @@ def run_job(
         model = model.to(memory_format=torch.channels_last)
     loaders = make_loaders(splits, cfg, device, channels_last)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "spec.json").write_text(json.dumps(cfg.model, indent=1))
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    ckpt_dir = out_dir / "checkpoint"
+    folder = RunFolder(out_dir)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.write_json(SPEC, cfg.model)
+    folder.write_json(CONFIG, cfg.to_dict())
+    ckpt_dir = folder / CHECKPOINT
 
     def after_epoch(metrics: dict, state: dict) -> None:
         if cfg.checkpoint:
@@ -295,10 +296,10 @@ def run_job(
             on_epoch(metrics, ckpt_dir)
 
     history = fit(model, loaders, cfg, autocast, after_epoch, resume_state)
-    return finish_job(model, cfg, splits, loaders, history, out_dir, describe(device, autocast))
+    return finish_job(model, cfg, splits, loaders, history, folder, describe(device, autocast))
 
 
-def finish_job(model, cfg: JobConfig, splits, loaders, history, out_dir: Path, environment: dict) -> dict:
+def finish_job(model, cfg: JobConfig, splits, loaders, history, folder: RunFolder, environment: dict) -> dict:
     """Latency, size, then the evaluation of record (fp32, contiguous memory format, as a model rebuilt
     from spec.json + model.pt runs); writes model.pt, probs_*.parquet, summary.json. ``environment``
     (``device.describe``) goes into the summary."""
@@ -310,7 +311,7 @@ def finish_job(model, cfg: JobConfig, splits, loaders, history, out_dir: Path, e
         loss, acc, probs = evaluate(model, loaders[split])
         summary[f"{split}_loss"], summary[f"{split}_acc"] = loss, acc
         source = getattr(splits, split)
-        write_probs(out_dir / f"probs_{split}.parquet", probs, source.labels, source.indices, splits.name, split)
+        write_probs(folder.probs(split), probs, source.labels, source.indices, splits.name, split)
     summary["params"] = count_params(model)
     summary["macs"] = count_macs(model)
     summary.update(environment)
@@ -318,8 +319,8 @@ def finish_job(model, cfg: JobConfig, splits, loaders, history, out_dir: Path, e
     mean, std = norm_stats(splits, cfg)
     summary["norm"] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # what a served model applies
     summary["history"] = history
-    torch.save(model.state_dict(), out_dir / "model.pt")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    folder.write_weights(model)
+    folder.write_json(SUMMARY, summary)
     return summary
 
 

@@ -9,7 +9,6 @@ parent's ``spec.json``, ``config.json`` and ``model.pt`` (the ``run_job`` layout
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,13 @@ from analysis.pruning.masks import (Connection, LabelSets, Masks, PruneError, ap
                               random_at_level, random_connections, random_label_sets, save_masks)
 from analysis.units.results import label_set_layout, save_label_sets
 from analysis.units.summary import primary_kind
-from analysis.units.run import analyze, load_model, norm_of, run_dir_inputs
+from analysis.units.run import analyze, norm_of
 from trainables.config import JobConfig
 from trainables.data import Splits, load_splits
 from trainables.loader import DeviceLoader
 from trainables.models.taps import TappedModel
 from trainables.probs import write_probs
+from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, SPEC, SUMMARY, RunFolder
 from trainables.schema import InputError, Settings, seed_setting, setting
 from trainables.device import describe
 from trainables.train import device_flags, evaluate, fit, make_loaders, select_device
@@ -270,13 +270,12 @@ def run_prune_job(
     ``on_epoch(metrics)`` follows each fine-tuning epoch. Returns the summary also written to
     ``summary.json``.
     """
-    parent_dir, out_dir = Path(parent_dir), Path(out_dir)
-    for name in ("spec.json", "config.json", "model.pt"):
-        if not (parent_dir / name).is_file():
-            raise PruneError(f"parent {parent_dir}: {name} not found (expected a run_job output folder)")
-    spec_path, model_path, cfg = run_dir_inputs(parent_dir)
-    cfg = cfg.merged(overrides or {})
-    model = load_model(spec_path, model_path)
+    parent, out = RunFolder(parent_dir), RunFolder(out_dir)
+    missing = parent.missing()
+    if missing:
+        raise PruneError(f"parent {parent.path}: {missing[0]} not found (expected a run_job output folder)")
+    cfg = parent.job_config().merged(overrides or {})
+    model = parent.load_model()
     layers = prune_layers(model, config)
     splits = splits or load_splits(cfg.data, cfg.seed)
     device = select_device(cfg)
@@ -302,7 +301,7 @@ def run_prune_job(
     apply_masks(model, masks)
     pruned = _accuracies(model, loaders)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out.path.mkdir(parents=True, exist_ok=True)
     ft_cfg = cfg.replace(epochs=max(1, config.finetune_epochs),
                          recipe=cfg.recipe.replace(lr=config.finetune_lr or 0.1 * cfg.recipe.lr,
                                                    warmup_epochs=config.finetune_warmup_epochs))
@@ -313,23 +312,22 @@ def run_prune_job(
     seconds["finetune"] = time.perf_counter() - start
     final = _accuracies(model, loaders) if history else pruned
 
-    save_masks(out_dir / "masks.pt", masks)
-    torch.save(model.state_dict(), out_dir / "model.pt")
-    (out_dir / "spec.json").write_text(json.dumps(cfg.model, indent=1))
-    (out_dir / "config.json").write_text(json.dumps(ft_cfg.to_dict(), indent=1))
+    save_masks(out / MASKS, masks)
+    out.write_weights(model)
+    out.write_json(SPEC, cfg.model)
+    out.write_json(CONFIG, ft_cfg.to_dict())
     if label_sets is not None:
-        save_label_sets(out_dir / "label_sets.json", label_sets, config.threshold, model.num_classes)
+        save_label_sets(out / LABEL_SETS, label_sets, config.threshold, model.num_classes)
     for split in ("val", "test"):
         source = getattr(splits, split)
-        write_probs(out_dir / f"probs_{split}.parquet", final[split]["probs"], source.labels,
-                    source.indices, splits.name, split)
+        write_probs(out.probs(split), final[split]["probs"], source.labels, source.indices, splits.name, split)
     stats = mask_stats(model, masks)
     for layer in layers:
         stats["layers"][layer.param].update(inputs=layer.inputs, outputs=layer.outputs)
     summary = {
         "method": config.method,
         "prune": config.to_dict(),
-        "parent": str(parent_dir),
+        "parent": str(parent.path),
         "dataset": splits.name,
         "num_classes": splits.num_classes,
         **stats,
@@ -342,7 +340,7 @@ def run_prune_job(
         "seconds": seconds,
         **describe(device, autocast),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    out.write_json(SUMMARY, summary)
     return summary
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainables.run_folder import LABEL_SETS
 from trainables.schema import InputError
 
 from .pipeline import AnalysisResult
@@ -127,7 +128,7 @@ def write_results(result: AnalysisResult, out_dir: str | Path, save_matrices: bo
     _table(tap_rows(result), out / "taps.parquet")
     _table(coverage_rows(result), out / "coverage.parquet")
     (out / "taps.json").write_text(json.dumps(tap_json(result), indent=1))
-    save_label_sets(out / "label_sets.json", label_set_layout(result), result.meta["threshold"],
+    save_label_sets(out / LABEL_SETS, label_set_layout(result), result.meta["threshold"],
                     result.meta["num_classes"])
     if save_matrices:
         np.savez_compressed(out / "matrices.npz", **matrix_arrays(result.matrices))
