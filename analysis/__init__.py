@@ -1,4 +1,4 @@
-"""What a trained network learned, and what follows from it (``../shared/docs/methods.md``).
+"""What a trained network learned, and what follows from it (``docs/methods.md``).
 
 - ``units``: the single-unit analysis (SFP / SNP / SHP): tap features, readouts, unit matrices,
   clusters, noise, SNR and head structure; ``python -m analysis.units``.

@@ -3,7 +3,7 @@
     analyze: true                    # or a mapping of analysis.units.pipeline.AnalysisConfig fields:
     analyze: {threshold: 0.3, recipe: paper100, train_size: 2000, test_size: null, taps: null}
     prune:                           # analysis.pruning.job.PrunePlan: one pruned trial per finished
-      methods: [none, afcc, random]  # trial x cell (methods.md 5); also andc, nodal, random_labels
+      methods: [none, afcc, random]  # trial x cell (docs/methods.md 5); also andc, nodal, random_labels
       thresholds: [0.3]              # cluster threshold axis (default: the analysis threshold)
       levels: [0.5]                  # fixed dilutions for extra ``random`` cells
       finetune_epochs: 1             # ... and any other PruneConfig field, shared by every cell

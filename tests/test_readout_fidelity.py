@@ -1,4 +1,4 @@
-"""The default readout gives the authors' answer (methods.md 2.2): per tap of a small CCT trained on
+"""The default readout gives the authors' answer (docs/methods.md 2.2): per tap of a small CCT trained on
 real CIFAR-100, the default recipe's readout accuracy is within 1 point of the ``paper`` recipe's,
 and its labels per unit and SNR within 10 %. Also: training taps together (stacked) is exact."""
 

@@ -1,7 +1,7 @@
 """The training job's settings: ``JobConfig`` (YAML on disk, ``config.json`` in a run folder).
 
 ``prepare(user_dict)`` parses and resolves a job once: every field checked, recipe defaults filled
-(methods.md section 4), the model spec expanded and matched to the data. Everything downstream
+(docs/methods.md section 4), the model spec expanded and matched to the data. Everything downstream
 (``run_job``, the sweep's trainable, pruning's fine-tuning) receives the resolved ``JobConfig``.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from trainables.data import DataConfig, dataset_shape
 from trainables.models import resolve_spec
 from trainables.schema import InputError, Settings, read_yaml, seed_setting, setting
 
-# Recipe defaults from methods.md section 4, filled where the user leaves a field null.
+# Recipe defaults from docs/methods.md section 4, filled where the user leaves a field null.
 RECIPE_DEFAULTS = {
     "adamw_cosine": {"lr": 6e-4, "weight_decay": 0.06, "warmup_epochs": 10},
     "sgd_step": {"lr": 0.05, "weight_decay": 1e-3, "warmup_epochs": 0},

@@ -1,4 +1,4 @@
-"""Soft committees of trained models (methods.md section 6), on plain numpy arrays.
+"""Soft committees of trained models (docs/methods.md section 6), on plain numpy arrays.
 
 A committee averages its members' softmax outputs and takes the argmax. Members are chosen on the
 validation split only; the test split is used only by ``evaluate``. A committee is an ``order``:

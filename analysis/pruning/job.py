@@ -39,14 +39,14 @@ GUIDED_METHODS = ("afcc", "andc", "nodal")
 
 @dataclass(frozen=True)
 class PruneConfig(Settings):
-    """Settings of one pruning job (methods.md 5).
+    """Settings of one pruning job (docs/methods.md 5).
 
     ``method``: ``none`` (no mask: the fine-tuning-only control), ``afcc`` (VGG convs), ``nodal``
     (VGG FC layers), ``andc`` (CCT), ``random`` (the layers of the guided method ``control_of``, by
     default the family's, each with a random mask of the guided mask's dilution, or of ``level``
     when set), ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random
     labels, then the guided rule). ``analysis`` computes the label sets (its ``threshold`` is the
-    binarisation threshold of methods.md 2.5).
+    binarisation threshold of docs/methods.md 2.5).
     """
 
     SECTION = "prune"

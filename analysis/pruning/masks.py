@@ -1,4 +1,4 @@
-"""Cluster-guided pruning masks (AFCC, ANDC, nodal) and their enforcement (methods.md 5).
+"""Cluster-guided pruning masks (AFCC, ANDC, nodal) and their enforcement (docs/methods.md 5).
 
 Masks are built in two steps:
 

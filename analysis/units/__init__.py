@@ -1,4 +1,4 @@
-"""The single-unit analysis of a frozen model (methods.md section 2).
+"""The single-unit analysis of a frozen model (docs/methods.md section 2).
 
 Flow: ``features`` (tap features, one forward pass) -> ``readout`` / ``stacked`` / ``lbfgs`` (the
 bias-free readout per tap) -> ``matrices`` (every unit's performance matrix from class-conditional

@@ -1,4 +1,4 @@
-"""Binarised unit matrices and the authors' greedy cluster rule (methods.md 2.5-2.7).
+"""Binarised unit matrices and the authors' greedy cluster rule (docs/methods.md 2.5-2.7).
 
 A unit matrix ``M[l, j]`` has rows = true labels and columns = output units. Clusters are sets of
 labels forming an all-ones square block of the binarised matrix ``B`` on rows and columns at once,
@@ -29,7 +29,7 @@ def binarize(M: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray 
 
 
 def greedy_clusters(B: np.ndarray) -> list[list[int]]:
-    """Greedy clusters of a binary matrix, exactly the rule of methods.md 2.6.
+    """Greedy clusters of a binary matrix, exactly the rule of docs/methods.md 2.6.
 
     Candidates are the labels ``l < min(B.shape)`` with ``B[l, l]`` true. In increasing label order,
     a cluster starts with the first unused candidate and takes every later unused candidate ``c``
@@ -62,7 +62,7 @@ def greedy_clusters(B: np.ndarray) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class UnitStats:
-    """Cluster statistics of one unit (methods.md 2.7)."""
+    """Cluster statistics of one unit (docs/methods.md 2.7)."""
 
     labels: int  # labels recognised = sum of cluster sizes
     n_clusters: int

@@ -1,6 +1,6 @@
 """The readout's L2-penalised objective solved to its optimum with full-batch L-BFGS.
 
-The authors' readout (methods.md 2.2, recipe ``"paper"``) runs 200 epochs of SGD with weight decay
+The authors' readout (docs/methods.md 2.2, recipe ``"paper"``) runs 200 epochs of SGD with weight decay
 ``lam``; the point it converges to minimises
 
     J(theta) = mean_n CE(readout_theta(z_n), y_n) + lam / 2 * ||theta||^2

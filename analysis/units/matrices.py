@@ -1,4 +1,4 @@
-"""Unit performance matrices of every unit of a tap at once (methods.md 2.3-2.4).
+"""Unit performance matrices of every unit of a tap at once (docs/methods.md 2.3-2.4).
 
 With ``r(x)`` the readout input (flattened or sequence-pooled tap features, as seen by the trained
 readout) and ``W`` its bias-free weight (C, F), the field of unit ``u`` on output ``j`` is

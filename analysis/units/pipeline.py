@@ -1,4 +1,4 @@
-"""The whole single-unit analysis of a frozen model (methods.md 2.2-2.9), in memory.
+"""The whole single-unit analysis of a frozen model (docs/methods.md 2.2-2.9), in memory.
 
 1. Train features: taps are packed into groups whose float16 cache fits ``max_bytes``; one forward
    pass over the training split per group, then one readout per tap on the cached features (the

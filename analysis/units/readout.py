@@ -1,4 +1,4 @@
-"""The bias-free readout trained on a frozen tap (methods.md 2.2).
+"""The bias-free readout trained on a frozen tap (docs/methods.md 2.2).
 
 - conv taps ``(N, C, H, W)``: flatten to ``C*H*W`` (row-major, so filter ``c`` owns the contiguous
   inputs ``c*H*W .. (c+1)*H*W - 1``), then a bias-free linear map to the labels.

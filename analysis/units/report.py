@@ -3,7 +3,7 @@
 Per tap (depth order): units, readout accuracy, mean labels per unit, mean noise per unit and SNR
 of the tap's primary unit kind (filters for conv taps, nodes for token taps). Per head tap: labels
 per head, heads per label (SHP), and the nodes' largest share of a label in one head, observed vs
-the shuffled-node control (mean +- std over the control draws; methods.md 2.9).
+the shuffled-node control (mean +- std over the control draws; docs/methods.md 2.9).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-unit and per-tap statistics of unit matrices (methods.md 2.5-2.9).
+"""Per-unit and per-tap statistics of unit matrices (docs/methods.md 2.5-2.9).
 
 All results are plain dicts / lists of Python numbers (JSON-serialisable, except that ``inf`` and
 ``nan`` may appear: Python's ``json`` writes them as ``Infinity`` / ``NaN``).
@@ -137,7 +137,7 @@ def node_counts(node_units: list[UnitResult], node_head: np.ndarray, heads: int,
 
 def head_structure(head_units: list[UnitResult], node_units: list[UnitResult], head_dim: int,
                    num_labels: int, n_control: int = 20, seed: int = 0, min_nodes: int = 1) -> dict:
-    """Head structure of an MHA tap (methods.md 2.9).
+    """Head structure of an MHA tap (docs/methods.md 2.9).
 
     (a) SHP: labels recognised per head, heads recognising each label, Jaccard between heads'
     label sets. (b) heads x labels node counts (node = one channel; head ``h`` owns channels

@@ -22,7 +22,7 @@ from .spec import TapInfo
 @dataclass(frozen=True)
 class Connection:
     """A prunable weight: parameter ``param`` connects the units of tap ``inputs`` to those of tap
-    ``outputs``; ``outputs`` None means the class labels (the output rule of methods.md 5)."""
+    ``outputs``; ``outputs`` None means the class labels (the output rule of docs/methods.md 5)."""
 
     param: str
     inputs: str
