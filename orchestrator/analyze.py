@@ -40,6 +40,7 @@ from analysis.units.pipeline import AnalysisConfig
 from analysis.units.run import analyze_run_dir
 from orchestrator.tracking import (ANALYSIS, ANALYSIS_RECIPE, ANALYSIS_THRESHOLD, DEFAULT_TRACKING_URI, PARENT_TAG,
                                    ROLE, ROLE_SWEEP, ROLE_TRIAL, open_client, search_all)
+from orchestrator.schema import output_dir
 from trainables.schema import InputError
 
 ARTIFACT_DIR = "analysis"
@@ -178,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     """Handle a parsed ``analyze`` command; bad input gives one line per run on stderr and exit code 2."""
     try:
         config = AnalysisConfig.from_flags(args)
+        keep = output_dir(args.out, "--out") if args.out is not None else None  # before any analysis runs
         client, _ = open_client(args.tracking_uri, create=False)
         runs = target_runs(client, args.target)
     except (InputError, MlflowException) as err:
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{run_id}: already analysed (--force to redo)")
             continue
         try:
-            metrics = analyze_and_log(client, trial, config, Path(args.out) if args.out else None)
+            metrics = analyze_and_log(client, trial, config, keep)
         except (InputError, MemoryError, MlflowException) as err:
             print(f"error: run {run_id}: {_one_line(err)}", file=sys.stderr)
             failed += 1

@@ -31,11 +31,11 @@ from mlflow import MlflowClient
 from orchestrator.tracking import (CELL, DATASET, DEFAULT_TRACKING_URI, MEMBERS, METHOD, NUM_CLASSES, ROLE,
                                    ROLE_COMMITTEE, ROLE_PRUNE, ROLE_TRIAL, SEED, SEED_MEMBERS, SEED_VARIANT, SWEEP, VARIANT, open_client,
                                    resolve_tracking_uri, search_all, ui_links)
-from trainables.schema import InputError, output_folder
+from trainables.schema import InputError
 from analysis.committees.calibration import ece, fit_temperature, nll, scale
-from orchestrator.committee_model import gather_members, register_committee
+from orchestrator.committee_model import check_registry_names, gather_members, register_committee
 from orchestrator.predict import predict_images
-from orchestrator.schema import CommitteeError
+from orchestrator.schema import CommitteeError, output_file
 from analysis.committees.selection import (CommitteeConfig, Split, committee_probs, evaluate, label_set_profile,
                                            seed_control, select)
 from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack
@@ -305,11 +305,21 @@ def build(client: MlflowClient, experiments: str | None, user_filter: str | None
             ids.append(exp.experiment_id)
         runs, home, label = trial_runs(client, ids, user_filter, include_pruned), ids[0], ",".join(names)
     record = compose(client, runs, label, user_filter, config)
+    if register:
+        roles = {r.info.run_id: r.data.tags.get(ROLE) for r in runs}
+        pruned = [m["run_id"] for m in record.members if roles[m["run_id"]] == ROLE_PRUNE]
+        if pruned:
+            raise CommitteeError(f"--register: member {pruned[0]} is a pruned trial run; pruned members cannot be "
+                                 f"registered yet (leave out --include-pruned, or --register)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "committee"
         shape = gather_members(client, record.members, folder) if register else None  # before anything is logged
         run_id = log_committee(client, home, record)
-        model_uri = register_committee(tracking_uri, run_id, folder, shape, register, alias) if register else None
+        try:
+            model_uri = register_committee(tracking_uri, run_id, folder, shape, register, alias) if register else None
+        except BaseException:
+            client.delete_run(run_id)  # no committee run left behind without its Model
+            raise
     return run_id, model_uri
 
 
@@ -359,21 +369,19 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if args.committee_command == "predict":
+            out = output_file(args.out, "--out")
             open_client(args.tracking_uri, create=False)  # a registry that is not there: one line
             os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(args.tracking_uri)
-            out = Path(args.out)
-            output_folder(out.parent, "--out")
-            if out.is_dir():
-                raise CommitteeError(f"--out: {out} is a folder; give a .parquet file")
             print(f"predictions: {predict_images(args.model_uri, Path(args.images), out, args.device)}")
             return 0
         if args.committee_command == "show":
             print(show(open_client(args.tracking_uri, create=False)[0], args.run_id))
             return 0
         config = CommitteeConfig.from_flags(args)
-        client, uri = open_client(args.tracking_uri, create=False)
-        if args.alias and not args.register:
+        if args.alias is not None and args.register is None:
             raise CommitteeError("--alias needs --register NAME")
+        check_registry_names(args.register, args.alias)  # MLflow's rules, before any run exists
+        client, uri = open_client(args.tracking_uri, create=False)
         run_ids = [r.strip() for r in (args.runs or "").split(",") if r.strip()]
         run_id, model_uri = build(client, args.experiment, args.filter, config, args.register, args.alias, uri,
                                   run_ids, args.include_pruned)

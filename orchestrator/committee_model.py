@@ -11,8 +11,10 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.utils import validation
 
 from orchestrator.logged_model import DEVICE_PARAM, TRAINABLES, use_run_experiment
 from orchestrator.schema import CommitteeError
@@ -65,6 +67,22 @@ def gather_members(client: MlflowClient, members: list[dict], folder: Path) -> d
     return {"image_size": size, "num_classes": classes}
 
 
+def check_registry_names(name: str | None, alias: str | None) -> None:
+    """Refuse a registered model name (``--register``) or alias (``--alias``) by MLflow's own rules
+    (``mlflow.utils.validation``), in one line, before any run or model version is created."""
+    rules = (("--register", name, (validation._validate_model_name,)),
+             ("--alias", alias, (validation._validate_model_alias_name,
+                                 validation._validate_model_alias_name_reserved)))
+    for flag, value, checks in rules:
+        if value is None:
+            continue
+        try:
+            for check in checks:
+                check(value)
+        except MlflowException as exc:
+            raise CommitteeError(flag, str(exc.message).splitlines()[0]) from None
+
+
 def signature(image_size: int, num_classes: int) -> ModelSignature:
     """uint8 images (N, H, W, 3) in; ``probs`` (N, C) float32 and ``label`` (N,) int64 out."""
     return ModelSignature(
@@ -88,6 +106,11 @@ def register_committee(tracking_uri: str, run_id: str, folder: Path, shape: dict
                                        f"mlflow=={mlflow.__version__}"])
     version = info.registered_model_version
     if alias:
-        MlflowClient(tracking_uri).set_registered_model_alias(name, alias, str(version))
+        client = MlflowClient(tracking_uri)
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+        except BaseException:
+            client.delete_model_version(name, str(version))  # no version left behind without its alias
+            raise
         return f"models:/{name}@{alias}"
     return f"models:/{name}/{version}"

@@ -24,6 +24,7 @@ from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from orchestrator.runs import PRUNE_ACCURACIES, prune_rows  # noqa: E402
+from orchestrator.schema import output_dir  # noqa: E402
 from orchestrator.summary import TABLE, SweepSummary, finish, summarize_sweep  # noqa: E402
 from orchestrator.tracking import (DEFAULT_TRACKING_URI, MEMBERS, METHOD, ROLE, ROLE_COMMITTEE, find_parent,  # noqa: E402
                                    open_client, search_all, ui_links)
@@ -137,8 +138,9 @@ def _markdown_lead(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        out = output_dir(f"reports/{args.name}" if args.out is None else args.out)  # before the summary is logged
         client, uri = open_client(args.tracking_uri, create=False)
-        report = build_report(client, args.name, Path(args.out or f"reports/{args.name}"), uri)
+        report = build_report(client, args.name, out, uri)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,9 +26,9 @@ from orchestrator.spool import call_when_up
 from orchestrator.storage import check_remote_storage
 from orchestrator.summary import summarize_sweep
 from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
-from orchestrator.tracking import (ENDED, ERROR, STOPPED, STORAGE, SWEEP, TRIALS_FAILED, child_runs, end_run, experiment_id,
-                                   find_child, find_parent, open_client, open_parent, prune_runs, resolve_tracking_uri,
-                                   store_exists)
+from orchestrator.tracking import (CELL, ENDED, ERROR, STOPPED, STORAGE, SWEEP, TRIALS_FAILED, child_runs, end_run,
+                                   experiment_id, find_child, find_parent, open_client, open_parent, prune_runs,
+                                   resolve_tracking_uri, store_exists)
 from orchestrator.trainable import TrialContext, train_trial
 
 
@@ -132,6 +132,10 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
     if parent is None:
         raise SweepError(f"resume {name}: no sweep of that name in {uri}")
     spec = logged_spec(client, parent, storage_path)
+    done = completed(client, parent, spec)
+    if done:
+        print(f"sweep {name} is complete ({done}); nothing to resume")
+        return 0
     check_remote_storage(spec.storage_path)
     if not tune.Tuner.can_restore(spec.experiment_path):
         raise SweepError(f"resume {name}: no Tune experiment at {spec.experiment_path} (pass --storage-path)")
@@ -143,6 +147,26 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
                                    resume_errored=True)
         tuner.fit()
         return call_when_up(lambda: after_training(client, context), uri)
+
+
+def completed(client: MlflowClient, parent: Run, spec: SweepSpec) -> str | None:
+    """What a finished sweep ran ("4 of 4 trials finished"), or None while it has work left: its parent
+    run must be FINISHED with its summary logged, and every training (and pruned) trial FINISHED or
+    stopped early by the scheduler."""
+    if parent.info.status != "FINISHED" or "n_trials" not in parent.data.metrics:
+        return None
+    runs = child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    expected = spec.num_trials()
+    if spec.prune is not None:
+        finished = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
+        runs += [r for r in prune_runs(client, parent.info.experiment_id, spec.name, finished)
+                 if r.data.tags.get(CELL) in spec.prune.cells]  # not those of a later `orchestrator prune`
+        expected += len(finished) * len(spec.prune.cells)
+    done = [r for r in runs if r.info.status == "FINISHED"
+            or (r.info.status == "KILLED" and r.data.tags.get(STOPPED) == "scheduler")]
+    if len(runs) < expected or len(done) < len(runs):
+        return None
+    return f"{len(runs)} of {expected} trials ended"
 
 
 def _sigterm_as_sigint(signum, frame) -> None:

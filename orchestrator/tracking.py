@@ -58,11 +58,36 @@ ARTIFACTS = {
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here; SQLite paths made absolute."""
+    """``uri``, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here; SQLite paths made absolute.
+
+    A URI of a scheme MLflow 3 does not track to (a plain path, ``file:``, a typo) and a SQLite file
+    that is not a SQLite database raise one ``SweepError`` line naming the URI and where it came from."""
+    source = "MLFLOW_TRACKING_URI" if not uri and os.environ.get("MLFLOW_TRACKING_URI") else "--tracking-uri"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else uri.strip()
+    if scheme not in TRACKING_SCHEMES:
+        raise SweepError(f"{source}: {uri!r} is not a tracking URI MLflow accepts (give sqlite:///PATH, "
+                         f"http(s)://HOST:PORT, postgresql://, mysql://, mssql:// or databricks)")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.exists() and not _is_sqlite(path):
+            raise SweepError(f"{source}: {uri} names a file that is not a SQLite database")
     return uri
+
+
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc")
+
+
+def _is_sqlite(path: Path) -> bool:
+    """Whether ``path`` is a SQLite database file (or an empty file, which SQLite fills)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return False
+    return head in (b"", b"SQLite format 3\0")
 
 
 def open_client(uri: str | None, create: bool) -> tuple[MlflowClient, str]:

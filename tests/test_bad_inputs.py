@@ -5,7 +5,10 @@ or URI), and leave the file tree as it found it (nothing half-written)."""
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from PIL import Image
 
 from analysis.pruning.cli import main as prune_main
 from analysis.units.run import main as analysis_main
-from conftest import sweep_spec, synthetic_job
+from conftest import cli_args, sweep_spec, synthetic_job, write
 from orchestrator.cli import main as orchestrator_main
 from trainables.config import prepare
 from trainables.train import main as train_main
@@ -62,7 +65,15 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep_spec("corpus", storage_path=str(root / "store"))))
     _fake_cifar(root / "small_images", size=16)
     _fake_cifar(root / "wrong_labels", label=150)
-    return {"root": root}
+    (root / "read_only").mkdir(mode=0o555)
+    yield {"root": root}
+    (root / "read_only").chmod(0o755)
+
+
+def _read_only(a: dict) -> Path:
+    """A folder this user cannot write: the assets' mode-555 one, or for root (who writes there anyway) /proc/sys."""
+    folder = a["root"] / "read_only"
+    return folder if not os.access(folder, os.W_OK) else Path("/proc/sys")
 
 
 def _tree(root: Path) -> dict[str, int]:
@@ -188,7 +199,35 @@ CASES = {
                                              "--address 127.0.0.1:9: no Ray cluster answers there"),
     "analyze: threshold above 1": (lambda a, out: ["orchestrator", "analyze", "x", "--threshold", "2"],
                               "--threshold: must be in (0, 1), got 2"),
+    "analysis: empty --out": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", ""],
+                              "--out: empty path"),
+    "prune: empty --out": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", "", "--method", "none"],
+                           "--out: empty path"),
+    "analyze: empty --out": (lambda a, out: ["orchestrator", "analyze", "x", "--out", ""], "--out: empty path"),
+    "report: empty --out": (lambda a, out: ["orchestrator", "report", "x", "--out", ""], "--out: empty path"),
+    "committee predict: --out is a folder": (lambda a, out: ["orchestrator", "committee", "predict", "models:/m@a",
+                                                             str(a["root"]), "--out", str(a["root"])], "is a folder"),
+    "sweep: read-only file:// storage from UNITLAB_STORAGE_PATH": (
+        lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml")],
+        "sweep.storage_path: ", lambda a: {"UNITLAB_STORAGE_PATH": f"file://{_read_only(a)}/tune"}),
+    "committee: --alias without --register": (lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--alias",
+                                                              "champion"], "--alias needs --register NAME"),
 }
+# Every verb opens its tracking store through orchestrator.tracking: a URI MLflow cannot track to, or a
+# SQLite file that is not a database, is one line naming the URI (and where it came from).
+TARGETS = {"sweep": ["{root}/sweep.yaml"], "resume": ["x"], "runs": ["x"], "analyze": ["x"], "prune": ["x"],
+           "report": ["x"], "committee": ["--experiment", "x"], "committee show": ["show", "x"],
+           "committee predict": ["predict", "models:/m@a", "{root}"]}
+for verb, target in TARGETS.items():
+    argv = ["orchestrator", verb.split()[0], *target]
+    CASES[f"{verb}: SQLite URI of a file that is not a database"] = (
+        lambda a, out, argv=argv: [t.format(root=a["root"]) for t in argv] + [
+            "--tracking-uri", f"sqlite:///{a['root']}/a_file"], "names a file that is not a SQLite database")
+    CASES[f"{verb}: MLFLOW_TRACKING_URI not a URI"] = (
+        lambda a, out, argv=argv: [t.format(root=a["root"]) for t in argv],
+        "MLFLOW_TRACKING_URI: 'not a uri' is not a tracking URI", lambda a: {"MLFLOW_TRACKING_URI": "not a uri"})
+CASES["runs: file: tracking URI"] = (lambda a, out: ["orchestrator", "runs", "x", "--tracking-uri", f"file://{a['root']}"],
+                                     "is not a tracking URI MLflow accepts")
 for verb in ("sweep", "analyze", "runs", "committee"):  # a server that does not answer: one line within 10 s
     target = {"sweep": ["{root}/sweep.yaml"], "committee": ["--experiment", "x"]}.get(verb, ["x"])
     CASES[f"{verb}: unreachable tracking server"] = (
@@ -206,8 +245,13 @@ ENTRY = {"train": train_main, "analysis": analysis_main, "prune": prune_main, "o
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, assets, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    build, expected = CASES[case]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    build, expected, *env = CASES[case]
+    for key, value in (env[0](assets) if env else {}).items():
+        monkeypatch.setenv(key, value)
     argv = build(assets, str(tmp_path / "out"))
+    if "/proc/sys" in " ".join(argv) + str(env and env[0](assets)) and os.access("/proc/sys", os.W_OK):
+        pytest.skip("no folder here that this user cannot write")
     before = _tree(assets["root"]), _tree(tmp_path)
     assert ENTRY[argv[0]](argv[1:]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -295,3 +339,143 @@ def test_storage_path_comes_from_the_flag_then_the_cluster_env_then_the_spec(ass
     monkeypatch.setenv("UNITLAB_STORAGE_PATH", "s3://bucket/unitlab/tune")
     assert load_spec(spec_file).storage_path == "s3://bucket/unitlab/tune"
     assert load_spec(spec_file, str(tmp_path / "flag")).storage_path == str(tmp_path / "flag")
+
+
+# ---------------------------------------------------------------- bad inputs against a tracking store
+
+TRIAL_FILES = {"spec.json": "model", "model.pt": "model", "probs_val.parquet": "probs", "probs_test.parquet": "probs",
+               "summary.json": None, "config.json": None}
+
+
+@pytest.fixture(scope="module")
+def registry(assets, tmp_path_factory) -> dict:
+    """A tracking store without Ray: sweep ``reg`` whose trial runs are the assets' two trained runs (the
+    first with its logged MLflow Model), a pruned run of the first, and bad inputs of ``committee predict``."""
+    from mlflow import MlflowClient
+
+    from orchestrator.logged_model import log_trial_model
+    from orchestrator.tracking import CELL, LINEAGE, PARENT_TAG, ROLE, STORAGE, SWEEP, TRIAL_ID
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
+    (root / "store").mkdir()
+    client = MlflowClient(uri)
+    exp = client.create_experiment("reg", artifact_location=(root / "store" / "artifacts").as_uri())
+    parent = client.create_run(exp, run_name="reg", tags={ROLE: "sweep", SWEEP: "reg", STORAGE: str(root / "tune")})
+    client.set_terminated(parent.info.run_id)
+    runs = {}
+    for key, folder, role in (("trial", "run", "trial"), ("other", "other", "trial"), ("pruned", "run", "prune")):
+        tags = {PARENT_TAG: parent.info.run_id, ROLE: role, SWEEP: "reg", TRIAL_ID: key, "unitlab.dataset": "synthetic",
+                "unitlab.num_classes": "4", "unitlab.variant": f"blocks={folder}", "unitlab.seed": "0"}
+        if role == "prune":
+            tags.update({PARENT_TAG: runs["trial"], LINEAGE: runs["trial"], CELL: "none"})
+        runs[key] = client.create_run(exp, run_name=key, tags=tags).info.run_id
+        for name, where in TRIAL_FILES.items():
+            client.log_artifact(runs[key], str(assets["root"] / folder / name), where)
+        client.set_terminated(runs[key])
+    job = assets["root"] / "run"
+    model_uri = log_trial_model(uri, runs["trial"], job, prepare(json.loads((job / "config.json").read_text())),
+                                json.loads((job / "summary.json").read_text())["norm"])
+    inputs = root / "inputs"
+    (inputs / "no_images").mkdir(parents=True)
+    (inputs / "no_images" / "notes.txt").write_text("not an image")
+    (inputs / "empty.parquet").write_bytes(b"")
+    (inputs / "binary.parquet").write_bytes(bytes(range(256)) * 4)
+    pq.write_table(pa.table({"img": pa.array([], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}),
+                   inputs / "zero_rows.parquet")
+    (inputs / "small").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(inputs / "small" / "tiny.png")
+    return {"root": root, "store": root / "store", "uri": uri, "client": client, "exp": exp, "runs": runs,
+            "model_uri": model_uri, "inputs": inputs}
+
+
+def _committee(r: dict, *extra: str) -> list[str]:
+    return ["committee", "--experiment", "reg", "--size", "2", "--method", "topk", "--tracking-uri", r["uri"], *extra]
+
+
+def _predict(r: dict, images: str, out: str) -> list[str]:
+    return ["committee", "predict", r["model_uri"], str(r["inputs"] / images), "--out", out, "--tracking-uri", r["uri"]]
+
+
+# (argv builder of the registry, the assets and the output path; the text stderr's one line must hold)
+STORE_CASES = {
+    "committee: registered name with a slash": (lambda r, a, out: _committee(r, "--register", "bad/name"),
+                                                "--register: Invalid model name 'bad/name'"),
+    "committee: alias 'latest'": (lambda r, a, out: _committee(r, "--register", "good", "--alias", "latest"),
+                                  "--alias: 'latest' alias name (case insensitive) is reserved"),
+    "committee: version-like alias": (lambda r, a, out: _committee(r, "--register", "good", "--alias", "v3"),
+                                      "--alias: Version alias name 'v3' is reserved"),
+    "committee: alias with a space and '!'": (lambda r, a, out: _committee(r, "--register", "good", "--alias", "my champ!"),
+                                              "--alias: Invalid alias name: 'my champ!'"),
+    "committee: pruned member registered": (
+        lambda r, a, out: ["committee", "--runs", f"{r['runs']['pruned']},{r['runs']['trial']}", "--size", "2", "--method",
+                           "topk", "--tracking-uri", r["uri"], "--register", "good"],
+        "pruned members cannot be registered yet"),
+    "analyze: --out is a file": (lambda r, a, out: ["analyze", r["runs"]["trial"], "--force", "--out", str(a["root"] / "a_file"),
+                                                    "--tracking-uri", r["uri"]], "--out: "),
+    "report: --out is a file": (lambda r, a, out: ["report", "reg", "--out", str(a["root"] / "a_file"), "--tracking-uri",
+                                                   r["uri"]], "--out: "),
+    "report: --out read-only": (lambda r, a, out: ["report", "reg", "--out", str(_read_only(a) / "report"), "--tracking-uri",
+                                                   r["uri"]], "cannot be written"),
+    "committee predict: empty .parquet": (lambda r, a, out: _predict(r, "empty.parquet", out), "not a readable Parquet file"),
+    "committee predict: binary .parquet": (lambda r, a, out: _predict(r, "binary.parquet", out), "not a readable Parquet file"),
+    "committee predict: Parquet of 0 rows": (lambda r, a, out: _predict(r, "zero_rows.parquet", out), "no images (0 rows)"),
+    "committee predict: folder without images": (lambda r, a, out: _predict(r, "no_images", out), "no .png, .jpg or .jpeg"),
+    "committee predict: image of another size": (lambda r, a, out: _predict(r, "small", out),
+                                                 "image tiny.png is 8x8 px, the model takes 16x16"),
+}
+
+
+def _store_state(r: dict) -> tuple:
+    client = r["client"]
+    runs = client.search_runs([r["exp"]], run_view_type=3)  # active and deleted
+    return (sorted((x.info.run_id, x.info.status, x.info.lifecycle_stage) for x in runs),
+            [(m.name, len(m.latest_versions or []), sorted(m.aliases)) for m in client.search_registered_models()],
+            len(client.search_model_versions()), len(client.search_logged_models([r["exp"]])), _tree(r["store"]))
+
+
+@pytest.mark.parametrize("case", list(STORE_CASES))
+def test_bad_input_against_a_store_creates_no_run_model_or_file(case, registry, assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # committee predict sets it for MLflow's loader
+    build, expected = STORE_CASES[case]
+    out = str(tmp_path / "out.parquet")
+    argv = build(registry, assets, out)
+    if "/proc/sys" in " ".join(argv) and os.access("/proc/sys", os.W_OK):
+        pytest.skip("no folder here that this user cannot write")
+    before = _store_state(registry), _tree(assets["root"]), _tree(tmp_path)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # what a user's terminal would show
+        code = orchestrator_main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not [w for w in seen if "Add type hints" in str(w.message)]
+    assert (_store_state(registry), _tree(assets["root"]), _tree(tmp_path)) == before
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_sweep_changes_nothing(local_ray, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    spec = sweep_spec("finished", epochs=1, axes={"n_conv_blocks": [0]})
+    args = cli_args(tmp_path)
+    assert orchestrator_main(["sweep", str(write(tmp_path, spec)), *args]) == 0
+    client = MlflowClient(args[1])
+    exp = client.get_experiment_by_name("finished").experiment_id
+
+    def state() -> tuple:
+        runs = client.search_runs([exp], run_view_type=3)
+        parent = next(x for x in runs if x.data.tags["unitlab.role"] == "sweep")
+        history = {k: len(client.get_metric_history(parent.info.run_id, k)) for k in parent.data.metrics}
+        files = {str(p): p.stat().st_mtime_ns for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()}
+        listed = sorted(a.path for a in client.list_artifacts(parent.info.run_id, "summary"))
+        return sorted((x.info.run_id, x.info.status, x.info.end_time) for x in runs), history, files, listed
+
+    before = state()
+    assert before[1]["n_trials"] == 1 and before[3]
+    capsys.readouterr()
+    assert orchestrator_main(["resume", "finished", *args]) == 0
+    out = capsys.readouterr().out
+    assert state() == before  # no new metric points, artifacts, runs or statuses
+    assert "sweep finished is complete (1 of 1 trials ended); nothing to resume" in out

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     PruneConfig.add_flags(parser, skip=("taps", "save_matrices"))
     args = parser.parse_args(argv)
     try:
+        if not args.out.strip():  # not the current folder
+            raise InputError("--out", "empty path; give a folder")
         out = output_folder(args.out)
         if args.config:
             run_config(args.config, out, Path(args.parent) if args.parent else None)
