@@ -32,16 +32,25 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow import MlflowClient
 
 from analysis.units.pipeline import AnalysisConfig
 from analysis.units.run import analyze_run_dir
-from orchestrator.tracking import (ANALYSIS, ANALYSIS_RECIPE, ANALYSIS_THRESHOLD, DEFAULT_TRACKING_URI, PARENT_TAG,
-                                   ROLE, ROLE_SWEEP, ROLE_TRIAL, open_client, search_all)
-from orchestrator.schema import output_dir
-from trainables.schema import InputError
+from orchestrator.tracking import (
+    ANALYSIS,
+    ANALYSIS_RECIPE,
+    ANALYSIS_THRESHOLD,
+    PARENT_TAG,
+    ROLE,
+    ROLE_SWEEP,
+    ROLE_TRIAL,
+    add_tracking_uri,
+    open_client,
+    search_all,
+)
+from trainables.schema import InputError, output_folder, refuse
 
 ARTIFACT_DIR = "analysis"
 
@@ -179,12 +188,11 @@ def run(args: argparse.Namespace) -> int:
     """Handle a parsed ``analyze`` command; bad input gives one line per run on stderr and exit code 2."""
     try:
         config = AnalysisConfig.from_flags(args)
-        keep = output_dir(args.out, "--out") if args.out is not None else None  # before any analysis runs
+        keep = output_folder(args.out, "--out") if args.out is not None else None  # before any analysis runs
         client, _ = open_client(args.tracking_uri, create=False)
         runs = target_runs(client, args.target)
     except (InputError, MlflowException) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return refuse(err)
     failed = 0
     for trial in runs:
         run_id = trial.info.run_id
@@ -211,7 +219,7 @@ def _one_line(err: Exception) -> str:
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the analyze options to ``parser``; sets ``func=run``."""
     parser.add_argument("target", help="trial run id, sweep parent run id, or sweep (experiment) name")
-    parser.add_argument("--tracking-uri", help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    add_tracking_uri(parser)
     parser.add_argument("--force", action="store_true", help="re-analyse runs already tagged as analysed")
     parser.add_argument("--out", default=None, help="also keep each results folder as OUT/RUN_ID")
     AnalysisConfig.add_flags(parser)

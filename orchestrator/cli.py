@@ -14,12 +14,12 @@ from orchestrator.prune_cmd import add_prune_parser
 from orchestrator.report import add_report_parser
 from orchestrator.runs import format_runs
 from orchestrator.sweep import resume_sweep, run_sweep
-from orchestrator.tracking import open_client
-from trainables.schema import InputError
+from orchestrator.tracking import add_tracking_uri, open_client
+from trainables.schema import InputError, OneLineParser, refuse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("sweep", help="validate a sweep spec and run it")
     sweep.add_argument("spec", help="sweep spec YAML")
@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="print a sweep's trials from MLflow")
     runs.add_argument("name", help="the sweep's name")
     for sub in (sweep, resume, runs):
-        sub.add_argument("--tracking-uri", default=None,
-                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+        add_tracking_uri(sub)
     add_analyze_parser(commands)
     add_committee_parser(commands)
     add_prune_parser(commands)
@@ -55,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_sweep(args.spec, args.address, args.tracking_uri, args.storage_path, args.new)
         return resume_sweep(args.name, args.address, args.tracking_uri, args.storage_path)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
     except KeyboardInterrupt:
         print(f"interrupted; continue with `python -m orchestrator resume NAME`", file=sys.stderr)
         return 130

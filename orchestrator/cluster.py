@@ -12,7 +12,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator.sweep_spec import EPOCH_METRICS, SweepError, SweepSpec
 from trainables.data import DataConfig, DataError, load_splits
 
-
 LOCAL_IP = "127.0.0.1"
 
 

@@ -18,27 +18,55 @@ import argparse
 import csv
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from mlflow import MlflowClient
 
-from orchestrator.tracking import (CELL, DATASET, DEFAULT_TRACKING_URI, MEMBERS, METHOD, NUM_CLASSES, ROLE,
-                                   ROLE_COMMITTEE, ROLE_PRUNE, ROLE_TRIAL, SEED, SEED_MEMBERS, SEED_VARIANT, SWEEP, VARIANT, open_client,
-                                   resolve_tracking_uri, search_all, ui_links)
-from trainables.schema import InputError
 from analysis.committees.calibration import ece, fit_temperature, nll, scale
-from orchestrator.committee_model import check_registry_names, gather_members, register_committee
-from orchestrator.predict import predict_images
-from orchestrator.schema import CommitteeError, output_file
-from analysis.committees.selection import (CommitteeConfig, Split, committee_probs, evaluate, label_set_profile,
-                                           seed_control, select)
 from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack
+from analysis.committees.selection import (
+    CommitteeConfig,
+    Split,
+    committee_probs,
+    evaluate,
+    label_set_profile,
+    seed_control,
+    select,
+)
+from orchestrator.committee_model import (
+    check_registry_names,
+    gather_members,
+    register_committee,
+)
+from orchestrator.predict import predict_images
+from orchestrator.schema import CommitteeError
+from orchestrator.tracking import (
+    CELL,
+    DATASET,
+    MEMBERS,
+    METHOD,
+    NUM_CLASSES,
+    ROLE,
+    ROLE_COMMITTEE,
+    ROLE_PRUNE,
+    ROLE_TRIAL,
+    SEED,
+    SEED_MEMBERS,
+    SEED_VARIANT,
+    SWEEP,
+    VARIANT,
+    add_tracking_uri,
+    open_client,
+    resolve_tracking_uri,
+    search_all,
+    ui_links,
+)
+from trainables.schema import InputError, output_file, refuse
 
 ARTIFACT_DIR = "committee"
 MEMBER_FIELDS = ("run_id", "variant", "seed", "val_acc", "test_acc", "count", "weight", "temperature",
@@ -391,13 +419,8 @@ def run(args: argparse.Namespace) -> int:
                   f"python -m orchestrator committee predict {model_uri} IMAGES)")
         print(ui_links(uri, client.get_run(run_id).info.experiment_id, run_id, "committee"))
         return 0
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-    except MlflowException as err:
-        print(f"error: {str(err.message).splitlines()[0]}", file=sys.stderr)
-    except OSError as err:
-        print(f"error: {err}", file=sys.stderr)
-    return 2
+    except (InputError, MlflowException, OSError) as err:
+        return refuse(err)
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -410,18 +433,18 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--register", default=None, metavar="NAME",
                         help="log the committee as an MLflow Model and register it under NAME")
     parser.add_argument("--alias", default=None, help="with --register: an alias for the new version (e.g. champion)")
-    parser.add_argument("--tracking-uri", help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    add_tracking_uri(parser)
     sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show,predict}")
     show_parser = sub.add_parser("show", help="print a committee run")
     show_parser.add_argument("run_id")
-    show_parser.add_argument("--tracking-uri", default=argparse.SUPPRESS, help="MLflow URI")
+    add_tracking_uri(show_parser, nested=True)
     predict_parser = sub.add_parser("predict", help="label images with a registered committee (models:/NAME@ALIAS)")
     predict_parser.add_argument("model_uri")
     predict_parser.add_argument("images", help="a folder of PNG/JPEG files or a Parquet file of images")
     predict_parser.add_argument("--out", default="predictions.parquet", help="output Parquet (source, label, probs)")
     predict_parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                                 help="where the members run (auto: the GPU when one is visible)")
-    predict_parser.add_argument("--tracking-uri", default=argparse.SUPPRESS, help="MLflow URI")
+    add_tracking_uri(predict_parser, nested=True)
     parser.set_defaults(func=run)
     return parser
 

@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
-from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types import Schema, TensorSpec
 from mlflow.utils import validation
 
 from orchestrator.logged_model import DEVICE_PARAM, TRAINABLES, use_run_experiment

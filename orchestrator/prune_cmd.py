@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,16 +24,28 @@ from mlflow.exceptions import MlflowException
 
 from analysis.pruning.job import PruneConfig, PrunePlan
 from orchestrator.analyze import analysed_at
-from orchestrator.cluster import connect_ray, check_resources
+from orchestrator.cluster import check_resources, connect_ray
 from orchestrator.prune_stage import PruneContext, run_prune_stage
 from orchestrator.runs import format_runs
 from orchestrator.schema import SweepError
 from orchestrator.stage_spec import PruneSpec, parse_prune
 from orchestrator.sweep import logged_spec
-from orchestrator.tracking import (ANALYSIS, ANALYSIS_THRESHOLD, BEST_RUN, CELL, ROLE, SWEEP, VARIANT, child_runs,
-                                   find_parent, open_client, prune_runs)
+from orchestrator.tracking import (
+    ANALYSIS,
+    ANALYSIS_THRESHOLD,
+    BEST_RUN,
+    CELL,
+    ROLE,
+    SWEEP,
+    VARIANT,
+    add_tracking_uri,
+    child_runs,
+    find_parent,
+    open_client,
+    prune_runs,
+)
 from trainables.models import build_model
-from trainables.schema import InputError
+from trainables.schema import InputError, refuse
 
 
 def target_parents(client: MlflowClient, target: str) -> tuple[Run, list[Run]]:
@@ -80,9 +91,9 @@ def check_analysed(parents: list[Run], prune: PruneSpec) -> None:
 def run(args: argparse.Namespace) -> int:
     """Handle a parsed ``prune`` command."""
     try:
+        prune = parse_prune(PrunePlan.from_flags(args), None, require_analysis=False)  # flags before any I/O
         client, uri = open_client(args.tracking_uri, create=False)
         parent, parents = target_parents(client, args.target)
-        prune = parse_prune(PrunePlan.from_flags(args), None, require_analysis=False)
         if not args.analyze:
             check_analysed(parents, prune)
         spec = dataclasses.replace(logged_spec(client, parent, args.storage_path), prune=prune)
@@ -91,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         connect_ray(args.address)
         check_resources(spec)
     except (InputError, MlflowException) as exc:
-        print(f"error: {exc.message if isinstance(exc, MlflowException) else exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
     run_prune_stage(PruneContext(spec, uri, parent.info.experiment_id), parents)
     mine = [r for r in prune_runs(client, parent.info.experiment_id, spec.name, {p.info.run_id for p in parents})
             if r.data.tags[CELL] in prune.cells]
@@ -123,7 +133,6 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                    help="compute label sets (with the analysis flags) where the parents have none")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--storage-path", default=None, help="Tune storage (default: the sweep's)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    add_tracking_uri(p)
     p.set_defaults(func=run)
     return p

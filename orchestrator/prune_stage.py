@@ -30,16 +30,36 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from ray import tune
 
-from analysis.pruning.job import PruneConfig, prune_layers, run_prune_job, unit_label_sets
+from analysis.pruning.job import (
+    PruneConfig,
+    prune_layers,
+    run_prune_job,
+    unit_label_sets,
+)
 from analysis.pruning.masks import needed_taps
 from analysis.units.results import load_label_sets
 from orchestrator.analyze import analysed_at, fetch_run_dir
 from orchestrator.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.sweep_spec import SweepSpec
+from orchestrator.tracking import (
+    CELL,
+    DATASET,
+    LINEAGE,
+    NODE_ID,
+    NUM_CLASSES,
+    PRUNE_LABEL_SETS,
+    PRUNE_METHOD,
+    ROLE_PRUNE,
+    SEED,
+    SWEEP,
+    VARIANT,
+    ChildRun,
+    connect,
+    environment_tags,
+    find_child,
+    flatten,
+)
 from orchestrator.trainable import take_trial_share
-from orchestrator.tracking import (CELL, DATASET, LINEAGE, NODE_ID, NUM_CLASSES, PRUNE_LABEL_SETS, PRUNE_METHOD,
-                                   ROLE_PRUNE, SEED, SWEEP, VARIANT, ChildRun, connect, environment_tags, find_child,
-                                   flatten)
 from trainables.models import build_model
 
 # Files of a finished prune job and where they go in its run.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,11 +23,19 @@ from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from orchestrator.runs import PRUNE_ACCURACIES, prune_rows  # noqa: E402
-from orchestrator.schema import output_dir  # noqa: E402
 from orchestrator.summary import TABLE, SweepSummary, finish, summarize_sweep  # noqa: E402
-from orchestrator.tracking import (DEFAULT_TRACKING_URI, MEMBERS, METHOD, ROLE, ROLE_COMMITTEE, find_parent,  # noqa: E402
-                                   open_client, search_all, ui_links)
-from trainables.schema import InputError  # noqa: E402
+from orchestrator.tracking import (  # noqa: E402
+    MEMBERS,
+    METHOD,
+    ROLE,
+    ROLE_COMMITTEE,
+    add_tracking_uri,
+    find_parent,
+    open_client,
+    search_all,
+    ui_links,
+)
+from trainables.schema import InputError, output_folder, refuse  # noqa: E402
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -138,12 +145,11 @@ def _markdown_lead(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        out = output_dir(f"reports/{args.name}" if args.out is None else args.out)  # before the summary is logged
+        out = output_folder(f"reports/{args.name}" if args.out is None else args.out)  # before the summary is logged
         client, uri = open_client(args.tracking_uri, create=False)
         report = build_report(client, args.name, out, uri)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     parent = find_parent(client, args.name)
     print(f"report: {report}")
     print(ui_links(uri, parent.info.experiment_id, parent.info.run_id, "sweep"))
@@ -156,6 +162,6 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__.splitlines()[0])
     parser.add_argument("name", help="the sweep's name")
     parser.add_argument("--out", default=None, help="folder for report.html (default: reports/NAME)")
-    parser.add_argument("--tracking-uri", default=None, help=f"MLflow URI (else MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    add_tracking_uri(parser)
     parser.set_defaults(func=run)
     return parser

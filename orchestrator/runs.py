@@ -4,8 +4,19 @@ from __future__ import annotations
 from mlflow import MlflowClient
 
 from orchestrator.sweep_spec import SweepError
-from orchestrator.tracking import (CELL, ERROR, METRICS, SEED, SWEEP, TRIAL_ID, VARIANT, child_runs, find_parent,
-                                   prune_runs, ui_links)
+from orchestrator.tracking import (
+    CELL,
+    ERROR,
+    METRICS,
+    SEED,
+    SWEEP,
+    TRIAL_ID,
+    VARIANT,
+    child_runs,
+    find_parent,
+    prune_runs,
+    ui_links,
+)
 
 COLUMNS = ("trial", "status", "variant", "seed", "epochs", "precision", "val_acc", "test_acc", "latency_ms_b1", "params",
            "run_id")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analysis.units.pipeline import AnalysisConfig
 from analysis.pruning.job import PruneConfig, PrunePlan, prune_layers
 from analysis.pruning.masks import PruneError
+from analysis.units.pipeline import AnalysisConfig
 from orchestrator.schema import SweepError
 from trainables.models.taps import TappedModel
 from trainables.schema import InputError

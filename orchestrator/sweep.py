@@ -25,10 +25,33 @@ from orchestrator.runs import format_runs
 from orchestrator.spool import call_when_up
 from orchestrator.storage import check_remote_storage
 from orchestrator.summary import summarize_sweep
-from orchestrator.sweep_spec import SCHEDULER_METRIC, Distribution, SweepError, SweepSpec, load_spec, parse_spec
-from orchestrator.tracking import (CELL, ENDED, ERROR, STOPPED, STORAGE, SWEEP, TRIALS_FAILED, child_runs, end_run,
-                                   experiment_id, find_child, find_parent, open_client, open_parent, prune_runs,
-                                   resolve_tracking_uri, store_exists)
+from orchestrator.sweep_spec import (
+    SCHEDULER_METRIC,
+    Distribution,
+    SweepError,
+    SweepSpec,
+    load_spec,
+    parse_spec,
+)
+from orchestrator.tracking import (
+    CELL,
+    ENDED,
+    ERROR,
+    STOPPED,
+    STORAGE,
+    SWEEP,
+    TRIALS_FAILED,
+    child_runs,
+    end_run,
+    experiment_id,
+    find_child,
+    find_parent,
+    open_client,
+    open_parent,
+    prune_runs,
+    resolve_tracking_uri,
+    store_exists,
+)
 from orchestrator.trainable import TrialContext, train_trial
 
 

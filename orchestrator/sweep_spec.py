@@ -40,14 +40,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from analysis.units.pipeline import AnalysisConfig
 from orchestrator.schema import SweepError
-from orchestrator.stage_spec import PruneSpec, check_analyze_taps, parse_analyze, parse_prune
+from orchestrator.stage_spec import (
+    PruneSpec,
+    check_analyze_taps,
+    parse_analyze,
+    parse_prune,
+)
 from trainables.config import DEFAULT_MODEL, JobConfig, prepare, set_dotted
 from trainables.data import DataError, check_data_available
 from trainables.models import build_model
-from trainables.schema import InputError, Settings, output_folder, parse_yaml, read_text_file, seed_setting, setting
+from trainables.schema import (
+    InputError,
+    Settings,
+    output_folder,
+    parse_yaml,
+    read_text_file,
+    seed_setting,
+    setting,
+)
 
 # Metrics every epoch reports, and those known only when a trial ends.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")

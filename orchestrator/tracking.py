@@ -7,6 +7,7 @@ imports Ray; the driver and the trainables both use it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -88,6 +89,13 @@ def _is_sqlite(path: Path) -> bool:
     except OSError:
         return False
     return head in (b"", b"SQLite format 3\0")
+
+
+def add_tracking_uri(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    """The ``--tracking-uri`` flag, declared here once for every command (``nested``: a subcommand's
+    copy, which leaves its parent command's value alone when not given)."""
+    parser.add_argument("--tracking-uri", default=argparse.SUPPRESS if nested else None, metavar="URI",
+                        help=f"MLflow tracking URI (default: MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
 
 
 def open_client(uri: str | None, create: bool) -> tuple[MlflowClient, str]:

@@ -20,8 +20,19 @@ from orchestrator.analyze import log_analysis
 from orchestrator.figures import plot_curves
 from orchestrator.logged_model import log_dataset, log_trial_model
 from orchestrator.sweep_spec import FINAL_METRICS, SweepSpec
-from orchestrator.tracking import (DATASET, NODE_ID, NUM_CLASSES, SEED, START_EPOCH, SWEEP, TRIAL_ID, VARIANT, ChildRun,
-                                   connect, flatten)
+from orchestrator.tracking import (
+    DATASET,
+    NODE_ID,
+    NUM_CLASSES,
+    SEED,
+    START_EPOCH,
+    SWEEP,
+    TRIAL_ID,
+    VARIANT,
+    ChildRun,
+    connect,
+    flatten,
+)
 from trainables.train import run_job
 
 RUN_ID_FILE = "mlflow_run_id.txt"

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from trainables.data import DataConfig, dataset_shape
 from trainables.models import resolve_spec
 from trainables.schema import InputError, Settings, read_yaml, seed_setting, setting

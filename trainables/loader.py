@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainables.augment import random_erasing, rand_augment
+from trainables.augment import rand_augment, random_erasing
 from trainables.data import AugmentConfig
 
 

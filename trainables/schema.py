@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import reprlib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -273,6 +274,15 @@ def _custom_defaults(f: dataclasses.Field, nested: type) -> dict[str, Any]:
     return {k: v for k, v in mine.items() if plain[k] != v}
 
 
+def refuse(exc: BaseException) -> int:
+    """Print ``exc`` as the one line ``error: ...`` on stderr and return exit code 2: how every command
+    line refuses bad input (an ``InputError``, a library's error that names a bad input such as
+    MLflow's, whose first line is kept, or an ``OSError`` on a path the user gave)."""
+    text = str(getattr(exc, "message", None) or exc).strip()
+    print(f"error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
+    return 2
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose every refusal is one line, ``error: argument --x: ...``, exit 2 (not
     argparse's usage block); subcommand parsers inherit it. ``--help`` still prints the usage."""
@@ -283,12 +293,28 @@ class OneLineParser(argparse.ArgumentParser):
 
 def output_folder(path: str | Path, flag: str = "--out") -> Path:
     """``path`` as a folder that can be created or written, checked before any work starts."""
+    if not str(path).strip():
+        raise InputError(flag, "empty path; give a folder")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(flag, f"{path} exists and is not a folder")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(flag, f"{path} cannot be written ({existing} is not a writable folder)")
+    return path
+
+
+def output_file(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a file that can be written: not empty, not a folder, in a folder that can be
+    created or written, not a read-only file; checked before any work starts."""
+    if not str(path).strip():
+        raise InputError(flag, "empty path; give a file")
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(flag, f"{path} is a folder; give a file")
+    output_folder(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(flag, f"{path} cannot be written (read-only file)")
     return path
 
 

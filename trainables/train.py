@@ -5,7 +5,6 @@ MLflow). Per epoch it writes a resumable checkpoint and calls ``on_epoch(metrics
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -26,7 +25,13 @@ from trainables.loader import DeviceLoader
 from trainables.models import build_model, count_macs, count_params
 from trainables.probs import write_probs
 from trainables.run_folder import CHECKPOINT, CONFIG, SPEC, SUMMARY, RunFolder
-from trainables.schema import InputError, output_folder, parse_yaml
+from trainables.schema import (
+    InputError,
+    OneLineParser,
+    output_folder,
+    parse_yaml,
+    refuse,
+)
 
 EpochCallback = Callable[[dict, Path], None]
 CHECKPOINT_FILE = "state.pt"
@@ -324,13 +329,17 @@ def finish_job(model, cfg: JobConfig, splits, loaders, history, folder: RunFolde
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainables.train", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m trainables.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="job config YAML")
     parser.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         user = load_yaml(args.config)
         for item in args.set:
@@ -342,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         out = output_folder(args.out or Path("runs") / Path(args.config).stem)
         summary = run_job(cfg, out, on_epoch=_print_epoch, resume_from=args.resume)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
     print(
         f"done: {summary['dataset']} val_acc={summary['val_acc']:.4f} test_acc={summary['test_acc']:.4f} "
         f"params={summary['params']:,} macs={summary['macs']:,} "

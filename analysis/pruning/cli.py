@@ -13,15 +13,13 @@ Two modes:
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from analysis.pruning.job import PruneConfig, PrunePlan, run_prune_job
 from analysis.units.results import load_label_sets
 from trainables.config import load_yaml, prepare
-from trainables.schema import InputError, output_folder
+from trainables.schema import InputError, OneLineParser, output_folder, refuse
 from trainables.train import run_job
 
 
@@ -61,18 +59,20 @@ def _line(summary: dict) -> str:
             + " ".join(f"{k}: val={v['val']:.4f} test={v['test']:.4f}" for k, v in acc.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.pruning", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m analysis.pruning", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--parent", default=None, help="run_job output folder (spec.json, config.json, model.pt)")
     parser.add_argument("--config", default=None, help="job config YAML with a prune: section")
     parser.add_argument("--label-sets", default=None, help="label_sets.json to reuse instead of the analysis")
     parser.add_argument("--data-dir", default=None, help="override the parent's data.data_dir")
     PruneConfig.add_flags(parser, skip=("taps", "save_matrices"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        if not args.out.strip():  # not the current folder
-            raise InputError("--out", "empty path; give a folder")
         out = output_folder(args.out)
         if args.config:
             run_config(args.config, out, Path(args.parent) if args.parent else None)
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             label_sets=load_label_sets(args.label_sets) if args.label_sets else None,
             on_epoch=lambda m: print(f"finetune epoch {m['epoch'] + 1}: val_acc={m['val_acc']:.4f}", flush=True))
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
     print(_line(summary) + f" -> {out}")
     return 0
 

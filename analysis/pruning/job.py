@@ -16,21 +16,35 @@ from typing import Any, Callable
 
 import torch
 
+from analysis.pruning.masks import (
+    Connection,
+    LabelSets,
+    Masks,
+    PruneError,
+    apply_masks,
+    family_method,
+    full_masks,
+    layer_connections,
+    mask_stats,
+    needed_taps,
+    plan_layers,
+    random_at_level,
+    random_connections,
+    random_label_sets,
+    save_masks,
+)
 from analysis.units.pipeline import AnalysisConfig, AnalysisResult, tap_shapes
-from analysis.pruning.masks import (Connection, LabelSets, Masks, PruneError, apply_masks, family_method,
-                              full_masks, layer_connections, mask_stats, needed_taps, plan_layers,
-                              random_at_level, random_connections, random_label_sets, save_masks)
 from analysis.units.results import label_set_layout, save_label_sets
-from analysis.units.summary import primary_kind
 from analysis.units.run import analyze, norm_of
+from analysis.units.summary import primary_kind
 from trainables.config import JobConfig
 from trainables.data import Splits, load_splits
+from trainables.device import describe
 from trainables.loader import DeviceLoader
 from trainables.models.taps import TappedModel
 from trainables.probs import write_probs
 from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, SPEC, SUMMARY, RunFolder
 from trainables.schema import InputError, Settings, seed_setting, setting
-from trainables.device import describe
 from trainables.train import device_flags, evaluate, fit, make_loaders, select_device
 
 METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels")

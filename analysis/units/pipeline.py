@@ -27,9 +27,16 @@ from trainables.schema import InputError, Settings, setting
 
 from .clusters import DEFAULT_THRESHOLD
 from .features import collect_features
-from .readout import DEFAULT_RECIPE, RECIPES, Readout, ReadoutResult, readout_config, train_readouts
-from .summary import summarise_tap
 from .matrices import kind_matrices
+from .readout import (
+    DEFAULT_RECIPE,
+    RECIPES,
+    Readout,
+    ReadoutResult,
+    readout_config,
+    train_readouts,
+)
+from .summary import summarise_tap
 
 Transform = Callable[[np.ndarray], Tensor]
 

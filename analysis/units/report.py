@@ -7,10 +7,11 @@ the shuffled-node control (mean +- std over the control draws; docs/methods.md 2
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from trainables.schema import OneLineParser, refuse
 
 
 def _load(folder: Path) -> dict:
@@ -48,15 +49,14 @@ def heads_table(taps_json: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.units.report", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m analysis.units.report", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="analysis.units.run results folders")
     args = parser.parse_args(argv)
     for folder in map(Path, args.results):
         try:
             taps_json = _load(folder)
         except (FileNotFoundError, json.JSONDecodeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return refuse(exc)
         meta = taps_json["meta"]
         print(f"### {folder}\n\n{meta.get('dataset', '?')}, threshold {meta['threshold']}, recipe {meta['recipe']}, "
               f"readouts on {meta['train_size']} training images, matrices on {meta['test_size']} test images\n")

@@ -15,7 +15,6 @@ before anything is written. See ``results.py`` for the files written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,10 +25,22 @@ import torch
 from torch import nn
 
 from trainables.config import JobConfig, load_yaml, prepare
-from trainables.data import KNOWN_DATASETS, DataConfig, Splits, dataset_shape, load_splits
+from trainables.data import (
+    KNOWN_DATASETS,
+    DataConfig,
+    Splits,
+    dataset_shape,
+    load_splits,
+)
 from trainables.loader import to_model_input
 from trainables.models import build_model
-from trainables.schema import InputError, check_seed, output_folder
+from trainables.schema import (
+    InputError,
+    OneLineParser,
+    check_seed,
+    output_folder,
+    refuse,
+)
 
 from .pipeline import AnalysisConfig, AnalysisResult, analyse
 from .results import write_results
@@ -188,8 +199,8 @@ def print_table(result: AnalysisResult) -> None:
               f"{s['mean_noise_per_unit']:>10.2f} {s['snr']:>7.3f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.units", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m analysis.units", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default=None, help="run_job output folder (spec.json, model.pt, config.json)")
     parser.add_argument("--checkpoint", default=None, help="model state_dict (.pt)")
     parser.add_argument("--spec", default=None, help="model spec JSON")
@@ -198,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="data split and readout seed (without --run-dir)")
     parser.add_argument("--out", required=True, help="results folder")
     AnalysisConfig.add_flags(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         config = AnalysisConfig.from_flags(args)
         check_seed(args.seed, "--seed")
@@ -212,14 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             data_cfg = data_config(args.data, args.data_dir)
         else:
             raise InputError("give --run-dir, or all of --checkpoint, --spec and --data")
-        if not args.out.strip():  # not the current folder
-            raise InputError("--out", "empty path; give a folder")
         out = output_folder(args.out)
         result = analyze_files(spec_path, checkpoint_path, data_cfg, out, config, seed=seed,
                                log=lambda m: print(m, file=sys.stderr, flush=True))
     except (InputError, MemoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
     print_table(result)
     print(f"results -> {args.out}")
     return 0

@@ -21,7 +21,9 @@ class CommitteeModel(mlflow.pyfunc.PythonModel):
     """Weighted, temperature-scaled soft committee of trained networks."""
 
     def load_context(self, context) -> None:
-        from trainables.models import build_model  # on sys.path through the model's code_paths
+        from trainables.models import (
+            build_model,  # on sys.path through the model's code_paths
+        )
 
         root = Path(context.artifacts["committee"])
         layout = json.loads((root / "committee.json").read_text())

@@ -19,7 +19,9 @@ class TrialModel(mlflow.pyfunc.PythonModel):
     """Softmax probabilities of one trained network for uint8 images."""
 
     def load_context(self, context) -> None:
-        from trainables.models import build_model  # on sys.path through the model's code_paths
+        from trainables.models import (
+            build_model,  # on sys.path through the model's code_paths
+        )
 
         self.model = build_model(json.loads(open(context.artifacts["spec"]).read()))
         self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
