@@ -1,4 +1,4 @@
-"""Single-unit analysis of finished trial runs, logged into the same MLflow runs (issue 4).
+"""Single-unit analysis of finished trial runs, logged into the same MLflow runs.
 
 ``python -m orchestrator analyze RUN_ID|SWEEP_NAME [--tracking-uri URI] [analysis flags]``
 
@@ -42,6 +42,7 @@ from orchestrator.tracking import (
     ANALYSIS,
     ANALYSIS_RECIPE,
     ANALYSIS_THRESHOLD,
+    MODEL_FOLDER,
     PARENT_TAG,
     ROLE,
     ROLE_SWEEP,
@@ -50,6 +51,7 @@ from orchestrator.tracking import (
     open_client,
     search_all,
 )
+from trainables.run_folder import CONFIG, MODEL_FILES, RunFolder
 from trainables.schema import InputError, output_folder, refuse
 
 ARTIFACT_DIR = "analysis"
@@ -94,22 +96,22 @@ def config_from_params(params: dict[str, str]) -> dict:
         elif key == "seed":
             cfg["seed"] = int(text)
     if "name" not in cfg["data"]:
-        raise InputError("run has no config.json artifact and no data.* params: cannot tell its data")
+        raise InputError(f"run has no {CONFIG} artifact and no data.* params: cannot tell its data")
     return cfg
 
 
 def fetch_run_dir(client: MlflowClient, run, folder: Path) -> Path:
     """Download a trial's model and job config into a run_job-like folder (spec.json, model.pt, config.json)."""
     run_id = run.info.run_id
-    model_files = _artifact_paths(client, run_id, "model")
-    for name in ("spec.json", "model.pt"):
-        if f"model/{name}" not in model_files:
-            raise InputError(f"run {run_id} has no artifact model/{name}")
-        os.replace(client.download_artifacts(run_id, f"model/{name}", str(folder)), folder / name)
-    if "config.json" in _artifact_paths(client, run_id):
-        client.download_artifacts(run_id, "config.json", str(folder))
+    model_files = _artifact_paths(client, run_id, MODEL_FOLDER)
+    for name in MODEL_FILES:
+        if f"{MODEL_FOLDER}/{name}" not in model_files:
+            raise InputError(f"run {run_id} has no artifact {MODEL_FOLDER}/{name}")
+        os.replace(client.download_artifacts(run_id, f"{MODEL_FOLDER}/{name}", str(folder)), folder / name)
+    if CONFIG in _artifact_paths(client, run_id):
+        client.download_artifacts(run_id, CONFIG, str(folder))
     else:
-        (folder / "config.json").write_text(json.dumps(config_from_params(run.data.params)))
+        RunFolder(folder).write_json(CONFIG, config_from_params(run.data.params))
     return folder
 
 

@@ -1,4 +1,4 @@
-"""Soft committees from finished trial runs in MLflow (methods.md section 6, issue 6).
+"""Soft committees from finished trial runs in MLflow (docs/methods.md section 6).
 
 ``python -m orchestrator committee --experiment NAME[,NAME] | --runs ID,ID [--include-pruned] [--filter F] [--size K] [--method M]`` reads
 the trial runs' stored ``probs/probs_{val,test}.parquet`` (no model is re-evaluated), selects

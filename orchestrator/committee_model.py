@@ -18,9 +18,10 @@ from mlflow.utils import validation
 
 from orchestrator.logged_model import DEVICE_PARAM, TRAINABLES, use_run_experiment
 from orchestrator.schema import CommitteeError
+from orchestrator.tracking import MODEL_FOLDER
 from trainables.config import prepare
 from trainables.data import load_splits
-from trainables.models import build_model
+from trainables.run_folder import CONFIG, MODEL_FILES, SPEC, SUMMARY, WEIGHTS, load_model, read_json
 from trainables.train import norm_stats
 
 CODE = Path(__file__).parent / "served" / "committee_model.py"
@@ -29,10 +30,10 @@ MODEL_NAME = "committee"
 
 def member_norm(client: MlflowClient, run_id: str, folder: Path) -> dict:
     """The member's training normalisation: from its ``summary.json``, else recomputed from its data."""
-    summary = json.loads(Path(client.download_artifacts(run_id, "summary.json", str(folder))).read_text())
+    summary = read_json(client.download_artifacts(run_id, SUMMARY, str(folder)))
     if "norm" in summary:
         return summary["norm"]
-    config = prepare(json.loads(Path(client.download_artifacts(run_id, "config.json", str(folder))).read_text()))
+    config = prepare(read_json(client.download_artifacts(run_id, CONFIG, str(folder))))
     mean, std = norm_stats(load_splits(config.data, config.seed), config)
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
@@ -47,11 +48,10 @@ def gather_members(client: MlflowClient, members: list[dict], folder: Path) -> d
         target, fetched = folder / name, downloads / name
         target.mkdir(parents=True)
         try:
-            for artifact in ("model/spec.json", "model/model.pt"):
-                os.replace(client.download_artifacts(run_id, artifact, str(fetched)), target / Path(artifact).name)
-            spec = json.loads((target / "spec.json").read_text())
-            model = build_model(spec)
-            model.load_state_dict(torch.load(target / "model.pt", map_location="cpu", weights_only=True))
+            for file in MODEL_FILES:
+                os.replace(client.download_artifacts(run_id, f"{MODEL_FOLDER}/{file}", str(fetched)), target / file)
+            spec = read_json(target / SPEC)
+            load_model(target / SPEC, target / WEIGHTS)  # loads exactly, or says why not
             (target / "norm.json").write_text(json.dumps(member_norm(client, run_id, fetched)))
         except Exception as exc:  # noqa: BLE001 - one line naming the member, nothing registered
             text = str(exc).strip().splitlines()

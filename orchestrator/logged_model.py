@@ -20,6 +20,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from orchestrator.tracking import MODEL_URI
+from trainables.run_folder import SPEC, WEIGHTS
 from trainables.config import JobConfig
 from trainables.data import resolve_data_dir
 
@@ -45,7 +46,7 @@ def log_trial_model(tracking_uri: str, run_id: str, job_dir: Path, cfg: JobConfi
         norm_path.write_text(json.dumps(norm))
         example = np.full((2, size, size, 3), 128, dtype=np.uint8)
         info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(CODE),
-                  artifacts={"spec": str(job_dir / "spec.json"), "weights": str(job_dir / "model.pt"),
+                  artifacts={"spec": str(job_dir / SPEC), "weights": str(job_dir / WEIGHTS),
                              "norm": str(norm_path)},
                   code_paths=[str(TRAINABLES)], signature=signature(size, classes), input_example=example,
                   pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",

@@ -19,7 +19,6 @@ continues an unfinished one in place.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from orchestrator.tracking import (
     SEED,
     SWEEP,
     VARIANT,
+    MODEL_FOLDER,
     ChildRun,
     connect,
     environment_tags,
@@ -61,17 +61,18 @@ from orchestrator.tracking import (
 )
 from orchestrator.trainable import take_trial_share
 from trainables.models import build_model
+from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, PROBS, SPEC, SUMMARY, WEIGHTS, RunFolder
 
 # Files of a finished prune job and where they go in its run.
 PRUNE_ARTIFACTS = {
-    "spec.json": "model",
-    "model.pt": "model",
-    "masks.pt": "model",
-    "probs_val.parquet": "probs",
-    "probs_test.parquet": "probs",
-    "config.json": None,
-    "summary.json": None,
-    "label_sets.json": "analysis",
+    SPEC: MODEL_FOLDER,
+    WEIGHTS: MODEL_FOLDER,
+    MASKS: MODEL_FOLDER,
+    PROBS["val"]: "probs",
+    PROBS["test"]: "probs",
+    CONFIG: None,
+    SUMMARY: None,
+    LABEL_SETS: "analysis",
 }
 COPIED_TAGS = (VARIANT, SEED, DATASET, NUM_CLASSES)
 
@@ -159,7 +160,7 @@ def prune_trial(config: dict, context: PruneContext) -> None:
         parent_dir.mkdir()
         try:
             fetch_run_dir(client, parent, parent_dir)
-            spec = json.loads((parent_dir / "spec.json").read_text())
+            spec = RunFolder(parent_dir).read_json(SPEC)
             label_sets = parent_label_sets(client, parent, cell, spec, Path(tmp))
             summary = run_prune_job(parent_dir, Path(tmp) / "job", cell, label_sets=label_sets, on_epoch=on_epoch)
             if label_sets is not None:

@@ -24,6 +24,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from orchestrator.spool import TRIAL_HTTP_DEFAULTS, Spool, call_when_up
 from orchestrator.sweep_spec import EPOCH_METRICS, FINAL_METRICS, SweepError, SweepSpec
 from trainables.device import ENVIRONMENT_KEYS
+from trainables.run_folder import CONFIG, PROBS, SPEC, SUMMARY, WEIGHTS
 
 PARENT_TAG = "mlflow.parentRunId"
 ROLE, SWEEP, TRIAL_ID = "unitlab.role", "unitlab.sweep", "unitlab.trial_id"
@@ -46,15 +47,16 @@ SEED_VARIANT, SEED_MEMBERS = "unitlab.seed_variant", "unitlab.seed_members"
 ENDED = ("FINISHED", "FAILED", "KILLED")  # run statuses of a trial that will not run again
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REACH_SECONDS = 10.0  # how long a tracking server may take to answer before a command gives up
+MODEL_FOLDER = "model"  # where a run keeps spec.json and model.pt among its artifacts
 # Files of a finished job (trainables.train.run_job) and where they go in the child run.
 ARTIFACTS = {
-    "spec.json": "model",
-    "model.pt": "model",
-    "probs_val.parquet": "probs",
-    "probs_test.parquet": "probs",
+    SPEC: MODEL_FOLDER,
+    WEIGHTS: MODEL_FOLDER,
+    PROBS["val"]: "probs",
+    PROBS["test"]: "probs",
     "curves.png": "figures",
-    "summary.json": None,
-    "config.json": None,  # the resolved job config, which the analysis rebuilds the data from
+    SUMMARY: None,
+    CONFIG: None,  # the resolved job config, which the analysis rebuilds the data from
 }
 
 

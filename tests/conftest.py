@@ -57,8 +57,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Decoded-array cache shared by the whole session, outside the user's home."""
-    monkeypatch.setenv("UNITLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    """Decoded-array cache shared by the whole session (all xdist workers), outside the user's home."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # gwN folders share a parent
+    monkeypatch.setenv("UNITLAB_CACHE", str(shared / "cache"))
     monkeypatch.setenv("UNITLAB_DOWNLOAD", "0")
 
 

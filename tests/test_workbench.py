@@ -76,7 +76,7 @@ def test_parent_run_summarises_the_sweep(served_sweep, tmp_path):
 def test_trial_runs_have_short_names_and_depth_series(served_sweep, tmp_path):
     client = served_sweep["client"]
     trials = runs_of(client, "trial")
-    assert sorted(r.info.run_name for r in trials) == ["h2d16", "h4d8"]
+    assert sorted(r.info.run_name for r in trials) == ["h2d16bTrue", "h4d8bFalse"]  # varying axes only
     for run in trials:
         assert run.data.tags["unitlab.variant"].startswith("heads=")
         index = list(csv.DictReader(open(client.download_artifacts(run.info.run_id, "analysis/depth_index.csv",
@@ -92,7 +92,7 @@ def test_trial_runs_have_short_names_and_depth_series(served_sweep, tmp_path):
     names = {r.info.run_id: r.info.run_name for r in trials}
     pruned = runs_of(client, "prune")
     assert sorted(r.info.run_name for r in pruned) == sorted(f"{names[r.data.tags['unitlab.lineage.parent_run']]}·none"
-                                                               for r in pruned) == ["h2d16·none", "h4d8·none"]
+                                                               for r in pruned) == ["h2d16bTrue·none", "h4d8bFalse·none"]
 
 
 def test_report_is_one_self_contained_page_logged_to_the_parent(served_sweep):

@@ -19,6 +19,7 @@ from typing import Any
 from analysis.pruning.job import PruneConfig, PrunePlan, run_prune_job
 from analysis.units.results import load_label_sets
 from trainables.config import load_yaml, prepare
+from trainables.run_folder import WEIGHTS, RunFolder
 from trainables.schema import InputError, OneLineParser, output_folder, refuse
 from trainables.train import run_job
 
@@ -36,7 +37,7 @@ def run_config(path: str | Path, out: Path, parent: Path | None = None) -> dict[
     cells = plan.cells()
     if parent is None:
         parent = out / "parent"
-        if not (parent / "model.pt").is_file():
+        if RunFolder(parent).missing((WEIGHTS,)):
             run_job(job, parent, on_epoch=lambda m, _c: print(f"parent epoch {m['epoch'] + 1}: "
                                                               f"val_acc={m['val_acc']:.4f}", flush=True))
     summaries: dict[str, dict] = {}

@@ -15,7 +15,6 @@ before anything is written. See ``results.py`` for the files written.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainables.config import JobConfig, load_yaml, prepare
+from trainables.config import JobConfig, load_yaml
 from trainables.data import (
     KNOWN_DATASETS,
     DataConfig,
@@ -33,7 +32,7 @@ from trainables.data import (
     load_splits,
 )
 from trainables.loader import to_model_input
-from trainables.models import build_model
+from trainables.run_folder import CONFIG, SPEC, WEIGHTS, RunFolder, load_model
 from trainables.schema import (
     InputError,
     OneLineParser,
@@ -113,34 +112,6 @@ def balanced_subset(labels: np.ndarray, size: int | None, num_labels: int) -> np
 
 # ---------------------------------------------------------------- inputs from files
 
-def load_model(spec_path: str | Path, checkpoint_path: str | Path) -> nn.Module:
-    """Build the model of a spec JSON and load its state_dict, requiring an exact key and shape match."""
-    for path in (spec_path, checkpoint_path):
-        if not Path(path).is_file():
-            raise InputError(f"{path}: not found")
-    try:
-        spec = json.loads(Path(spec_path).read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{spec_path}: not valid JSON ({exc})") from None
-    model = build_model(spec)
-    try:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for damaged or foreign files
-        raise InputError(f"{checkpoint_path}: cannot be read as a state_dict ({type(exc).__name__})") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
-                 f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)}, "
-                 f"spec {tuple(expected[wrong[0]].shape)})" if wrong else ""]
-        raise InputError(f"{checkpoint_path} does not match {spec_path}: {'; '.join(p for p in parts if p)}")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 def data_config(data: str, data_dir: str | None = None) -> DataConfig:
     """A validated data config from a dataset name or a YAML file (a data mapping or a job config)."""
     if Path(data).is_file():
@@ -155,16 +126,11 @@ def data_config(data: str, data_dir: str | None = None) -> DataConfig:
 
 
 def run_dir_inputs(run_dir: str | Path) -> tuple[Path, Path, JobConfig]:
-    """(spec path, checkpoint path, job config) of a run_job output folder."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise InputError("--run-dir", f"{config_path} not found")
-    try:
-        cfg = prepare(json.loads(config_path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise InputError(str(config_path), f"not valid JSON ({exc})") from None
-    return run_dir / "spec.json", run_dir / "model.pt", cfg
+    """(spec path, weights path, job config) of a run_job output folder."""
+    folder = RunFolder(run_dir)
+    if folder.missing((CONFIG,)):
+        raise InputError("--run-dir", f"{folder / CONFIG} not found")
+    return folder / SPEC, folder / WEIGHTS, folder.job_config()
 
 
 def norm_of(data_cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

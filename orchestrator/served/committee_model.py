@@ -21,18 +21,14 @@ class CommitteeModel(mlflow.pyfunc.PythonModel):
     """Weighted, temperature-scaled soft committee of trained networks."""
 
     def load_context(self, context) -> None:
-        from trainables.models import (
-            build_model,  # on sys.path through the model's code_paths
-        )
+        from trainables.run_folder import SPEC, WEIGHTS, load_model  # on sys.path through the code_paths
 
         root = Path(context.artifacts["committee"])
         layout = json.loads((root / "committee.json").read_text())
         self.members = []
         for member in layout["members"]:
             folder = root / member["name"]
-            model = build_model(json.loads((folder / "spec.json").read_text()))
-            model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-            model.eval()
+            model = load_model(folder / SPEC, folder / WEIGHTS)
             self.members.append((model, json.loads((folder / "norm.json").read_text()), float(member["weight"]),
                                  float(member["temperature"])))
 

@@ -12,20 +12,15 @@ import json
 
 import mlflow
 import numpy as np
-import torch
 
 
 class TrialModel(mlflow.pyfunc.PythonModel):
     """Softmax probabilities of one trained network for uint8 images."""
 
     def load_context(self, context) -> None:
-        from trainables.models import (
-            build_model,  # on sys.path through the model's code_paths
-        )
+        from trainables.run_folder import load_model  # on sys.path through the model's code_paths
 
-        self.model = build_model(json.loads(open(context.artifacts["spec"]).read()))
-        self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
-        self.model.eval()
+        self.model = load_model(context.artifacts["spec"], context.artifacts["weights"])
         self.norm = json.loads(open(context.artifacts["norm"]).read())
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
