@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar100),$(abspath ../shared/data),)
 export DATA_DIR
 
-.PHONY: demo test quick install clean-runs
+# Test workers: independent test files run in parallel (many tests wait on Ray, MLflow servers and
+# subprocesses, so 3 workers keep 2 cores busy); each file stays on one worker with its fixtures.
+TEST_WORKERS ?= 3
+
+.PHONY: demo test quick lint install clean-runs
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +20,15 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 quick: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # Every stage on a CIFAR-100 subset: a sweep (4 variants, analysed), ANDC and its random control on
 # the best trial, a committee, and the HTML report; then the MLflow UI command and links.

@@ -13,14 +13,15 @@ image by image to the same images, plus (at 32 px) gpu_suite's own PIL DataLoade
 Prints one JSON object: best-of-``--repeats`` milliseconds per batch, images/s per pipeline, the
 torch version, the CPU model and torch's thread count.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import platform
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -97,13 +98,21 @@ def torchvision_v2(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The CCT augmentation as torchvision v2 transforms of one uint8 (3, size, size) tensor."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(),
-                       v2.RandAugment(num_ops=2, magnitude=9), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(MEAN, STD), v2.RandomErasing(p=0.25, value="random")])
+    return v2.Compose(
+        [
+            v2.RandomCrop(size, padding=4),
+            v2.RandomHorizontalFlip(),
+            v2.RandAugment(num_ops=2, magnitude=9),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+            v2.RandomErasing(p=0.25, value="random"),
+        ]
+    )
 
 
-def per_image_batches(images: torch.Tensor, labels: torch.Tensor, batch: int,
-                      transform: Callable[[torch.Tensor], torch.Tensor]) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def per_image_batches(
+    images: torch.Tensor, labels: torch.Tensor, batch: int, transform: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``transform`` applied image by image (NCHW uint8 in, float batches out)."""
     for start in range(0, len(images) - batch + 1, batch):
         stop = start + batch
@@ -129,24 +138,39 @@ def main(argv: list[str] | None = None) -> None:
     scale = replace(Scale.for_run(True), batch=args.batch, images=n, workers=0)
     augment = job(scale, torch.device("cpu")).data.augment  # gpu_suite's CCT augmentation, resolved
     assert augment.rand_augment == RandAugmentConfig(num_ops=2, magnitude=9, magnitude_std=0.5)
-    common = dict(batch_size=args.batch, device=torch.device("cpu"), mean=MEAN, std=STD, num_classes=NUM_CLASSES,
-                  shuffle=True, drop_last=True)
+    common = dict(
+        batch_size=args.batch,
+        device=torch.device("cpu"),
+        mean=MEAN,
+        std=STD,
+        num_classes=NUM_CLASSES,
+        shuffle=True,
+        drop_last=True,
+    )
     loader = DeviceLoader(images, labels, augment=augment, **common)
     mixing = DeviceLoader(images, labels, augment=replace(augment, **CCT_MIXING), **common)
 
     x = torch.from_numpy(images[: args.batch]).permute(0, 3, 1, 2).float().contiguous()  # as after the shift
     nchw, targets = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
     v2 = torchvision_v2(args.size)
-    rates = {"device_loader": images_per_sec(lambda: loader, args.repeats),
-             "device_loader_with_mixing": images_per_sec(lambda: mixing, args.repeats),
-             "torchvision_v2_per_image": images_per_sec(lambda: per_image_batches(nchw, targets, args.batch, v2),
-                                                        args.repeats)}
+    rates = {
+        "device_loader": images_per_sec(lambda: loader, args.repeats),
+        "device_loader_with_mixing": images_per_sec(lambda: mixing, args.repeats),
+        "torchvision_v2_per_image": images_per_sec(
+            lambda: per_image_batches(nchw, targets, args.batch, v2), args.repeats
+        ),
+    }
     if args.size == 32:  # gpu_suite's baseline crops to 32 px
-        rates["gpu_suite_pil_dataloader"] = images_per_sec(lambda: HostPipeline(images, labels, scale, loader.device),
-                                                           args.repeats)
+        rates["gpu_suite_pil_dataloader"] = images_per_sec(
+            lambda: HostPipeline(images, labels, scale, loader.device), args.repeats
+        )
     report = {
-        "torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
-        "batch": args.batch, "size": args.size, "repeats": args.repeats,
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "size": args.size,
+        "repeats": args.repeats,
         "op_ms_per_batch": op_timings(x, args.repeats),
         "loader_stage_ms_per_batch": loader_stage_timings(loader, mixing, args.repeats),
         "images_per_sec": rates,

@@ -11,6 +11,7 @@ calibration (one temperature per run on validation).
 
 ``python benchmarks/committee_speed.py [--runs 100] [--samples 10000] [--classes 100] [--size 10] [--bags 20]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.committees.calibration import fit_temperature  # noqa: E402
-from analysis.committees.selection import METHODS, Split, evaluate, select  # noqa: E402
 from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack  # noqa: E402
+from analysis.committees.selection import METHODS, Split, evaluate, select  # noqa: E402
 from trainables.probs import write_probs  # noqa: E402
 
 
@@ -42,7 +43,9 @@ def synthetic_runs(runs: int, samples: int, classes: int, seed: int = 0) -> tupl
     for m in range(runs):
         skill, rho = rng.uniform(3.0, 3.6), rng.uniform(0.75, 0.9)
         for s in SPLITS:
-            noise = np.sqrt(rho) * shared[s] + np.sqrt(1 - rho) * rng.standard_normal((samples, classes), dtype=np.float32)
+            noise = np.sqrt(rho) * shared[s] + np.sqrt(1 - rho) * rng.standard_normal(
+                (samples, classes), dtype=np.float32
+            )
             logits = 1.3 * noise + skill * onehot
             logits -= logits.max(axis=1, keepdims=True)
             e = np.exp(logits)
@@ -103,28 +106,44 @@ def main() -> None:
     parser.add_argument("--bags", type=int, default=20)
     args = parser.parse_args()
     probs, labels = synthetic_runs(args.runs, args.samples, args.classes)
-    report = {"runs": args.runs, "samples_per_split": args.samples, "classes": args.classes, "size": args.size,
-              "cpus": os.cpu_count(), "numpy": np.__version__, "python": platform.python_version(),
-              "target_s": 10.0, "in_memory_s": {}, "from_parquet_s": {}, "committee": {}}
+    report = {
+        "runs": args.runs,
+        "samples_per_split": args.samples,
+        "classes": args.classes,
+        "size": args.size,
+        "cpus": os.cpu_count(),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "target_s": 10.0,
+        "in_memory_s": {},
+        "from_parquet_s": {},
+        "committee": {},
+    }
     results = {}
     for method in METHODS:
-        (sel, ev), seconds = timed(lambda: committee(probs["val"], labels, probs["test"], labels, args.size, method))
+        (sel, ev), seconds = timed(lambda: committee(probs["val"], labels, probs["test"], labels, args.size, method))  # noqa: B023 - called within this iteration
         results[method] = sel
         report["in_memory_s"][method] = round(seconds, 3)
-        report["committee"][method] = {"members": len(sel.members), "test_acc": round(ev.committee_test_acc, 4),
-                                       "best_member_test_acc": round(ev.best_member_test_acc, 4),
-                                       "gain": round(ev.gain, 4)}
+        report["committee"][method] = {
+            "members": len(sel.members),
+            "test_acc": round(ev.committee_test_acc, 4),
+            "best_member_test_acc": round(ev.best_member_test_acc, 4),
+            "gain": round(ev.gain, 4),
+        }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for m in range(args.runs):
             for s in SPLITS:
                 write_probs(folder / f"run{m}_{s}.parquet", probs[s][m], labels, np.arange(args.samples), "bench", s)
-        _, first = timed(lambda: read_files([Candidate(f"run{m}") for m in range(args.runs)],
-                                            [{s: folder / f"run{m}_{s}.parquet" for s in SPLITS}
-                                             for m in range(args.runs)]))
+        _, first = timed(
+            lambda: read_files(
+                [Candidate(f"run{m}") for m in range(args.runs)],
+                [{s: folder / f"run{m}_{s}.parquet" for s in SPLITS} for m in range(args.runs)],
+            )
+        )
         report["parquet_first_read_s"] = round(first, 3)  # files just written; later passes find them cached
         for method in METHODS:
-            (sel, _), seconds = timed(lambda: from_disk(folder, args.runs, args.size, method))
+            (sel, _), seconds = timed(lambda: from_disk(folder, args.runs, args.size, method))  # noqa: B023 - called within this iteration
             assert sel.order == results[method].order
             report["from_parquet_s"][method] = round(seconds, 3)
     order, seconds = timed(lambda: naive_greedy(probs["val"], labels, args.size))

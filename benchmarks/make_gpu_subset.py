@@ -8,6 +8,7 @@ rows, which the shared copy keeps in a shuffled, roughly class-balanced order; l
 repository, only the working tree that the device tool copies (at most 64 MiB: PNGs take about
 2.2 KB each, so the defaults make about 48 MiB). Rows keep their PNG bytes; nothing is re-encoded.
 """
+
 from __future__ import annotations
 
 import argparse

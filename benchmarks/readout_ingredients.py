@@ -20,6 +20,7 @@ threshold 0.3), plus each variant's seconds for all taps. Variants:
 Prints one JSON object: per variant and tap the statistics, plus each variant's difference from
 ``paper`` (accuracy in points, labels per unit and SNR relative).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,10 @@ import numpy as np
 import torch
 
 from analysis.units.features import collect_features
-from analysis.units.summary import primary_kind
+from analysis.units.matrices import tap_unit_matrices
+from analysis.units.readout import evaluate, train_readouts
 from analysis.units.run import load_model, norm_of, run_dir_inputs
 from analysis.units.summary import summarise_tap
-from analysis.units.readout import evaluate, train_readouts
-from analysis.units.matrices import tap_unit_matrices
 from trainables.data import load_splits
 from trainables.loader import to_model_input
 
@@ -60,9 +60,13 @@ def tap_stats(result, test_x, test_y, info, num_labels: int) -> dict:
     summary = summarise_tap(tm.units, num_labels, result.test_accuracy, head_dim=info.head_dim)
     kind = "filter" if info.kind == "conv" else "node"
     s = summary["kinds"][kind]["summary"]
-    return {"accuracy": result.test_accuracy, "train_accuracy": result.train_accuracy,
-            "labels_per_unit": s["mean_labels_per_unit"], "noise_per_unit": s["mean_noise_per_unit"],
-            "snr": s["snr"]}
+    return {
+        "accuracy": result.test_accuracy,
+        "train_accuracy": result.train_accuracy,
+        "labels_per_unit": s["mean_labels_per_unit"],
+        "noise_per_unit": s["mean_noise_per_unit"],
+        "snr": s["snr"],
+    }
 
 
 def main() -> None:
@@ -71,7 +75,9 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--taps", default=None)
-    parser.add_argument("--variants", default="paper,paper_seed1,paper_100ep,paper_50ep,lbfgs,adamw_wd1e-4_30ep,adamw_wd1e-3_30ep")
+    parser.add_argument(
+        "--variants", default="paper,paper_seed1,paper_100ep,paper_50ep,lbfgs,adamw_wd1e-4_30ep,adamw_wd1e-3_30ep"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec, ckpt, job = run_dir_inputs(args.run_dir)
@@ -86,13 +92,19 @@ def main() -> None:
     def transform(images):
         return to_model_input(torch.from_numpy(np.ascontiguousarray(images)), mean_t, std_t)
 
-    train_y = torch.from_numpy(splits.train.labels[:args.train_size].astype(np.int64))
-    test_y = torch.from_numpy(splits.test.labels[:args.test_size].astype(np.int64))
-    report: dict = {"run_dir": args.run_dir, "train_size": len(train_y), "test_size": len(test_y),
-                    "variants": {}, "seconds": {}}
-    train_x = collect_features(model, splits.train.images[:args.train_size], taps, transform=transform,
-                               dtype=torch.float16)
-    test_x = collect_features(model, splits.test.images[:args.test_size], taps, transform=transform)
+    train_y = torch.from_numpy(splits.train.labels[: args.train_size].astype(np.int64))
+    test_y = torch.from_numpy(splits.test.labels[: args.test_size].astype(np.int64))
+    report: dict = {
+        "run_dir": args.run_dir,
+        "train_size": len(train_y),
+        "test_size": len(test_y),
+        "variants": {},
+        "seconds": {},
+    }
+    train_x = collect_features(
+        model, splits.train.images[: args.train_size], taps, transform=transform, dtype=torch.float16
+    )
+    test_x = collect_features(model, splits.test.images[: args.test_size], taps, transform=transform)
     kinds = {t: model.taps[t].kind for t in taps}
     for name in args.variants.split(","):
         recipe, overrides = VARIANTS[name]
@@ -108,10 +120,16 @@ def main() -> None:
     if "paper" in report["variants"]:
         paper = report["variants"]["paper"]
         report["vs_paper"] = {
-            name: {tap: {"accuracy_points": round(100 * (row["accuracy"] - paper[tap]["accuracy"]), 2),
-                         **{k: round(row[k] / paper[tap][k] - 1, 4) for k in ("labels_per_unit", "snr")}}
-                   for tap, row in rows.items()}
-            for name, rows in report["variants"].items() if name != "paper"}
+            name: {
+                tap: {
+                    "accuracy_points": round(100 * (row["accuracy"] - paper[tap]["accuracy"]), 2),
+                    **{k: round(row[k] / paper[tap][k] - 1, 4) for k in ("labels_per_unit", "snr")},
+                }
+                for tap, row in rows.items()
+            }
+            for name, rows in report["variants"].items()
+            if name != "paper"
+        }
     print(json.dumps(report, indent=1))
 
 

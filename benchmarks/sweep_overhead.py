@@ -9,6 +9,7 @@ Prints JSON; ``ratio`` = orchestrated wall / (plain loop wall / concurrent trial
 orchestrator's cost from what the cores allow, the same jobs also run ``--concurrent`` at a time in
 plain worker processes (``plain_parallel_s``, no Ray, no MLflow).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ def spec_dict(trials: int, concurrent: int, train_size: int, epochs: int) -> dic
     """``trials`` seeds of a narrow CCT on 32 px synthetic images, one CPU each."""
     return {
         "name": "overhead",
-        "data": {"name": "synthetic", "num_classes": 10, "image_size": 32, "train_size": train_size,
-                 "val_size": 200, "test_size": 200},
+        "data": {
+            "name": "synthetic",
+            "num_classes": 10,
+            "image_size": 32,
+            "train_size": train_size,
+            "val_size": 200,
+            "test_size": 200,
+        },
         "base": {
             "model": {"preset": "cct_narrow", "tokenizer_layers": 2},
             "recipe": {"name": "adamw_cosine", "lr": 0.002, "warmup_epochs": 0},
@@ -102,20 +109,25 @@ def main() -> None:
         parallel = plain_parallel(spec_file, work / "parallel", args.concurrent)
         orch = orchestrated(spec_file, work / "orchestrated", cpus=args.concurrent)
     ideal = sum(plain) / args.concurrent
-    print(json.dumps({
-        "trials": args.trials,
-        "concurrent": args.concurrent,
-        "torch_threads_per_trial": 1,
-        "plain_trial_s": [round(t, 2) for t in plain],
-        "plain_loop_s": round(sum(plain), 2),
-        "ideal_parallel_s": round(ideal, 2),
-        "plain_parallel_s": round(parallel, 2),
-        "orchestrated_s": round(orch["wall_s"], 2),
-        "ray_init_s": round(orch["ray_init_s"], 2),
-        "ratio": round(orch["wall_s"] / ideal, 3),
-        "ratio_without_ray_init": round((orch["wall_s"] - orch["ray_init_s"]) / ideal, 3),
-        "orchestrated_vs_plain_parallel": round(orch["wall_s"] / parallel, 3),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "trials": args.trials,
+                "concurrent": args.concurrent,
+                "torch_threads_per_trial": 1,
+                "plain_trial_s": [round(t, 2) for t in plain],
+                "plain_loop_s": round(sum(plain), 2),
+                "ideal_parallel_s": round(ideal, 2),
+                "plain_parallel_s": round(parallel, 2),
+                "orchestrated_s": round(orch["wall_s"], 2),
+                "ray_init_s": round(orch["ray_init_s"], 2),
+                "ratio": round(orch["wall_s"] / ideal, 3),
+                "ratio_without_ray_init": round((orch["wall_s"] - orch["ray_init_s"]) / ideal, 3),
+                "orchestrated_vs_plain_parallel": round(orch["wall_s"] / parallel, 3),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

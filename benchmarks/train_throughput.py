@@ -7,6 +7,7 @@ Normalize) in worker processes; plus each loader alone, without the model.
 
     python benchmarks/train_throughput.py --presets cct_7_3x1,cct_narrow --steps 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,13 @@ class ArrayImages(Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std) -> None:
         self.images, self.labels = images, labels
         self.transform = T.Compose(
-            [T.ToPILImage(), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+            [
+                T.ToPILImage(),
+                T.RandomCrop(32, padding=4),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
         )
 
     def __len__(self) -> int:
@@ -112,15 +119,30 @@ def main() -> None:
     images, labels, source = load_images(args.images)
     mean, std = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
     device_loader = DeviceLoader(
-        images, labels, batch_size=args.batch, device=device, mean=mean, std=std, num_classes=100,
-        augment=AugmentConfig(flip=True, translate=4), shuffle=True, drop_last=True,
+        images,
+        labels,
+        batch_size=args.batch,
+        device=device,
+        mean=mean,
+        std=std,
+        num_classes=100,
+        augment=AugmentConfig(flip=True, translate=4),
+        shuffle=True,
+        drop_last=True,
     )
     plain_loader = DataLoader(
-        ArrayImages(images, labels, mean, std), batch_size=args.batch, shuffle=True, drop_last=True,
-        num_workers=args.workers, pin_memory=gpu, persistent_workers=args.workers > 0,
+        ArrayImages(images, labels, mean, std),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=gpu,
+        persistent_workers=args.workers > 0,
     )
     report = {
-        "device": torch.cuda.get_device_name(0) if gpu else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(0)
+        if gpu
+        else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "data": source,
         "batch": args.batch,
@@ -139,7 +161,7 @@ def main() -> None:
             model = build_model({"preset": preset, "num_classes": 100}).to(device)
             if gpu:
                 model = model.to(memory_format=torch.channels_last)
-            result[name] = time_steps(model, endless(lambda: iter(loader)), device, args.steps, args.warmup, gpu, gpu)
+            result[name] = time_steps(model, endless(lambda: iter(loader)), device, args.steps, args.warmup, gpu, gpu)  # noqa: B023 - called within this iteration
         result["params"] = count_params(model)
         result["speedup"] = result["device_loader"] / result["torchvision_dataloader"]
         report["presets"][preset] = result

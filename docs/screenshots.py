@@ -6,6 +6,7 @@ Starts `mlflow server` on a free loopback port over the store, then shoots the s
 page and its best trial's artifacts page into OUT. Without Chromium it says so and exits with 0
 (nothing to do here), so it can run anywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,22 @@ def free_port() -> int:
 
 
 def shoot(browser: str, url: str, path: Path) -> None:
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1600,1100", "--virtual-time-budget=15000", f"--screenshot={path}", url],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1600,1100",
+            "--virtual-time-budget=15000",
+            f"--screenshot={path}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def main() -> int:
@@ -52,9 +66,22 @@ def main() -> int:
         print(f"error: no sweep {args.sweep!r} in {uri}", file=sys.stderr)
         return 2
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                               str(port), "--backend-store-uri", uri, "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            uri,
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(120):
@@ -70,8 +97,11 @@ def main() -> int:
         best = parent.data.tags.get(BEST_RUN)
         if best:
             figure = "analysis/figures/depth.png"  # the best trial's SNR / labels / readout along depth
-            shoot(browser, f"{base}/#/experiments/{exp}/runs/{best}/artifacts/{figure}{mode}",
-                  out / "best_trial_artifacts.png")
+            shoot(
+                browser,
+                f"{base}/#/experiments/{exp}/runs/{best}/artifacts/{figure}{mode}",
+                out / "best_trial_artifacts.png",
+            )
         print(f"screenshots in {out}")
     finally:
         server.terminate()

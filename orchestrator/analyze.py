@@ -20,6 +20,7 @@ config and seed, and ``log_analysis`` logs into the run:
 
 Runs already tagged ``unitlab.analysis=done`` are skipped unless ``--force``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -129,7 +130,7 @@ def depth_series(taps_json: dict) -> dict[str, dict[int, float]]:
         if value is not None and math.isfinite(value):
             series.setdefault(name, {})[step] = float(value)
 
-    for step, (tap, info) in enumerate(taps_json["taps"].items()):
+    for step, info in enumerate(taps_json["taps"].values()):
         summary = info["kinds"]["filter" if info["kind"] == "conv" else "node"]
         put("snr_by_depth", step, summary["snr"])
         put("labels_per_unit_by_depth", step, summary["mean_labels_per_unit"])
@@ -171,7 +172,7 @@ def log_analysis(run_id: str, results_dir: str | Path, client: MlflowClient) -> 
     tags = {ANALYSIS: "done", ANALYSIS_THRESHOLD: str(meta["threshold"]), ANALYSIS_RECIPE: meta["recipe"]}
     metrics = [Metric(name, value, now, step) for name, steps in series.items() for step, value in steps.items()]
     for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.log_artifacts(run_id, str(results_dir), ARTIFACT_DIR)
     return series
@@ -208,8 +209,10 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         readout = metrics.get("readout_acc_by_depth", {})
-        print(f"{run_id}: analysed, {len(readout)} taps"
-              + (f", deepest readout_acc={readout[max(readout)]:.4f}" if readout else ""))
+        print(
+            f"{run_id}: analysed, {len(readout)} taps"
+            + (f", deepest readout_acc={readout[max(readout)]:.4f}" if readout else "")
+        )
     return 2 if failed else 0
 
 
@@ -231,6 +234,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``analyze`` on a CLI's subparsers (``python -m orchestrator analyze ...``)."""
-    return configure(subparsers.add_parser("analyze", help="single-unit analysis of finished trial runs",
-                                           description=__doc__.split("\n\n")[0]))
-
+    return configure(
+        subparsers.add_parser(
+            "analyze", help="single-unit analysis of finished trial runs", description=__doc__.split("\n\n")[0]
+        )
+    )

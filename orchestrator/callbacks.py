@@ -1,8 +1,9 @@
 """Tune callbacks and naming shared by the sweep's stages (training trials, pruned trials)."""
+
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -40,8 +41,12 @@ class ChildRunCloser(tune.Callback):
                 end_run(client, run.info.run_id, status, tags)
         except Exception as exc:  # noqa: BLE001 - reported, the sweep goes on
             text = str(exc).strip().splitlines()
-            print(f"unitlab: could not mark trial {trial.trial_id}'s MLflow run {status} "
-                  f"({type(exc).__name__}: {text[0][:200] if text else ''}); the sweep goes on", file=sys.stderr, flush=True)
+            print(
+                f"unitlab: could not mark trial {trial.trial_id}'s MLflow run {status} "
+                f"({type(exc).__name__}: {text[0][:200] if text else ''}); the sweep goes on",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def trial_dirname(trial) -> str:

@@ -3,6 +3,7 @@
 Exit codes: 0 done, 1 some trials failed, 2 bad spec or arguments (one line on stderr, nothing
 written), 130 interrupted (continue with ``resume``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("sweep", help="validate a sweep spec and run it")
     sweep.add_argument("spec", help="sweep spec YAML")
-    sweep.add_argument("--new", action="store_true",
-                       help="if the spec's name already has a sweep, run this one as NAME-2, NAME-3...")
+    sweep.add_argument(
+        "--new", action="store_true", help="if the spec's name already has a sweep, run this one as NAME-2, NAME-3..."
+    )
     resume = commands.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("name", help="the sweep's name")
     for sub in (sweep, resume):
@@ -56,5 +58,5 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         return refuse(exc)
     except KeyboardInterrupt:
-        print(f"interrupted; continue with `python -m orchestrator resume NAME`", file=sys.stderr)
+        print("interrupted; continue with `python -m orchestrator resume NAME`", file=sys.stderr)
         return 130

@@ -1,4 +1,5 @@
 """The Ray side of a sweep's driver: connect, check the cluster's resources, warm each node's data cache."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise SweepError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
-                         f"start one with `ray start --head` or check RAY_ADDRESS") from None
+        raise SweepError(
+            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+            f"start one with `ray start --head` or check RAY_ADDRESS"
+        ) from None
 
 
 def start_driver(spec: SweepSpec, address: str | None) -> None:
@@ -70,12 +73,15 @@ def check_resources(spec: SweepSpec) -> None:
     ceiling, autoscaling = autoscaler_limits()
     if not autoscaling:
         key, need = next(iter(short.items()))
-        raise SweepError(f"sweep.resources.{key.lower()}s: a trial needs {need:g} {key}, "
-                         f"the Ray cluster has {total.get(key, 0):g}")
+        raise SweepError(
+            f"sweep.resources.{key.lower()}s: a trial needs {need:g} {key}, the Ray cluster has {total.get(key, 0):g}"
+        )
     for key, need in short.items():
         if ceiling is not None and need > ceiling.get(key, 0):
-            raise SweepError(f"sweep.resources.{key.lower()}s: a trial needs {need:g} {key}, the Ray cluster "
-                             f"can autoscale to {ceiling.get(key, 0):g}")
+            raise SweepError(
+                f"sweep.resources.{key.lower()}s: a trial needs {need:g} {key}, the Ray cluster "
+                f"can autoscale to {ceiling.get(key, 0):g}"
+            )
     have = ", ".join(f"{total.get(key, 0):g} {key}" for key in short)
     print(f"the cluster has {have} now; its autoscaler adds worker nodes as trials ask for them", flush=True)
 
@@ -109,8 +115,11 @@ def warm_data_cache(spec: SweepSpec) -> None:
     """Decode each real dataset once on every node that runs trials, before the trials start."""
     datas = {repr(job.data): job.data for job in spec.jobs.values() if job.data.name != "synthetic"}
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    tasks = [_decode.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(data)
-             for node in nodes for data in datas.values()]
+    tasks = [
+        _decode.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(data)
+        for node in nodes
+        for data in datas.values()
+    ]
     try:
         ray.get(tasks)
     except ray.exceptions.RayTaskError as exc:

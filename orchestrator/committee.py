@@ -12,6 +12,7 @@ mechanism diversity from the runs' ``analysis/label_sets.json`` when every valid
 (param ``mechanism_diversity`` says whether it was on, and why not).
 ``python -m orchestrator committee show RUN_ID`` prints a committee run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,12 +70,25 @@ from orchestrator.tracking import (
 from trainables.schema import InputError, output_file, refuse
 
 ARTIFACT_DIR = "committee"
-MEMBER_FIELDS = ("run_id", "variant", "seed", "val_acc", "test_acc", "count", "weight", "temperature",
-                 "test_nll_raw", "test_nll", "test_ece_raw", "test_ece")
+MEMBER_FIELDS = (
+    "run_id",
+    "variant",
+    "seed",
+    "val_acc",
+    "test_acc",
+    "count",
+    "weight",
+    "temperature",
+    "test_nll_raw",
+    "test_nll",
+    "test_ece_raw",
+    "test_ece",
+)
 
 
-def trial_runs(client: MlflowClient, experiment_ids: list[str], user_filter: str | None,
-               include_pruned: bool = False) -> list:
+def trial_runs(
+    client: MlflowClient, experiment_ids: list[str], user_filter: str | None, include_pruned: bool = False
+) -> list:
     """All active trial runs (and, with ``include_pruned``, pruned trial runs) of the experiments
     matching ``user_filter``, oldest first. A pruned run's variant is its parent's plus its cell."""
     runs = []
@@ -114,8 +128,9 @@ def _read_profile(path: str) -> np.ndarray:
         raise ValueError(f"not a label_sets.json ({type(err).__name__}: {err})") from err
 
 
-def download_candidate(client: MlflowClient, run, dst: Path, profile_artifact: str | None
-                       ) -> tuple[Candidate, dict[str, Path | None], np.ndarray | None]:
+def download_candidate(
+    client: MlflowClient, run, dst: Path, profile_artifact: str | None
+) -> tuple[Candidate, dict[str, Path | None], np.ndarray | None]:
     """A run as a ``Candidate`` with the local paths of its probability files (None = missing).
 
     Also returns its mechanism profile: None without the artifact; an unreadable one raises
@@ -124,9 +139,14 @@ def download_candidate(client: MlflowClient, run, dst: Path, profile_artifact: s
     run_id = run.info.run_id
     tags = run.data.tags
     classes = tags.get(NUM_CLASSES)
-    cand = Candidate(run_id, variant=tags.get(VARIANT, ""), seed=tags.get(SEED, ""), sweep=tags.get(SWEEP),
-                     recorded_dataset=tags.get(DATASET),
-                     recorded_classes=int(classes) if classes and classes.isdigit() else None)
+    cand = Candidate(
+        run_id,
+        variant=tags.get(VARIANT, ""),
+        seed=tags.get(SEED, ""),
+        sweep=tags.get(SWEEP),
+        recorded_dataset=tags.get(DATASET),
+        recorded_classes=int(classes) if classes and classes.isdigit() else None,
+    )
     if run.info.status != "FINISHED":
         cand.problem = f"status {run.info.status}"
         return cand, {}, None
@@ -147,8 +167,9 @@ def download_candidate(client: MlflowClient, run, dst: Path, profile_artifact: s
     return cand, paths, profile
 
 
-def _profile_matrix(valid: list[Candidate], profiles: dict[str, np.ndarray | None],
-                    artifact: str | None) -> tuple[np.ndarray | None, str]:
+def _profile_matrix(
+    valid: list[Candidate], profiles: dict[str, np.ndarray | None], artifact: str | None
+) -> tuple[np.ndarray | None, str]:
     """Stacked mechanism profiles of all valid runs, or None with the reason it is off."""
     if not artifact:
         return None, "off: no --profile-artifact"
@@ -181,8 +202,9 @@ def _figure(path: Path, curve: list[dict], best_member: float, seed: dict | None
     ax.plot(sizes, [r["val_acc"] for r in curve], "s--", alpha=0.6, label="committee, val (selection)")
     ax.axhline(best_member, color="gray", ls=":", label="best member, test")
     if seed:
-        ax.plot([seed["size"]], [seed["committee_test_acc"]], "r*", ms=12,
-                label=f"seed committee ({seed['variant']}), test")
+        ax.plot(
+            [seed["size"]], [seed["committee_test_acc"]], "r*", ms=12, label=f"seed committee ({seed['variant']}), test"
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("committee size (selection steps)")
     ax.set_ylabel("accuracy")
@@ -215,8 +237,9 @@ def _seed_groups(valid: list[Candidate]) -> dict[str, list[int]]:
     return groups
 
 
-def compose(client: MlflowClient, runs: list, experiment: str, user_filter: str | None,
-            config: CommitteeConfig) -> Record:
+def compose(
+    client: MlflowClient, runs: list, experiment: str, user_filter: str | None, config: CommitteeConfig
+) -> Record:
     """Load and check the trial runs, select on validation, evaluate on test, seed control."""
     method, size = config.method, config.size
     profile_artifact = config.profile_artifact or None
@@ -232,19 +255,40 @@ def compose(client: MlflowClient, runs: list, experiment: str, user_filter: str 
     temperatures = [fit_temperature(p, raw_val.labels) if config.calibrate else 1.0 for p in raw_val.probs]
     val = Split([scale(p, t) for p, t in zip(raw_val.probs, temperatures)], raw_val.labels)
     test = Split([scale(p, t) for p, t in zip(raw_test.probs, temperatures)], raw_test.labels)
-    params: dict[str, object] = {"method": method, "size_requested": size, "filter": user_filter or "",
-                                 "calibrate": config.calibrate}
+    params: dict[str, object] = {
+        "method": method,
+        "size_requested": size,
+        "filter": user_filter or "",
+        "calibrate": config.calibrate,
+    }
     if method == "greedy":
-        params.update(init_size=config.init_size, bags=config.bags, bag_fraction=config.bag_fraction,
-                      truncate=config.truncate, bag_seed=config.bag_seed)
+        params.update(
+            init_size=config.init_size,
+            bags=config.bags,
+            bag_fraction=config.bag_fraction,
+            truncate=config.truncate,
+            bag_seed=config.bag_seed,
+        )
     options = {}
     if method == "diverse":
         profiles, mechanism = _profile_matrix(valid, {c.run_id: p for c, _, p in loaded}, profile_artifact)
         options = {"lam": config.diversity_weight, "mu": config.mechanism_weight, "profiles": profiles}
-        params.update(diversity_weight=config.diversity_weight, mechanism_weight=config.mechanism_weight,
-                      mechanism_diversity=mechanism)
-    selection = select(val, size, method, init_size=config.init_size, bags=config.bags,
-                       bag_fraction=config.bag_fraction, truncate=config.truncate, bag_seed=config.bag_seed, **options)
+        params.update(
+            diversity_weight=config.diversity_weight,
+            mechanism_weight=config.mechanism_weight,
+            mechanism_diversity=mechanism,
+        )
+    selection = select(
+        val,
+        size,
+        method,
+        init_size=config.init_size,
+        bags=config.bags,
+        bag_fraction=config.bag_fraction,
+        truncate=config.truncate,
+        bag_seed=config.bag_seed,
+        **options,
+    )
     result = evaluate(selection, val, test)
     seed = seed_control(val, test, _seed_groups(valid))
     if seed is None and config.seed_control:
@@ -253,40 +297,71 @@ def compose(client: MlflowClient, runs: list, experiment: str, user_filter: str 
     ids = [c.run_id for c in valid]
     counts, weights = selection.counts, selection.member_weights()
     labels = raw_test.labels
-    members = [{"run_id": ids[m], "variant": valid[m].variant,
-                "seed": valid[m].seed, "val_acc": result.member_val_acc[m],
-                "test_acc": result.member_test_acc[m], "count": "" if selection.weights else counts[m],
-                "weight": weights[m], "temperature": temperatures[m],
-                "test_nll_raw": nll(raw_test.probs[m], labels), "test_nll": nll(test.probs[m], labels),
-                "test_ece_raw": ece(raw_test.probs[m], labels), "test_ece": ece(test.probs[m], labels)}
-               for m in selection.members]
-    curve = [{"size": i + 1, "added_run_id": ids[j], "val_acc": v, "test_acc": t}
-             for i, (j, v, t) in enumerate(zip(selection.order, result.val_curve, result.test_curve))]
+    members = [
+        {
+            "run_id": ids[m],
+            "variant": valid[m].variant,
+            "seed": valid[m].seed,
+            "val_acc": result.member_val_acc[m],
+            "test_acc": result.member_test_acc[m],
+            "count": "" if selection.weights else counts[m],
+            "weight": weights[m],
+            "temperature": temperatures[m],
+            "test_nll_raw": nll(raw_test.probs[m], labels),
+            "test_nll": nll(test.probs[m], labels),
+            "test_ece_raw": ece(raw_test.probs[m], labels),
+            "test_ece": ece(test.probs[m], labels),
+        }
+        for m in selection.members
+    ]
+    curve = [
+        {"size": i + 1, "added_run_id": ids[j], "val_acc": v, "test_acc": t}
+        for i, (j, v, t) in enumerate(zip(selection.order, result.val_curve, result.test_curve))
+    ]
     tags = {ROLE: ROLE_COMMITTEE, METHOD: method, MEMBERS: ",".join(ids[m] for m in selection.members)}
     sweeps = {c.sweep for c in valid}
     if len(sweeps) == 1 and None not in sweeps:
         tags[SWEEP] = sweeps.pop()
-    metrics = {"committee_test_acc": result.committee_test_acc, "best_member_test_acc": result.best_member_test_acc,
-               "gain": result.gain, "committee_val_acc": result.committee_val_acc,
-               "size": len(selection.order), "n_members": len(members),
-               "valid_runs": len(valid), "excluded_runs": len(excluded),
-               "committee_test_nll": nll(committee_probs(test, selection), labels),
-               "committee_test_ece": ece(committee_probs(test, selection), labels),
-               "committee_test_nll_raw": nll(committee_probs(raw_test, selection), labels),
-               "committee_test_ece_raw": ece(committee_probs(raw_test, selection), labels)}
+    metrics = {
+        "committee_test_acc": result.committee_test_acc,
+        "best_member_test_acc": result.best_member_test_acc,
+        "gain": result.gain,
+        "committee_val_acc": result.committee_val_acc,
+        "size": len(selection.order),
+        "n_members": len(members),
+        "valid_runs": len(valid),
+        "excluded_runs": len(excluded),
+        "committee_test_nll": nll(committee_probs(test, selection), labels),
+        "committee_test_ece": ece(committee_probs(test, selection), labels),
+        "committee_test_nll_raw": nll(committee_probs(raw_test, selection), labels),
+        "committee_test_ece_raw": ece(committee_probs(raw_test, selection), labels),
+    }
     if seed:
         seed = {**seed, "size": len(seed["members"]), "members": [ids[i] for i in seed["members"]]}
         tags.update({SEED_VARIANT: seed["variant"], SEED_MEMBERS: ",".join(seed["members"])})
-        metrics.update(seed_committee_test_acc=seed["committee_test_acc"], seed_gain=seed["gain"],
-                       seed_best_member_test_acc=seed["best_member_test_acc"], seed_size=seed["size"])
-    return Record(tags, params, metrics, members, [{"run_id": r, "reason": why} for r, why in excluded],
-                  curve, seed, f"{method} committee, {experiment}")
+        metrics.update(
+            seed_committee_test_acc=seed["committee_test_acc"],
+            seed_gain=seed["gain"],
+            seed_best_member_test_acc=seed["best_member_test_acc"],
+            seed_size=seed["size"],
+        )
+    return Record(
+        tags,
+        params,
+        metrics,
+        members,
+        [{"run_id": r, "reason": why} for r, why in excluded],
+        curve,
+        seed,
+        f"{method} committee, {experiment}",
+    )
 
 
 def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> str:
     """Log ``record`` as a FINISHED committee run (FAILED if logging breaks); returns its id."""
-    run = client.create_run(experiment_id, tags=record.tags,
-                            run_name=f"committee·{record.tags[METHOD]}·k{record.params['size_requested']}")
+    run = client.create_run(
+        experiment_id, tags=record.tags, run_name=f"committee·{record.tags[METHOD]}·k{record.params['size_requested']}"
+    )
     run_id = run.info.run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -294,13 +369,21 @@ def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> s
             _write_csv(out / "members.csv", MEMBER_FIELDS, record.members)
             _write_csv(out / "excluded.csv", ("run_id", "reason"), record.excluded)
             _write_csv(out / "curve.csv", ("size", "added_run_id", "val_acc", "test_acc"), record.curve)
-            _figure(out / "accuracy_vs_size.png", record.curve, record.metrics["best_member_test_acc"],
-                    record.seed, record.title)
+            _figure(
+                out / "accuracy_vs_size.png",
+                record.curve,
+                record.metrics["best_member_test_acc"],
+                record.seed,
+                record.title,
+            )
             client.log_artifacts(run_id, str(out), ARTIFACT_DIR)
         stamp = run.info.start_time
         metrics = [Metric(k, float(v), stamp, 0) for k, v in record.metrics.items()]
-        metrics += [Metric(f"{split}_acc_vs_size", r[f"{split}_acc"], stamp, r["size"])
-                    for r in record.curve for split in SPLITS]
+        metrics += [
+            Metric(f"{split}_acc_vs_size", r[f"{split}_acc"], stamp, r["size"])
+            for r in record.curve
+            for split in SPLITS
+        ]
         client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in record.params.items()])
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -309,9 +392,17 @@ def log_committee(client: MlflowClient, experiment_id: str, record: Record) -> s
     return run_id
 
 
-def build(client: MlflowClient, experiments: str | None, user_filter: str | None, config: CommitteeConfig,
-          register: str | None = None, alias: str | None = None, tracking_uri: str = "",
-          run_ids: list[str] | None = None, include_pruned: bool = False) -> tuple[str, str | None]:
+def build(
+    client: MlflowClient,
+    experiments: str | None,
+    user_filter: str | None,
+    config: CommitteeConfig,
+    register: str | None = None,
+    alias: str | None = None,
+    tracking_uri: str = "",
+    run_ids: list[str] | None = None,
+    include_pruned: bool = False,
+) -> tuple[str, str | None]:
     """Check the input, then select, evaluate and log one committee; with ``register``, check every
     member's files first, then log the committee as an MLflow Model and register it.
 
@@ -337,8 +428,10 @@ def build(client: MlflowClient, experiments: str | None, user_filter: str | None
         roles = {r.info.run_id: r.data.tags.get(ROLE) for r in runs}
         pruned = [m["run_id"] for m in record.members if roles[m["run_id"]] == ROLE_PRUNE]
         if pruned:
-            raise CommitteeError(f"--register: member {pruned[0]} is a pruned trial run; pruned members cannot be "
-                                 f"registered yet (leave out --include-pruned, or --register)")
+            raise CommitteeError(
+                f"--register: member {pruned[0]} is a pruned trial run; pruned members cannot be "
+                f"registered yet (leave out --include-pruned, or --register)"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "committee"
         shape = gather_members(client, record.members, folder) if register else None  # before anything is logged
@@ -373,20 +466,28 @@ def show(client: MlflowClient, run_id: str) -> str:
         f"gain {m['gain']:+.4f}  val acc {m['committee_val_acc']:.4f}",
     ]
     if "committee_test_nll" in m:
-        lines.append(f"  test NLL {m['committee_test_nll']:.4f} (members uncalibrated: {m['committee_test_nll_raw']:.4f})  "
-                     f"ECE {m['committee_test_ece']:.4f} ({m['committee_test_ece_raw']:.4f})")
+        lines.append(
+            f"  test NLL {m['committee_test_nll']:.4f} (members uncalibrated: {m['committee_test_nll_raw']:.4f})  "
+            f"ECE {m['committee_test_ece']:.4f} ({m['committee_test_ece_raw']:.4f})"
+        )
     if "seed_committee_test_acc" in m:
-        lines.append(f"  seed control ({tags[SEED_VARIANT]}, {int(m['seed_size'])} runs): "
-                     f"test acc {m['seed_committee_test_acc']:.4f}  best member "
-                     f"{m['seed_best_member_test_acc']:.4f}  gain {m['seed_gain']:+.4f}")
+        lines.append(
+            f"  seed control ({tags[SEED_VARIANT]}, {int(m['seed_size'])} runs): "
+            f"test acc {m['seed_committee_test_acc']:.4f}  best member "
+            f"{m['seed_best_member_test_acc']:.4f}  gain {m['seed_gain']:+.4f}"
+        )
     else:
         lines.append("  seed control: unavailable (no variant with >= 2 valid runs)")
-    lines.append(f"  {'run_id':<32}  {'variant':<30}  {'seed':>4}  {'val_acc':>7}  {'test_acc':>8}  "
-                 f"{'count':>5}  {'weight':>6}  {'T':>5}")
+    lines.append(
+        f"  {'run_id':<32}  {'variant':<30}  {'seed':>4}  {'val_acc':>7}  {'test_acc':>8}  "
+        f"{'count':>5}  {'weight':>6}  {'T':>5}"
+    )
     for r in members:
-        lines.append(f"  {r['run_id']:<32}  {r['variant']:<30}  {r['seed']:>4}  {float(r['val_acc']):7.4f}  "
-                     f"{float(r['test_acc']):8.4f}  {r['count']:>5}  {float(r['weight']):6.3f}  "
-                     f"{float(r.get('temperature') or 1):5.2f}")
+        lines.append(
+            f"  {r['run_id']:<32}  {r['variant']:<30}  {r['seed']:>4}  {float(r['val_acc']):7.4f}  "
+            f"{float(r['test_acc']):8.4f}  {r['count']:>5}  {float(r['weight']):6.3f}  "
+            f"{float(r.get('temperature') or 1):5.2f}"
+        )
     lines.append(f"  excluded runs: {len(excluded)}")
     lines.extend(f"    {r['run_id']}  {r['reason']}" for r in excluded)
     return "\n".join(lines)
@@ -411,12 +512,15 @@ def run(args: argparse.Namespace) -> int:
         check_registry_names(args.register, args.alias)  # MLflow's rules, before any run exists
         client, uri = open_client(args.tracking_uri, create=False)
         run_ids = [r.strip() for r in (args.runs or "").split(",") if r.strip()]
-        run_id, model_uri = build(client, args.experiment, args.filter, config, args.register, args.alias, uri,
-                                  run_ids, args.include_pruned)
+        run_id, model_uri = build(
+            client, args.experiment, args.filter, config, args.register, args.alias, uri, run_ids, args.include_pruned
+        )
         print(show(client, run_id))
         if model_uri:
-            print(f"registered: {model_uri}  (mlflow.pyfunc.load_model({model_uri!r}); "
-                  f"python -m orchestrator committee predict {model_uri} IMAGES)")
+            print(
+                f"registered: {model_uri}  (mlflow.pyfunc.load_model({model_uri!r}); "
+                f"python -m orchestrator committee predict {model_uri} IMAGES)"
+            )
         print(ui_links(uri, client.get_run(run_id).info.experiment_id, run_id, "committee"))
         return 0
     except (InputError, MlflowException, OSError) as err:
@@ -426,12 +530,18 @@ def run(args: argparse.Namespace) -> int:
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the committee options and its nested ``show`` command to ``parser``."""
     parser.add_argument("--experiment", help="experiment (sweep) name, or several, comma-separated (same dataset)")
-    parser.add_argument("--runs", default=None, help="explicit candidate run ids, comma-separated (instead of --experiment)")
+    parser.add_argument(
+        "--runs", default=None, help="explicit candidate run ids, comma-separated (instead of --experiment)"
+    )
     parser.add_argument("--include-pruned", action="store_true", help="pruned trial runs are candidates too")
     parser.add_argument("--filter", help=f"extra MLflow filter string, ANDed with tags.`{ROLE}` = '{ROLE_TRIAL}'")
     CommitteeConfig.add_flags(parser)
-    parser.add_argument("--register", default=None, metavar="NAME",
-                        help="log the committee as an MLflow Model and register it under NAME")
+    parser.add_argument(
+        "--register",
+        default=None,
+        metavar="NAME",
+        help="log the committee as an MLflow Model and register it under NAME",
+    )
     parser.add_argument("--alias", default=None, help="with --register: an alias for the new version (e.g. champion)")
     add_tracking_uri(parser)
     sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show,predict}")
@@ -442,8 +552,12 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     predict_parser.add_argument("model_uri")
     predict_parser.add_argument("images", help="a folder of PNG/JPEG files or a Parquet file of images")
     predict_parser.add_argument("--out", default="predictions.parquet", help="output Parquet (source, label, probs)")
-    predict_parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                                help="where the members run (auto: the GPU when one is visible)")
+    predict_parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the members run (auto: the GPU when one is visible)",
+    )
     add_tracking_uri(predict_parser, nested=True)
     parser.set_defaults(func=run)
     return parser
@@ -451,6 +565,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_committee_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``committee`` (and ``committee show``) on a CLI's subparsers; sets ``func=run``."""
-    return configure(subparsers.add_parser("committee", help="soft committees from finished trial runs",
-                                           description=__doc__.split("\n\n")[0]))
-
+    return configure(
+        subparsers.add_parser(
+            "committee", help="soft committees from finished trial runs", description=__doc__.split("\n\n")[0]
+        )
+    )

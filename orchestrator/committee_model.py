@@ -1,6 +1,7 @@
 """A committee as an MLflow Model: its members' files gathered and checked, logged from code
 (``orchestrator/served/committee_model.py``) into the committee run, registered under a name
 with an optional alias (``models:/NAME@ALIAS``)."""
+
 from __future__ import annotations
 
 import json
@@ -55,11 +56,19 @@ def gather_members(client: MlflowClient, members: list[dict], folder: Path) -> d
             (target / "norm.json").write_text(json.dumps(member_norm(client, run_id, fetched)))
         except Exception as exc:  # noqa: BLE001 - one line naming the member, nothing registered
             text = str(exc).strip().splitlines()
-            raise CommitteeError(f"member {run_id}: weights missing or not loadable "
-                                 f"({type(exc).__name__}: {text[0][:200] if text else ''})") from None
+            raise CommitteeError(
+                f"member {run_id}: weights missing or not loadable "
+                f"({type(exc).__name__}: {text[0][:200] if text else ''})"
+            ) from None
         shapes.add((spec["image_size"], spec["num_classes"]))
-        layout.append({"name": name, "run_id": run_id, "weight": float(member["weight"]),
-                       "temperature": float(member.get("temperature") or 1.0)})
+        layout.append(
+            {
+                "name": name,
+                "run_id": run_id,
+                "weight": float(member["weight"]),
+                "temperature": float(member.get("temperature") or 1.0),
+            }
+        )
     if len(shapes) != 1:
         raise CommitteeError(f"members disagree on image size or class count: {sorted(shapes)}")
     (folder / "committee.json").write_text(json.dumps({"members": layout}, indent=1))
@@ -70,9 +79,10 @@ def gather_members(client: MlflowClient, members: list[dict], folder: Path) -> d
 def check_registry_names(name: str | None, alias: str | None) -> None:
     """Refuse a registered model name (``--register``) or alias (``--alias``) by MLflow's own rules
     (``mlflow.utils.validation``), in one line, before any run or model version is created."""
-    rules = (("--register", name, (validation._validate_model_name,)),
-             ("--alias", alias, (validation._validate_model_alias_name,
-                                 validation._validate_model_alias_name_reserved)))
+    rules = (
+        ("--register", name, (validation._validate_model_name,)),
+        ("--alias", alias, (validation._validate_model_alias_name, validation._validate_model_alias_name_reserved)),
+    )
     for flag, value, checks in rules:
         if value is None:
             continue
@@ -87,23 +97,38 @@ def signature(image_size: int, num_classes: int) -> ModelSignature:
     """uint8 images (N, H, W, 3) in; ``probs`` (N, C) float32 and ``label`` (N,) int64 out."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), name="probs"),
-                        TensorSpec(np.dtype(np.int64), (-1,), name="label")]),
-        params=DEVICE_PARAM)
+        outputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, num_classes), name="probs"),
+                TensorSpec(np.dtype(np.int64), (-1,), name="label"),
+            ]
+        ),
+        params=DEVICE_PARAM,
+    )
 
 
-def register_committee(tracking_uri: str, run_id: str, folder: Path, shape: dict, name: str,
-                       alias: str | None) -> str:
+def register_committee(tracking_uri: str, run_id: str, folder: Path, shape: dict, name: str, alias: str | None) -> str:
     """Log the gathered committee (``gather_members``) as the committee run's Model and register it
     as ``name`` (with ``alias``); returns ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     use_run_experiment(tracking_uri, run_id)
     example = np.full((2, shape["image_size"], shape["image_size"], 3), 128, dtype=np.uint8)
-    info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
-                     python_model=str(CODE), artifacts={"committee": str(folder)},
-                     code_paths=[str(TRAINABLES)], signature=signature(**shape), input_example=example,
-                     registered_model_name=name,
-                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                                       f"mlflow=={mlflow.__version__}"])
+    info = Model.log(
+        artifact_path=None,
+        name=MODEL_NAME,
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        python_model=str(CODE),
+        artifacts={"committee": str(folder)},
+        code_paths=[str(TRAINABLES)],
+        signature=signature(**shape),
+        input_example=example,
+        registered_model_name=name,
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+    )
     version = info.registered_model_version
     if alias:
         client = MlflowClient(tracking_uri)

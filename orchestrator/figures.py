@@ -1,4 +1,5 @@
 """Training curves of one trial as a PNG (matplotlib, Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path

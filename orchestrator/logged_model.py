@@ -1,6 +1,7 @@
 """What a finished trial adds to its run so MLflow can list, register and serve it: an MLflow Model
 (``orchestrator/served/trial_model.py``, logged from code with the trial's spec, weights and
 normalisation as plain artifacts) and the dataset it was trained on (the Datasets column)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,9 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from orchestrator.tracking import MODEL_URI
-from trainables.run_folder import SPEC, WEIGHTS
 from trainables.config import JobConfig
 from trainables.data import resolve_data_dir
+from trainables.run_folder import SPEC, WEIGHTS
 
 MODEL_NAME = "pyfunc"  # the logged model's name; its URI (models:/m-...) is the run's unitlab.model_uri tag
 CODE = Path(__file__).parent / "served" / "trial_model.py"
@@ -32,9 +33,11 @@ TRAINABLES = Path(__file__).resolve().parents[1] / "trainables"
 
 def signature(image_size: int, num_classes: int) -> ModelSignature:
     """uint8 images (N, H, W, 3) in, float32 probabilities (N, num_classes) out."""
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
-                          params=DEVICE_PARAM)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+        params=DEVICE_PARAM,
+    )
 
 
 def log_trial_model(tracking_uri: str, run_id: str, job_dir: Path, cfg: JobConfig, norm: dict) -> str:
@@ -45,12 +48,23 @@ def log_trial_model(tracking_uri: str, run_id: str, job_dir: Path, cfg: JobConfi
         norm_path = Path(tmp) / "norm.json"
         norm_path.write_text(json.dumps(norm))
         example = np.full((2, size, size, 3), 128, dtype=np.uint8)
-        info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(CODE),
-                  artifacts={"spec": str(job_dir / SPEC), "weights": str(job_dir / WEIGHTS),
-                             "norm": str(norm_path)},
-                  code_paths=[str(TRAINABLES)], signature=signature(size, classes), input_example=example,
-                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                                    f"mlflow=={mlflow.__version__}", "pyarrow"])
+        info = Model.log(
+            artifact_path=None,
+            name=MODEL_NAME,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(CODE),
+            artifacts={"spec": str(job_dir / SPEC), "weights": str(job_dir / WEIGHTS), "norm": str(norm_path)},
+            code_paths=[str(TRAINABLES)],
+            signature=signature(size, classes),
+            input_example=example,
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"numpy=={np.__version__}",
+                f"mlflow=={mlflow.__version__}",
+                "pyarrow",
+            ],
+        )
     MlflowClient(tracking_uri).set_tag(run_id, MODEL_URI, info.model_uri)
     return info.model_uri
 
@@ -78,9 +92,13 @@ def log_dataset(client: MlflowClient, run_id: str, cfg: JobConfig) -> None:
         source = CodeDatasetSource({"generator": "trainables.data synthetic", "seed": str(cfg.seed)})
     else:
         source = resolve_dataset_source(str(root / cfg.data.name))
-    sizes = ", ".join(f"{k} {v}" for k, v in (("train", cfg.data.train_size), ("val", cfg.data.val_size),
-                                                ("test", cfg.data.test_size)) if v is not None)
+    sizes = ", ".join(
+        f"{k} {v}"
+        for k, v in (("train", cfg.data.train_size), ("val", cfg.data.val_size), ("test", cfg.data.test_size))
+        if v is not None
+    )
     name = f"{cfg.data.name} ({sizes})" if sizes else cfg.data.name
     dataset = MetaDataset(source, name=name, digest=data_digest(cfg))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                     tags=[InputTag("mlflow.data.context", "training")])])
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])]
+    )

@@ -7,6 +7,7 @@ model's signature names; they go through the model in batches on the GPU when on
 (``--device``), with progress on stderr, and the
 output Parquet holds ``source`` (file name or row), ``label`` and ``probs`` (list<float32>).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,16 +108,25 @@ def predict_images(model_uri: str, images: Path, out: Path, device: str = "auto"
         probs, labels = [], []
         for start in range(0, len(pixels), batch):
             with quiet_model_warnings():
-                result = model.predict(pixels[start:start + batch], params={"device": device})
+                result = model.predict(pixels[start : start + batch], params={"device": device})
             chunk = result["probs"] if isinstance(result, dict) else np.asarray(result)
             probs.append(np.asarray(chunk, dtype=np.float32))
             labels.append(np.asarray(result["label"]) if isinstance(result, dict) else probs[-1].argmax(axis=1))
-            print(f"\rpredict: {min(start + batch, len(pixels))}/{len(pixels)} images", end="", file=sys.stderr,
-                  flush=True)
+            print(
+                f"\rpredict: {min(start + batch, len(pixels))}/{len(pixels)} images",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         print(file=sys.stderr)
     all_probs = np.concatenate(probs)
-    table = pa.table({"source": names, "label": np.concatenate(labels).astype(np.int64),
-                      "probs": pa.array(list(all_probs), type=pa.list_(pa.float32()))})
+    table = pa.table(
+        {
+            "source": names,
+            "label": np.concatenate(labels).astype(np.int64),
+            "probs": pa.array(list(all_probs), type=pa.list_(pa.float32())),
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")  # a whole file or none
     try:

@@ -10,6 +10,7 @@ threshold, unless ``--analyze`` lets the pruned trials compute the label sets th
 (an unknown target, a parent without analysis, a level or threshold out of range, a method that
 does not fit the model) prints one line and exits with 2 before anything runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,15 @@ def target_parents(client: MlflowClient, target: str) -> tuple[Run, list[Run]]:
     if target.endswith(":best"):
         parent = find_parent(client, target.removesuffix(":best"))
         if parent is None or BEST_RUN not in parent.data.tags:
-            raise SweepError(f"prune {target}: no sweep of that name with a best trial (it is set when the sweep closes)")
+            raise SweepError(
+                f"prune {target}: no sweep of that name with a best trial (it is set when the sweep closes)"
+            )
         target = parent.data.tags[BEST_RUN]
     parent = find_parent(client, target)
     if parent is not None:
-        runs = [r for r in child_runs(client, parent.info.experiment_id, parent.info.run_id)
-                if r.info.status == "FINISHED"]
+        runs = [
+            r for r in child_runs(client, parent.info.experiment_id, parent.info.run_id) if r.info.status == "FINISHED"
+        ]
         if not runs:
             raise SweepError(f"prune {target}: the sweep has no finished trials")
         return parent, runs
@@ -80,12 +84,16 @@ def check_analysed(parents: list[Run], prune: PruneSpec) -> None:
         for run in parents:
             tags = run.data.tags
             if tags.get(ANALYSIS) != "done":
-                raise SweepError(f"prune: run {run.info.run_id} has no analysis, which {label} needs; run "
-                                 f"`python -m orchestrator analyze {run.info.run_id}` first or pass --analyze")
+                raise SweepError(
+                    f"prune: run {run.info.run_id} has no analysis, which {label} needs; run "
+                    f"`python -m orchestrator analyze {run.info.run_id}` first or pass --analyze"
+                )
             if not analysed_at(run, config.threshold):
-                raise SweepError(f"prune: run {run.info.run_id} was analysed at threshold "
-                                 f"{tags.get(ANALYSIS_THRESHOLD)}, {label} needs {config.threshold:g}; "
-                                 f"pass --analyze to recompute the label sets")
+                raise SweepError(
+                    f"prune: run {run.info.run_id} was analysed at threshold "
+                    f"{tags.get(ANALYSIS_THRESHOLD)}, {label} needs {config.threshold:g}; "
+                    f"pass --analyze to recompute the label sets"
+                )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, MlflowException) as exc:
         return refuse(exc)
     run_prune_stage(PruneContext(spec, uri, parent.info.experiment_id), parents)
-    mine = [r for r in prune_runs(client, parent.info.experiment_id, spec.name, {p.info.run_id for p in parents})
-            if r.data.tags[CELL] in prune.cells]
+    mine = [
+        r
+        for r in prune_runs(client, parent.info.experiment_id, spec.name, {p.info.run_id for p in parents})
+        if r.data.tags[CELL] in prune.cells
+    ]
     print(format_runs(client, spec.name, uri))
     return 0 if len(mine) == len(parents) * len(prune.cells) and all(r.info.status == "FINISHED" for r in mine) else 1
 
@@ -124,13 +135,17 @@ def model_specs(client: MlflowClient, runs: list[Run]) -> dict[str, dict]:
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``prune`` on the CLI's subparsers."""
-    p = subparsers.add_parser("prune", help="prune finished trials (nested runs with lineage tags)",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "prune", help="prune finished trials (nested runs with lineage tags)", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("target", help="sweep name, NAME:best (its best trial on validation), or one trial's run id")
     PrunePlan.add_flags(p)
     PruneConfig.add_flags(p, skip=("method", "level", "control_of", "threshold", "taps", "save_matrices"))
-    p.add_argument("--analyze", action="store_true",
-                   help="compute label sets (with the analysis flags) where the parents have none")
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="compute label sets (with the analysis flags) where the parents have none",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--storage-path", default=None, help="Tune storage (default: the sweep's)")
     add_tracking_uri(p)

@@ -17,6 +17,7 @@ nested under the parent trial's run:
 A (parent, cell) pair has one run: a rerun finds it, reports a finished one without work, and
 continues an unfinished one in place.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -44,6 +45,7 @@ from orchestrator.tracking import (
     CELL,
     DATASET,
     LINEAGE,
+    MODEL_FOLDER,
     NODE_ID,
     NUM_CLASSES,
     PRUNE_LABEL_SETS,
@@ -52,7 +54,6 @@ from orchestrator.tracking import (
     SEED,
     SWEEP,
     VARIANT,
-    MODEL_FOLDER,
     ChildRun,
     connect,
     environment_tags,
@@ -89,10 +90,14 @@ class PruneContext:
 def prune_metrics(summary: dict) -> dict[str, float]:
     """The final metrics of a prune job summary. ``val_acc`` / ``val_loss`` are the last fine-tuning
     epoch's (logged per epoch); they appear here only when there was no fine-tuning."""
-    out = {f"acc_{stage}_{split}": summary[f"acc_{stage}"][split]
-           for stage in ("before", "pruned", "finetuned") for split in ("val", "test")}
-    keys = ("test_acc", "test_loss", "params_kept", "params_total") + (() if summary["history"] else
-                                                                       ("val_acc", "val_loss"))
+    out = {
+        f"acc_{stage}_{split}": summary[f"acc_{stage}"][split]
+        for stage in ("before", "pruned", "finetuned")
+        for split in ("val", "test")
+    }
+    keys = ("test_acc", "test_loss", "params_kept", "params_total") + (
+        () if summary["history"] else ("val_acc", "val_loss")
+    )
     out.update({k: summary[k] for k in keys})
     out["dilution"] = summary["dilution_pruned_layers"]
     out.update({f"dilution/{param}": layer["dilution"] for param, layer in summary["layers"].items()})
@@ -100,8 +105,7 @@ def prune_metrics(summary: dict) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-def parent_label_sets(client: MlflowClient, parent: Run, config: PruneConfig, spec: dict,
-                      folder: Path) -> dict | None:
+def parent_label_sets(client: MlflowClient, parent: Run, config: PruneConfig, spec: dict, folder: Path) -> dict | None:
     """The label sets the parent's analysis logged, if they hold this cell's threshold and taps."""
     if not config.needs_label_sets or not analysed_at(parent, config.threshold):
         return None
@@ -123,21 +127,38 @@ class PruneRun(ChildRun):
     """A pruned trial's MLflow run, nested under its parent trial's run."""
 
     @classmethod
-    def open_for(cls, client: MlflowClient, context: PruneContext, parent: Run, cell: str) -> "PruneRun":
+    def open_for(cls, client: MlflowClient, context: PruneContext, parent: Run, cell: str) -> PruneRun:
         config = context.spec.prune.cells[cell]
-        tags = {SWEEP: context.spec.name, LINEAGE: parent.info.run_id, CELL: cell,
-                PRUNE_METHOD: config.method,
-                **{k: parent.data.tags[k] for k in COPIED_TAGS if k in parent.data.tags}}
+        tags = {
+            SWEEP: context.spec.name,
+            LINEAGE: parent.info.run_id,
+            CELL: cell,
+            PRUNE_METHOD: config.method,
+            **{k: parent.data.tags[k] for k in COPIED_TAGS if k in parent.data.tags},
+        }
         params = flatten(config.to_dict(), "prune.")
         attempt = {NODE_ID: ray.get_runtime_context().get_node_id()}
         name = f"{parent.info.run_name}·{cell_label_short(cell)}"
-        return cls.open(client, context.experiment_id, parent.info.run_id, tags, params, None, attempt,
-                        role=ROLE_PRUNE, key=CELL, run_name=name)
+        return cls.open(
+            client,
+            context.experiment_id,
+            parent.info.run_id,
+            tags,
+            params,
+            None,
+            attempt,
+            role=ROLE_PRUNE,
+            key=CELL,
+            run_name=name,
+        )
 
     def finish(self, summary: dict, job_dir: Path) -> None:
         """Final metrics and the prune job's artifacts, then FINISHED."""
-        self.close_finished(prune_metrics(summary), [(job_dir / name, folder) for name, folder in PRUNE_ARTIFACTS.items()],
-                            environment_tags(summary))
+        self.close_finished(
+            prune_metrics(summary),
+            [(job_dir / name, folder) for name, folder in PRUNE_ARTIFACTS.items()],
+            environment_tags(summary),
+        )
 
 
 def prune_trial(config: dict, context: PruneContext) -> None:
@@ -178,18 +199,22 @@ def run_prune_stage(context: PruneContext, parents: list[Run]) -> None:
     if not parents:
         print(f"sweep {spec.name}: no finished trials to prune")
         return
-    trainable = tune.with_resources(tune.with_parameters(prune_trial, context=context),
-                                    {"cpu": spec.cpus, "gpu": spec.gpus})
+    trainable = tune.with_resources(
+        tune.with_parameters(prune_trial, context=context), {"cpu": spec.cpus, "gpu": spec.gpus}
+    )
 
     def locate(client: MlflowClient, trial) -> Run | None:
         return find_child(client, context.experiment_id, trial.config["parent_run"], trial.config["cell"], CELL)
 
     tuner = tune.Tuner(
         trainable,
-        param_space={"parent_run": tune.grid_search([p.info.run_id for p in parents]),
-                     "cell": tune.grid_search(list(spec.prune.cells))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
-                                    trial_dirname_creator=trial_dirname),
+        param_space={
+            "parent_run": tune.grid_search([p.info.run_id for p in parents]),
+            "cell": tune.grid_search(list(spec.prune.cells)),
+        },
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent, reuse_actors=True, trial_dirname_creator=trial_dirname
+        ),
         run_config=tune.RunConfig(
             name=f"prune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=f"{spec.experiment_path}.stages",

@@ -6,6 +6,7 @@ figure, the pruned trials with accuracy vs dilution against their random control
 committees built from the sweep. Figures are inlined (base64 PNG), so the page needs no network
 and no MLflow; it is logged to the parent run as ``report/report.html`` and written to DIR.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,25 +65,48 @@ def _table(columns: tuple[str, ...], rows: list[dict]) -> str:
 
 def plot_pruning(rows: list[dict], path: Path) -> Path | None:
     """Fine-tuned validation accuracy vs dilution per prune method (random masks are the controls)."""
-    points = [r for r in rows if r["status"] == "FINISHED" and r["dilution"] is not None
-              and r["acc_finetuned_val"] is not None]
+    points = [
+        r
+        for r in rows
+        if r["status"] == "FINISHED" and r["dilution"] is not None and r["acc_finetuned_val"] is not None
+    ]
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({r["prune"].split(",")[0] for r in points}):
         mine = sorted((r for r in points if r["prune"].split(",")[0] == method), key=lambda r: r["dilution"])
-        ax.plot([r["dilution"] for r in mine], [r["acc_finetuned_val"] for r in mine], "o" if method == "none" else "o-",
-                label=method, ms=5)
-    return finish(fig, ax, path, "dilution (share of weights removed)", "val accuracy after fine-tuning",
-                  "pruning: guided masks vs random controls")
+        ax.plot(
+            [r["dilution"] for r in mine],
+            [r["acc_finetuned_val"] for r in mine],
+            "o" if method == "none" else "o-",
+            label=method,
+            ms=5,
+        )
+    return finish(
+        fig,
+        ax,
+        path,
+        "dilution (share of weights removed)",
+        "val accuracy after fine-tuning",
+        "pruning: guided masks vs random controls",
+    )
 
 
 def committee_rows(client: MlflowClient, parent: Run) -> list[dict]:
     runs = search_all(client, [parent.info.experiment_id], f"tags.`{ROLE}` = '{ROLE_COMMITTEE}'")
-    return [{"name": r.info.run_name, "method": r.data.tags.get(METHOD), "members": len(r.data.tags.get(MEMBERS, "").split(",")),
-             **{k: r.data.metrics.get(k) for k in ("committee_val_acc", "committee_test_acc", "best_member_test_acc",
-                                                   "seed_committee_test_acc")},
-             "run_id": r.info.run_id} for r in runs]
+    return [
+        {
+            "name": r.info.run_name,
+            "method": r.data.tags.get(METHOD),
+            "members": len(r.data.tags.get(MEMBERS, "").split(",")),
+            **{
+                k: r.data.metrics.get(k)
+                for k in ("committee_val_acc", "committee_test_acc", "best_member_test_acc", "seed_committee_test_acc")
+            },
+            "run_id": r.info.run_id,
+        }
+        for r in runs
+    ]
 
 
 def analysis_figures(client: MlflowClient, summary: SweepSummary, folder: Path) -> list[tuple[str, Path]]:
@@ -91,8 +115,16 @@ def analysis_figures(client: MlflowClient, summary: SweepSummary, folder: Path) 
     for row in summary.rows:
         if row["analysed"]:
             try:
-                found.append((row["name"], Path(client.download_artifacts(
-                    row["run_id"], "analysis/figures/depth.png", str(folder / row["run_id"])))))
+                found.append(
+                    (
+                        row["name"],
+                        Path(
+                            client.download_artifacts(
+                                row["run_id"], "analysis/figures/depth.png", str(folder / row["run_id"])
+                            )
+                        ),
+                    )
+                )
             except (MlflowException, OSError):
                 continue
     return found
@@ -107,17 +139,23 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Pa
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         summary = summarize_sweep(client, parent, out_dir=tmp / "summary")
-        parts = [f"<h1>Sweep {html.escape(name)}</h1>",
-                 f'<p class="note">parent run {parent.info.run_id}, experiment {parent.info.experiment_id}</p>',
-                 "<h2>Summary</h2>", _markdown_lead(summary.markdown), _table(TABLE, summary.rows)]
+        parts = [
+            f"<h1>Sweep {html.escape(name)}</h1>",
+            f'<p class="note">parent run {parent.info.run_id}, experiment {parent.info.experiment_id}</p>',
+            "<h2>Summary</h2>",
+            _markdown_lead(summary.markdown),
+            _table(TABLE, summary.rows),
+        ]
         parts += [_img(path, key) for key, path in summary.figures.items()]
         pruned = prune_rows(client, parent)
         if pruned:
-            parts += ["<h2>Pruning</h2>",
-                      '<p class="note">dilution is the share of weights removed; random cells keep the guided '
-                      "masks' per-layer dilution (or their own level). Compare on validation: the analysis "
-                      "that chose the masks read test images.</p>",
-                      _table(("variant", "seed", "prune", "dilution", "params_kept", *PRUNE_ACCURACIES), pruned)]
+            parts += [
+                "<h2>Pruning</h2>",
+                '<p class="note">dilution is the share of weights removed; random cells keep the guided '
+                "masks' per-layer dilution (or their own level). Compare on validation: the analysis "
+                "that chose the masks read test images.</p>",
+                _table(("variant", "seed", "prune", "dilution", "params_kept", *PRUNE_ACCURACIES), pruned),
+            ]
             figure = plot_pruning(pruned, tmp / "pruning.png")
             if figure:
                 parts.append(_img(figure, "pruning"))
@@ -129,8 +167,10 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Pa
             parts.append("<h2>Single-unit analysis along depth</h2>")
             for trial, path in figures:
                 parts += [f"<h3>{html.escape(trial)}</h3>", _img(path, trial)]
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title>"
-                f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+        page = (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+        )
         report = out_dir / "report.html"
         report.write_text(page)
         client.log_artifact(parent.info.run_id, str(report), "report")
@@ -158,8 +198,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``report`` on the orchestrator's subparsers."""
-    parser = subparsers.add_parser("report", help="an HTML report of a sweep (also logged to its parent run)",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "report", help="an HTML report of a sweep (also logged to its parent run)", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("name", help="the sweep's name")
     parser.add_argument("--out", default=None, help="folder for report.html (default: reports/NAME)")
     add_tracking_uri(parser)

@@ -1,4 +1,5 @@
 """``runs NAME``: the trials of a sweep with status and key metrics, read from MLflow."""
+
 from __future__ import annotations
 
 from mlflow import MlflowClient
@@ -18,12 +19,30 @@ from orchestrator.tracking import (
     ui_links,
 )
 
-COLUMNS = ("trial", "status", "variant", "seed", "epochs", "precision", "val_acc", "test_acc", "latency_ms_b1", "params",
-           "run_id")
+COLUMNS = (
+    "trial",
+    "status",
+    "variant",
+    "seed",
+    "epochs",
+    "precision",
+    "val_acc",
+    "test_acc",
+    "latency_ms_b1",
+    "params",
+    "run_id",
+)
 PRUNE_ACCURACIES = ("acc_before_val", "acc_pruned_val", "acc_finetuned_val", "acc_finetuned_test")
 PRUNE_COLUMNS = ("status", "variant", "seed", "prune", "dilution", "params_kept", *PRUNE_ACCURACIES, "run_id")
-FORMATS = {"val_acc": "{:.4f}", "test_acc": "{:.4f}", "latency_ms_b1": "{:.2f}", "params": "{:,.0f}",
-           "params_kept": "{:,.0f}", "dilution": "{:.3f}", **{c: "{:.4f}" for c in PRUNE_ACCURACIES}}
+FORMATS = {
+    "val_acc": "{:.4f}",
+    "test_acc": "{:.4f}",
+    "latency_ms_b1": "{:.2f}",
+    "params": "{:,.0f}",
+    "params_kept": "{:,.0f}",
+    "dilution": "{:.3f}",
+    **{c: "{:.4f}" for c in PRUNE_ACCURACIES},
+}
 
 
 def trial_rows(client: MlflowClient, parent) -> list[dict]:
@@ -31,19 +50,21 @@ def trial_rows(client: MlflowClient, parent) -> list[dict]:
     rows = []
     for run in child_runs(client, parent.info.experiment_id, parent.info.run_id):
         tags, metrics = run.data.tags, run.data.metrics
-        rows.append({
-            "trial": tags.get(TRIAL_ID, ""),
-            "status": run.info.status,
-            "variant": tags.get(VARIANT, ""),
-            "seed": tags.get(SEED, ""),
-            "epochs": len(client.get_metric_history(run.info.run_id, "val_acc")),
-            "precision": tags.get("unitlab.train_precision", ""),
-            "machine": machine(tags),
-            **{k: metrics.get(k) for k in ("val_acc", "test_acc", "latency_ms_b1", "params")},
-            "run_id": run.info.run_id,
-            "error": tags.get(ERROR, "") if run.info.status == "FAILED" else "",
-            "metrics": metrics,
-        })
+        rows.append(
+            {
+                "trial": tags.get(TRIAL_ID, ""),
+                "status": run.info.status,
+                "variant": tags.get(VARIANT, ""),
+                "seed": tags.get(SEED, ""),
+                "epochs": len(client.get_metric_history(run.info.run_id, "val_acc")),
+                "precision": tags.get("unitlab.train_precision", ""),
+                "machine": machine(tags),
+                **{k: metrics.get(k) for k in ("val_acc", "test_acc", "latency_ms_b1", "params")},
+                "run_id": run.info.run_id,
+                "error": tags.get(ERROR, "") if run.info.status == "FAILED" else "",
+                "metrics": metrics,
+            }
+        )
     return sorted(rows, key=lambda r: (r["variant"], int(r["seed"] or 0), r["trial"]))
 
 
@@ -65,8 +86,11 @@ def machine(tags: dict[str, str]) -> str:
 def pareto_front(rows: list[dict], objectives: dict[str, str]) -> set[str]:
     """Run ids of the finished rows that no other finished row dominates on the objectives."""
     sign = {"max": -1.0, "min": 1.0}
-    points = {r["run_id"]: [sign[mode] * r["metrics"][k] for k, mode in objectives.items()]
-              for r in rows if r["status"] == "FINISHED" and all(k in r["metrics"] for k in objectives)}
+    points = {
+        r["run_id"]: [sign[mode] * r["metrics"][k] for k, mode in objectives.items()]
+        for r in rows
+        if r["status"] == "FINISHED" and all(k in r["metrics"] for k in objectives)
+    }
 
     def dominates(a: list[float], b: list[float]) -> bool:
         return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
@@ -79,16 +103,23 @@ def prune_rows(client: MlflowClient, parent) -> list[dict]:
     rows = []
     for run in prune_runs(client, parent.info.experiment_id, parent.data.tags[SWEEP]):
         tags, metrics = run.data.tags, run.data.metrics
-        rows.append({"status": run.info.status, "variant": tags.get(VARIANT, ""),
-                     "seed": tags.get(SEED, ""), "prune": tags.get(CELL, ""),
-                     **{k: metrics.get(k) for k in ("dilution", "params_kept", *PRUNE_ACCURACIES)},
-                     "run_id": run.info.run_id})
+        rows.append(
+            {
+                "status": run.info.status,
+                "variant": tags.get(VARIANT, ""),
+                "seed": tags.get(SEED, ""),
+                "prune": tags.get(CELL, ""),
+                **{k: metrics.get(k) for k in ("dilution", "params_kept", *PRUNE_ACCURACIES)},
+                "run_id": run.info.run_id,
+            }
+        )
     return sorted(rows, key=lambda r: (r["variant"], int(r["seed"] or 0), r["prune"]))
 
 
 def _table(columns: tuple[str, ...], rows: list[dict]) -> str:
-    table = [list(columns)] + [["-" if r[c] is None else FORMATS.get(c, "{}").format(r[c]) for c in columns]
-                               for r in rows]
+    table = [list(columns)] + [
+        ["-" if r[c] is None else FORMATS.get(c, "{}").format(r[c]) for c in columns] for r in rows
+    ]
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table)
 

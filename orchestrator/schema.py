@@ -1,4 +1,5 @@
 """The orchestrator's errors: a spec or a command that cannot run, said in one line (exit code 2)."""
+
 from __future__ import annotations
 
 from trainables.schema import InputError

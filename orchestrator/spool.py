@@ -9,6 +9,7 @@ trial does before it reports itself finished. A write that fails for any other r
 value, a read-only artifact store) is not retried: it is raised by the next ``submit`` or
 ``drain``, so the trial fails with that error.
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,18 +17,22 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import requests
 from mlflow.exceptions import MlflowException
 
-SPOOL_RECORDS = 10_000           # writes kept while the server is away; one per epoch plus a few per trial
+SPOOL_RECORDS = 10_000  # writes kept while the server is away; one per epoch plus a few per trial
 WAIT_SECONDS = float(os.environ.get("UNITLAB_MLFLOW_WAIT_S", 3600))  # how long a finished trial waits for the server
-POLL_SECONDS = float(os.environ.get("UNITLAB_MLFLOW_POLL_S", 10))   # retry interval while it is away
+POLL_SECONDS = float(os.environ.get("UNITLAB_MLFLOW_POLL_S", 10))  # retry interval while it is away
 # Per-request budget inside trials: fail a write within about a minute and let the spool retry,
 # instead of MLflow's default of several minutes of blocking retries per call.
-TRIAL_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+TRIAL_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 T = TypeVar("T")
@@ -39,8 +44,9 @@ class TrackingUnavailable(RuntimeError):
 
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed MLflow call is worth retrying later (the server or network, not the request)."""
-    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
-                        TimeoutError)):
+    if isinstance(
+        exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+    ):
         return True
     if isinstance(exc, MlflowException):
         text = str(exc)
@@ -48,8 +54,7 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def call_when_up(call: Callable[[], T], where: str, poll_s: float = POLL_SECONDS,
-                 wait_s: float = WAIT_SECONDS) -> T:
+def call_when_up(call: Callable[[], T], where: str, poll_s: float = POLL_SECONDS, wait_s: float = WAIT_SECONDS) -> T:
     """``call()``, retried every ``poll_s`` while the server at ``where`` is away (one warning line),
     for at most ``wait_s``; any other error is raised at once."""
     deadline = time.monotonic() + wait_s
@@ -61,8 +66,12 @@ def call_when_up(call: Callable[[], T], where: str, poll_s: float = POLL_SECONDS
             if not is_transient(exc) or time.monotonic() > deadline:
                 raise
             if not warned:
-                print(f"unitlab: MLflow at {where} is not answering ({_first_line(exc)}); waiting up to "
-                      f"{wait_s:g} s, retrying every {poll_s:g} s", file=sys.stderr, flush=True)
+                print(
+                    f"unitlab: MLflow at {where} is not answering ({_first_line(exc)}); waiting up to "
+                    f"{wait_s:g} s, retrying every {poll_s:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 warned = True
             time.sleep(poll_s)
 
@@ -75,8 +84,9 @@ def _first_line(exc: BaseException) -> str:
 class Spool:
     """Ordered, bounded, asynchronous MLflow writes for one trial run."""
 
-    def __init__(self, where: str, limit: int = SPOOL_RECORDS, poll_s: float = POLL_SECONDS,
-                 wait_s: float = WAIT_SECONDS):
+    def __init__(
+        self, where: str, limit: int = SPOOL_RECORDS, poll_s: float = POLL_SECONDS, wait_s: float = WAIT_SECONDS
+    ):
         self.where, self.limit, self.poll_s, self.wait_s = where, limit, poll_s, wait_s
         self._queue: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
         self._cond = threading.Condition()
@@ -92,8 +102,10 @@ class Spool:
         with self._cond:
             self._raise_error()
             if len(self._queue) >= self.limit:
-                raise TrackingUnavailable(f"MLflow at {self.where} away for {self._away():.0f} s with "
-                                          f"{len(self._queue)} writes waiting (spool limit {self.limit})")
+                raise TrackingUnavailable(
+                    f"MLflow at {self.where} away for {self._away():.0f} s with "
+                    f"{len(self._queue)} writes waiting (spool limit {self.limit})"
+                )
             self._queue.append((what, write))
             self._cond.notify_all()
 
@@ -104,8 +116,10 @@ class Spool:
             while (self._queue or self._busy) and self._error is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TrackingUnavailable(f"MLflow at {self.where} away for {self._away():.0f} s; "
-                                              f"{len(self._queue)} writes not sent (waited {self.wait_s:g} s)")
+                    raise TrackingUnavailable(
+                        f"MLflow at {self.where} away for {self._away():.0f} s; "
+                        f"{len(self._queue)} writes not sent (waited {self.wait_s:g} s)"
+                    )
                 self._cond.wait(min(left, 1.0))
             self._raise_error()
 
@@ -147,16 +161,23 @@ class Spool:
                     if self.away_since is None:
                         self.away_since = time.monotonic()
                         self.outages += 1
-                        print(f"unitlab: MLflow at {self.where} is not answering ({_first_line(exc)}); training "
-                              f"goes on and {len(self._queue)} writes wait here, retried every {self.poll_s:g} s",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"unitlab: MLflow at {self.where} is not answering ({_first_line(exc)}); training "
+                            f"goes on and {len(self._queue)} writes wait here, retried every {self.poll_s:g} s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 time.sleep(self.poll_s)
                 continue
             with self._cond:
                 self._queue.popleft()
                 self._busy = False
                 if self.away_since is not None:
-                    print(f"unitlab: MLflow at {self.where} answers again after {self._away():.0f} s; "
-                          f"sending the waiting writes in order", file=sys.stderr, flush=True)
+                    print(
+                        f"unitlab: MLflow at {self.where} answers again after {self._away():.0f} s; "
+                        f"sending the waiting writes in order",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     self.away_since = None
                 self._cond.notify_all()

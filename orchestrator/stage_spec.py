@@ -12,6 +12,7 @@ Label sets come from the analysis, so a ``prune`` section whose methods need the
 ``analyze``; a pruned trial reuses its parent's logged label sets when the thresholds agree and
 recomputes them (with the analysis settings) otherwise.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,8 +61,9 @@ class PruneSpec:
                 raise SweepError(f"sweep.prune: {label} cannot prune cell {cell}: {exc}") from None
 
 
-def parse_prune(plan: PrunePlan | dict | None, analyze: AnalysisConfig | None,
-                require_analysis: bool = True) -> PruneSpec | None:
+def parse_prune(
+    plan: PrunePlan | dict | None, analyze: AnalysisConfig | None, require_analysis: bool = True
+) -> PruneSpec | None:
     """The prune stage's cells; in a sweep (``require_analysis``), methods that need label sets
     require the analysis, whose settings the cells use."""
     if plan is None:
@@ -71,6 +73,8 @@ def parse_prune(plan: PrunePlan | dict | None, analyze: AnalysisConfig | None,
     spec = PruneSpec(plan.cells(analyze))
     if require_analysis and spec.needs_label_sets and analyze is None:
         needy = next(label for label, c in spec.cells.items() if c.needs_label_sets)
-        raise SweepError(f"sweep.prune: {needy} prunes by unit label sets, which come from the analysis; "
-                         f"set `analyze: true` in the spec")
+        raise SweepError(
+            f"sweep.prune: {needy} prunes by unit label sets, which come from the analysis; "
+            f"set `analyze: true` in the spec"
+        )
     return spec

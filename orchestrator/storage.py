@@ -1,4 +1,5 @@
 """Tune's storage as the cluster sees it: a remote URI must answer before any Ray work starts."""
+
 from __future__ import annotations
 
 import threading
@@ -32,8 +33,10 @@ def check_remote_storage(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     thread.join(timeout_s)
     where = f"sweep.storage_path: {uri}"
     if thread.is_alive():
-        raise SweepError(f"{where}: no answer within {timeout_s:g} s (is the endpoint reachable? AWS_ENDPOINT_URL "
-                         f"sets a non-AWS S3 endpoint)")
+        raise SweepError(
+            f"{where}: no answer within {timeout_s:g} s (is the endpoint reachable? AWS_ENDPOINT_URL "
+            f"sets a non-AWS S3 endpoint)"
+        )
     if "error" in outcome:
         raise SweepError(f"{where}: cannot be opened ({outcome['error']})")
     if not outcome.get("found"):

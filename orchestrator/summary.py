@@ -8,6 +8,7 @@ and figures under ``summary/figures/``: accuracy per variant with its seed sprea
 latency with the Pareto front, SNR along depth of every analysed trial on one chart, heads per
 label vs head count. The sweep calls it when it closes; ``orchestrator report`` refreshes it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,20 @@ from orchestrator.tracking import ANALYSIS, BEST_RUN, child_runs  # noqa: E402
 
 NOTE = "mlflow.note.content"
 MAX_NOTE_ROWS = 30  # the description stays within MLflow's tag size; trials.csv holds every trial
-TABLE = ("name", "variant", "seed", "status", "epochs", "precision", "machine", "val_acc", "test_acc", "latency_ms_b1",
-         "params", "run_id")
+TABLE = (
+    "name",
+    "variant",
+    "seed",
+    "status",
+    "epochs",
+    "precision",
+    "machine",
+    "val_acc",
+    "test_acc",
+    "latency_ms_b1",
+    "params",
+    "run_id",
+)
 
 
 @dataclass
@@ -61,18 +74,27 @@ def _fmt(value, spec: str = "{:.4f}") -> str:
 def markdown(parent: Run, rows: list[dict], best: dict | None) -> str:
     """The parent run's description: what the sweep is, who won, the trials table."""
     finished = [r for r in rows if r["status"] == "FINISHED"]
-    lines = [f"**Sweep {parent.data.tags.get('unitlab.sweep', parent.info.run_name)}**: "
-             f"{len(finished)} of {len(rows)} trials finished."]
+    lines = [
+        f"**Sweep {parent.data.tags.get('unitlab.sweep', parent.info.run_name)}**: "
+        f"{len(finished)} of {len(rows)} trials finished."
+    ]
     if best is not None:
-        lines.append(f"Best on validation: **{best['name']}** ({best['variant']}, seed {best['seed']}): "
-                     f"val {best['val_acc']:.4f}, test {_fmt(best['test_acc'])}, run `{best['run_id']}`.")
-    lines += ["", "| trial | variant | seed | status | epochs | val | test | latency b1 (ms) | params |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"Best on validation: **{best['name']}** ({best['variant']}, seed {best['seed']}): "
+            f"val {best['val_acc']:.4f}, test {_fmt(best['test_acc'])}, run `{best['run_id']}`."
+        )
+    lines += [
+        "",
+        "| trial | variant | seed | status | epochs | val | test | latency b1 (ms) | params |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     shown = sorted(rows, key=lambda r: -(r["val_acc"] or -1))[:MAX_NOTE_ROWS]
     for r in shown:
-        lines.append(f"| {r['name']} | {r['variant']} | {r['seed']} | {r['status']} | {r['epochs']} | "
-                     f"{_fmt(r['val_acc'])} | {_fmt(r['test_acc'])} | {_fmt(r['latency_ms_b1'], '{:.2f}')} | "
-                     f"{_fmt(r['params'], '{:,.0f}')} |")
+        lines.append(
+            f"| {r['name']} | {r['variant']} | {r['seed']} | {r['status']} | {r['epochs']} | "
+            f"{_fmt(r['val_acc'])} | {_fmt(r['test_acc'])} | {_fmt(r['latency_ms_b1'], '{:.2f}')} | "
+            f"{_fmt(r['params'], '{:,.0f}')} |"
+        )
     if len(rows) > len(shown):
         lines.append(f"| ... {len(rows) - len(shown)} more trials in `summary/trials.csv` |||||||||")
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
@@ -100,8 +122,14 @@ def plot_accuracy_by_variant(rows: list[dict], path: Path) -> Path | None:
         mine = [r for r in finished if r["variant"] == variant]
         for offset, key, colour in ((-0.18, "val_acc", "tab:blue"), (0.18, "test_acc", "tab:orange")):
             values = [r[key] for r in mine if r[key] is not None]
-            ax.bar(i + offset, sum(values) / len(values), width=0.34, color=colour, alpha=0.45,
-                   label=key if i == 0 else None)
+            ax.bar(
+                i + offset,
+                sum(values) / len(values),
+                width=0.34,
+                color=colour,
+                alpha=0.45,
+                label=key if i == 0 else None,
+            )
             ax.scatter([i + offset] * len(values), values, color=colour, s=18, zorder=3)
     ax.set_xticks(range(len(variants)), [v.replace(",", "\n") for v in variants], fontsize=7)
     return finish(fig, ax, path, "", "accuracy (dots: seeds, bars: mean)", "accuracy per variant", grid_axis="y")
@@ -109,19 +137,22 @@ def plot_accuracy_by_variant(rows: list[dict], path: Path) -> Path | None:
 
 def plot_accuracy_vs_latency(rows: list[dict], path: Path) -> Path | None:
     """Test accuracy vs batch-1 latency per trial, the Pareto front (higher accuracy, lower latency) joined."""
-    points = [r for r in rows if r["status"] == "FINISHED" and r["test_acc"] is not None
-              and r["latency_ms_b1"] is not None]
+    points = [
+        r for r in rows if r["status"] == "FINISHED" and r["test_acc"] is not None and r["latency_ms_b1"] is not None
+    ]
     if not points:
         return None
     front = pareto_front(points, {"test_acc": "max", "latency_ms_b1": "min"})
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([r["latency_ms_b1"] for r in points], [r["test_acc"] for r in points], s=22)
     for r in points:
-        ax.annotate(r["name"], (r["latency_ms_b1"], r["test_acc"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            r["name"], (r["latency_ms_b1"], r["test_acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     edge = sorted((r for r in points if r["run_id"] in front), key=lambda r: r["latency_ms_b1"])
-    ax.plot([r["latency_ms_b1"] for r in edge], [r["test_acc"] for r in edge], color="tab:red", lw=1.2,
-            label="Pareto front")
+    ax.plot(
+        [r["latency_ms_b1"] for r in edge], [r["test_acc"] for r in edge], color="tab:red", lw=1.2, label="Pareto front"
+    )
     return finish(fig, ax, path, "latency at batch 1 (ms)", "test accuracy", "accuracy vs latency")
 
 
@@ -166,8 +197,13 @@ def plot_snr_by_depth(client: MlflowClient, rows: list[dict], path: Path) -> Pat
             series = depth_history(client, r["run_id"], "snr_by_depth")
             names = tap_names(client, r["run_id"], Path(tmp) / r["run_id"])
             if series and names:
-                curves.append((r["name"], {names[step]: value for step, value in series.items() if step in names},
-                               [names[k] for k in sorted(names)]))
+                curves.append(
+                    (
+                        r["name"],
+                        {names[step]: value for step, value in series.items() if step in names},
+                        [names[k] for k in sorted(names)],
+                    )
+                )
     if not curves:  # analyses logged before depth series existed
         return None
     order = merged_tap_order([taps for _, _, taps in curves])
@@ -176,8 +212,9 @@ def plot_snr_by_depth(client: MlflowClient, rows: list[dict], path: Path) -> Pat
         xs = [order.index(t) for t in taps if t in values]
         ax.plot(xs, [values[t] for t in taps if t in values], marker="o", ms=3, label=name)
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=7)
-    return finish(fig, ax, path, "tap (depth order; models without a tap skip it)", "SNR", "SNR along depth",
-                  legend_size=7)
+    return finish(
+        fig, ax, path, "tap (depth order; models without a tap skip it)", "SNR", "SNR along depth", legend_size=7
+    )
 
 
 def plot_heads_per_label(client: MlflowClient, rows: list[dict], path: Path) -> Path | None:
@@ -195,12 +232,19 @@ def plot_heads_per_label(client: MlflowClient, rows: list[dict], path: Path) -> 
     ax.plot(heads, heads, color="grey", lw=0.8, ls="--", label="every head")
     ax.set_xscale("log", base=2)
     ax.set_xticks(heads, [str(h) for h in heads])
-    return finish(fig, ax, path, "heads per block", "heads recognising a label (mean)",
-                  "heads per label vs head count (colour: depth)")
+    return finish(
+        fig,
+        ax,
+        path,
+        "heads per block",
+        "heads recognising a label (mean)",
+        "heads per label vs head count (colour: depth)",
+    )
 
 
-def finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8,
-           grid_axis: str = "both") -> Path:
+def finish(
+    fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8, grid_axis: str = "both"
+) -> Path:
     """Label, legend and grid one chart, then save it (the one style of every sweep figure)."""
     if xlabel:
         ax.set_xlabel(xlabel)
@@ -233,8 +277,9 @@ def summarize_sweep(client: MlflowClient, parent: Run, out_dir: Path | None = No
             "snr_by_depth": plot_snr_by_depth(client, rows, figures_dir / "snr_by_depth.png"),
             "heads_per_label": plot_heads_per_label(client, rows, figures_dir / "heads_per_label.png"),
         }
-        summary = SweepSummary(rows, best, {k: v for k, v in drawn.items() if v is not None},
-                               markdown(parent, rows, best))
+        summary = SweepSummary(
+            rows, best, {k: v for k, v in drawn.items() if v is not None}, markdown(parent, rows, best)
+        )
         write_csv(rows, folder / "trials.csv")
         (folder / "summary.md").write_text(summary.markdown)
         run_id, now = parent.info.run_id, int(time.time() * 1000)
@@ -244,8 +289,11 @@ def summarize_sweep(client: MlflowClient, parent: Run, out_dir: Path | None = No
             if best["test_acc"] is not None:
                 metrics["best_test_acc"] = best["test_acc"]
         tags = {NOTE: summary.markdown, **({BEST_RUN: best["run_id"]} if best else {})}
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
         client.log_artifacts(run_id, str(folder), "summary")
         if out_dir is None:  # the temporary folder goes away
             summary.figures = {}

@@ -1,4 +1,5 @@
 """The sweep driver: connect to Ray, open the parent run, run (or restore) the Tuner, close the sweep."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,8 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import optuna.distributions as od
 from mlflow import MlflowClient
@@ -78,8 +79,12 @@ def search_setup(spec: SweepSpec) -> tuple[dict, OptunaSearch | None]:
     space.update({d.name: optuna_distribution(d) for d in spec.distributions})
     metrics, modes = list(spec.metrics), list(spec.metrics.values())
     single = len(metrics) == 1
-    searcher = OptunaSearch(space, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
-                            sampler=TPESampler(seed=spec.search_seed))
+    searcher = OptunaSearch(
+        space,
+        metric=metrics[0] if single else metrics,
+        mode=modes[0] if single else modes,
+        sampler=TPESampler(seed=spec.search_seed),
+    )
     return {}, searcher
 
 
@@ -89,23 +94,38 @@ def build_tuner(context: TrialContext) -> tune.Tuner:
     param_space, searcher = search_setup(spec)
     scheduler = None
     if spec.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC, mode="max",
-                                  max_t=spec.max_epochs(), grace_period=spec.grace_period,
-                                  reduction_factor=spec.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=SCHEDULER_METRIC,
+            mode="max",
+            max_t=spec.max_epochs(),
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+        )
     return tune.Tuner(
         make_trainable(context),
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent, reuse_actors=True, trial_dirname_creator=trial_dirname,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent,
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=spec.name,
             storage_path=spec.storage_path,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
-            callbacks=[ChildRunCloser(context.tracking_uri, lambda client, trial: find_child(
-                client, context.experiment_id, context.parent_run_id, trial.trial_id))],
+            callbacks=[
+                ChildRunCloser(
+                    context.tracking_uri,
+                    lambda client, trial: find_child(
+                        client, context.experiment_id, context.parent_run_id, trial.trial_id
+                    ),
+                )
+            ],
         ),
     )
 
@@ -118,22 +138,28 @@ def free_name(spec: SweepSpec, client: MlflowClient | None, new: bool) -> str:
         path = f"{spec.storage_path.rstrip('/')}/{name}"
         earlier = find_parent(client, name) if client is not None else None
         in_use = tune.Tuner.can_restore(path) or (
-            earlier is not None and (new or earlier.data.tags.get(STORAGE, spec.storage_path) != spec.storage_path))
+            earlier is not None and (new or earlier.data.tags.get(STORAGE, spec.storage_path) != spec.storage_path)
+        )
         if not in_use:
             return name
         if not new:
             where = path if tune.Tuner.can_restore(path) else earlier.data.tags[STORAGE]
-            raise SweepError(f"sweep.name: {name!r} already has a sweep stored at {where}; continue it with "
-                             f"`python -m orchestrator resume {name}`, or pass --new to start it under a new name")
+            raise SweepError(
+                f"sweep.name: {name!r} already has a sweep stored at {where}; continue it with "
+                f"`python -m orchestrator resume {name}`, or pass --new to start it under a new name"
+            )
     raise SweepError(f"sweep.name: no free name {spec.name}-N for N < 1000")
 
 
-def run_sweep(spec_file: str | Path, address: str | None, tracking_uri: str | None,
-              storage_path: str | None, new: bool = False) -> int:
+def run_sweep(
+    spec_file: str | Path, address: str | None, tracking_uri: str | None, storage_path: str | None, new: bool = False
+) -> int:
     """Validate, start and run a sweep; returns the exit code."""
     spec = load_spec(spec_file, storage_path)
     uri = resolve_tracking_uri(tracking_uri)
-    client = open_client(uri, create=False)[0] if store_exists(uri) else None  # a new SQLite file only after every check
+    client = (
+        open_client(uri, create=False)[0] if store_exists(uri) else None
+    )  # a new SQLite file only after every check
     check_remote_storage(spec.storage_path)
     name = free_name(spec, client, new)
     if name != spec.name:
@@ -166,8 +192,9 @@ def resume_sweep(name: str, address: str | None, tracking_uri: str | None, stora
     client.update_run(parent.info.run_id, status="RUNNING")
     context = TrialContext(spec, uri, parent.info.experiment_id, parent.info.run_id)
     with closing_on_exit(client, context):
-        tuner = tune.Tuner.restore(spec.experiment_path, make_trainable(context), resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(
+            spec.experiment_path, make_trainable(context), resume_unfinished=True, resume_errored=True
+        )
         tuner.fit()
         return call_when_up(lambda: after_training(client, context), uri)
 
@@ -182,11 +209,17 @@ def completed(client: MlflowClient, parent: Run, spec: SweepSpec) -> str | None:
     expected = spec.num_trials()
     if spec.prune is not None:
         finished = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
-        runs += [r for r in prune_runs(client, parent.info.experiment_id, spec.name, finished)
-                 if r.data.tags.get(CELL) in spec.prune.cells]  # not those of a later `orchestrator prune`
+        runs += [
+            r
+            for r in prune_runs(client, parent.info.experiment_id, spec.name, finished)
+            if r.data.tags.get(CELL) in spec.prune.cells
+        ]  # not those of a later `orchestrator prune`
         expected += len(finished) * len(spec.prune.cells)
-    done = [r for r in runs if r.info.status == "FINISHED"
-            or (r.info.status == "KILLED" and r.data.tags.get(STOPPED) == "scheduler")]
+    done = [
+        r
+        for r in runs
+        if r.info.status == "FINISHED" or (r.info.status == "KILLED" and r.data.tags.get(STOPPED) == "scheduler")
+    ]
     if len(runs) < expected or len(done) < len(runs):
         return None
     return f"{len(runs)} of {expected} trials ended"
@@ -219,15 +252,20 @@ def mark_open_runs(client: MlflowClient, context: TrialContext, status: str, rea
     ``resume`` reopens them. Best effort: an unreachable store is reported, not raised."""
     try:
         spec, parent_id = context.spec, context.parent_run_id
-        runs = child_runs(client, context.experiment_id, parent_id) + prune_runs(client, context.experiment_id, spec.name)
+        runs = child_runs(client, context.experiment_id, parent_id) + prune_runs(
+            client, context.experiment_id, spec.name
+        )
         tag = ERROR if status == "FAILED" else STOPPED
         for run in runs:
             if run.info.status == "RUNNING":
                 end_run(client, run.info.run_id, status, {tag: reason})
         end_run(client, parent_id, status, {tag: reason})
     except Exception as exc:  # noqa: BLE001 - the driver's own exit reason matters more
-        print(f"unitlab: could not mark the sweep's open runs {status} ({type(exc).__name__}); "
-              f"`python -m orchestrator resume {context.spec.name}` will", file=sys.stderr)
+        print(
+            f"unitlab: could not mark the sweep's open runs {status} ({type(exc).__name__}); "
+            f"`python -m orchestrator resume {context.spec.name}` will",
+            file=sys.stderr,
+        )
 
 
 def logged_spec(client: MlflowClient, parent: Run, storage_path: str | None) -> SweepSpec:
@@ -241,11 +279,12 @@ def logged_spec(client: MlflowClient, parent: Run, storage_path: str | None) -> 
 def after_training(client: MlflowClient, context: TrialContext) -> int:
     """Run the prune stage once every training trial has ended, then close the sweep."""
     spec = context.spec
-    ended = [r for r in child_runs(client, context.experiment_id, context.parent_run_id)
-             if r.info.status in ENDED]
+    ended = [r for r in child_runs(client, context.experiment_id, context.parent_run_id) if r.info.status in ENDED]
     if spec.prune is not None and len(ended) == spec.num_trials():
-        run_prune_stage(PruneContext(spec, context.tracking_uri, context.experiment_id),
-                        [r for r in ended if r.info.status == "FINISHED"])
+        run_prune_stage(
+            PruneContext(spec, context.tracking_uri, context.experiment_id),
+            [r for r in ended if r.info.status == "FINISHED"],
+        )
     return close_sweep(client, context)
 
 
@@ -272,7 +311,9 @@ def close_sweep(client: MlflowClient, context: TrialContext) -> int:
     print(format_runs(client, spec.name, context.tracking_uri))
     if ended < expected:
         mark_open_runs(client, context, "KILLED", f"sweep stopped with {ended} of {expected} trials ended")
-        print(f"sweep {spec.name}: {ended} of {expected} trials ended; "
-              f"continue with `python -m orchestrator resume {spec.name}`")
+        print(
+            f"sweep {spec.name}: {ended} of {expected} trials ended; "
+            f"continue with `python -m orchestrator resume {spec.name}`"
+        )
         return 130
     return 1 if failed else 0

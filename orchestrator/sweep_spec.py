@@ -27,6 +27,7 @@ Axis and distribution names: ``seed`` (replicas), a model field (``heads``, ``n_
 ``preset``...), a top-level job field (``epochs``) or a dotted job path (``recipe.lr``). An axis
 whose values are all mappings is tied: each value sets several fields at once.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,6 +72,7 @@ REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file") 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _SCALARS = (int, float, str, bool, type(None))
+
 
 @dataclass(frozen=True)
 class SearchConfig(Settings):
@@ -253,9 +255,14 @@ class SweepSpec:
     def run_name(self, point: dict[str, Any]) -> str:
         """A short run name from the axes that vary and the sampled distributions, e.g. ``h16d8·c1·s0``
         (the full cell is the run's ``unitlab.variant`` tag)."""
-        parts = ["".join(f"{_abbrev(path)}{_compact(value)}" for path, value in axis.assignments(point[axis.name]).items())
-                 for axis in self.axes if axis.name in point and len(axis.choices()) > 1]
-        parts += [f"{_abbrev(field_path(d.name))}{_compact(point[d.name])}" for d in self.distributions if d.name in point]
+        parts = [
+            "".join(f"{_abbrev(path)}{_compact(value)}" for path, value in axis.assignments(point[axis.name]).items())
+            for axis in self.axes
+            if axis.name in point and len(axis.choices()) > 1
+        ]
+        parts += [
+            f"{_abbrev(field_path(d.name))}{_compact(point[d.name])}" for d in self.distributions if d.name in point
+        ]
         return "·".join(parts) or self.name
 
 
@@ -264,8 +271,11 @@ def point_key(point: dict[str, Any]) -> str:
     return json.dumps(point, sort_keys=True, default=str)
 
 
-_JOB_SCALARS = {f.name for f in dataclasses.fields(JobConfig)
-                if not (isinstance(f.default_factory, type) and issubclass(f.default_factory, Settings))} - {"model"}
+_JOB_SCALARS = {
+    f.name
+    for f in dataclasses.fields(JobConfig)
+    if not (isinstance(f.default_factory, type) and issubclass(f.default_factory, Settings))
+} - {"model"}
 
 
 def field_path(name: str) -> str:
@@ -300,8 +310,9 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
     if top.base.get("checkpoint") is False:
         raise SweepError("sweep.base.checkpoint: must stay true (sweeps checkpoint every epoch)")
     search, res = top.search, top.resources
-    sched = SchedulerConfig.parse({"name": top.scheduler} if isinstance(top.scheduler, str) else top.scheduler,
-                                  "sweep.scheduler")
+    sched = SchedulerConfig.parse(
+        {"name": top.scheduler} if isinstance(top.scheduler, str) else top.scheduler, "sweep.scheduler"
+    )
     analyze = parse_analyze(top.analyze)
     spec = SweepSpec(
         name=top.name,
@@ -332,14 +343,17 @@ def parse_spec(text: str, storage_path: str | None = None, origin: str = "spec")
 
 # ---------------------------------------------------------------- schema helpers
 
+
 def _storage(path: str) -> str:
     """A remote URI of a scheme Tune's storage (pyarrow.fs) reads, as given, else a local folder
     (absolute) that exists or can be created and written."""
     if "://" in path:
         scheme, rest = path.split("://", 1)
         if scheme not in REMOTE_SCHEMES:
-            raise SweepError(f"sweep.storage_path: unsupported scheme {scheme!r} in {path} "
-                             f"(a local folder or one of {', '.join(s + '://' for s in REMOTE_SCHEMES)})")
+            raise SweepError(
+                f"sweep.storage_path: unsupported scheme {scheme!r} in {path} "
+                f"(a local folder or one of {', '.join(s + '://' for s in REMOTE_SCHEMES)})"
+            )
         if not rest.strip("/"):
             raise SweepError(f"sweep.storage_path: {path} names no bucket or folder")
         if scheme == "file":  # a local folder all the same: it must be writable before MLflow or Ray start
@@ -359,8 +373,17 @@ def _label(value: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in value.items())
 
 
-ABBREVIATIONS = {"model.heads": "h", "model.head_dim": "d", "model.n_conv_blocks": "c", "seed": "s",
-                 "model.blocks": "b", "model.width_mult": "w", "model.preset": "", "epochs": "e", "recipe.lr": "lr"}
+ABBREVIATIONS = {
+    "model.heads": "h",
+    "model.head_dim": "d",
+    "model.n_conv_blocks": "c",
+    "seed": "s",
+    "model.blocks": "b",
+    "model.width_mult": "w",
+    "model.preset": "",
+    "epochs": "e",
+    "recipe.lr": "lr",
+}
 
 
 def _abbrev(path: str) -> str:
@@ -377,6 +400,7 @@ def _short(path: str) -> str:
 
 
 # ---------------------------------------------------------------- axes, metrics, distributions
+
 
 def _axes(raw: dict) -> tuple[Axis, ...]:
     if not raw:
@@ -452,8 +476,10 @@ def _check_search(spec: SweepSpec) -> None:
     if spec.mode == "optuna" and len(spec.metrics) == 1:
         name = next(iter(spec.metrics))
         if name not in EPOCH_METRICS:
-            raise SweepError(f"sweep.search.metrics.{name}: a single objective must be reported every epoch "
-                             f"({', '.join(EPOCH_METRICS)})")
+            raise SweepError(
+                f"sweep.search.metrics.{name}: a single objective must be reported every epoch "
+                f"({', '.join(EPOCH_METRICS)})"
+            )
     axis_paths = {p for a in spec.axes for v in a.choices() for p in a.assignments(v)}
     names = {a.name for a in spec.axes}
     for dist in spec.distributions:

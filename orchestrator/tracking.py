@@ -5,6 +5,7 @@ Every ``unitlab.*`` tag name is defined here and nowhere else; other modules imp
 open clients with ``connect`` / ``open_client``. The layout follows docs/design.md. Nothing here
 imports Ray; the driver and the trainables both use it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -69,8 +70,10 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else uri.strip()
     if scheme not in TRACKING_SCHEMES:
-        raise SweepError(f"{source}: {uri!r} is not a tracking URI MLflow accepts (give sqlite:///PATH, "
-                         f"http(s)://HOST:PORT, postgresql://, mysql://, mssql:// or databricks)")
+        raise SweepError(
+            f"{source}: {uri!r} is not a tracking URI MLflow accepts (give sqlite:///PATH, "
+            f"http(s)://HOST:PORT, postgresql://, mysql://, mssql:// or databricks)"
+        )
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     if uri.startswith("sqlite:///"):
@@ -96,8 +99,12 @@ def _is_sqlite(path: Path) -> bool:
 def add_tracking_uri(parser: argparse.ArgumentParser, nested: bool = False) -> None:
     """The ``--tracking-uri`` flag, declared here once for every command (``nested``: a subcommand's
     copy, which leaves its parent command's value alone when not given)."""
-    parser.add_argument("--tracking-uri", default=argparse.SUPPRESS if nested else None, metavar="URI",
-                        help=f"MLflow tracking URI (default: MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    parser.add_argument(
+        "--tracking-uri",
+        default=argparse.SUPPRESS if nested else None,
+        metavar="URI",
+        help=f"MLflow tracking URI (default: MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
+    )
 
 
 def open_client(uri: str | None, create: bool) -> tuple[MlflowClient, str]:
@@ -152,8 +159,9 @@ def connect(uri: str) -> MlflowClient:
     return MlflowClient(uri)
 
 
-def search_all(client: MlflowClient, experiment_ids: list[str], query: str = "",
-               order_by: list[str] | None = None) -> list[Run]:
+def search_all(
+    client: MlflowClient, experiment_ids: list[str], query: str = "", order_by: list[str] | None = None
+) -> list[Run]:
     """Every run matching ``query``, page by page (MLflow returns at most 1,000 per call)."""
     runs, token = [], None
     while True:
@@ -177,16 +185,29 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 
 def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec) -> str:
     """Create the sweep's parent run with its tags, settings and the spec text; returns its id."""
-    run = client.create_run(exp_id, run_name=spec.name, tags={
-        ROLE: ROLE_SWEEP, SWEEP: spec.name, STORAGE: spec.storage_path,
-        METRICS: ",".join(f"{k}:{v}" for k, v in spec.metrics.items()),
-    })
+    run = client.create_run(
+        exp_id,
+        run_name=spec.name,
+        tags={
+            ROLE: ROLE_SWEEP,
+            SWEEP: spec.name,
+            STORAGE: spec.storage_path,
+            METRICS: ",".join(f"{k}:{v}" for k, v in spec.metrics.items()),
+        },
+    )
     params = {
-        "search.mode": spec.mode, "search.num_samples": spec.num_samples, "search.metrics": spec.metrics,
-        "scheduler": spec.scheduler, "resources.cpus": spec.cpus, "resources.gpus": spec.gpus,
-        "max_concurrent": spec.max_concurrent, "max_failures": spec.max_failures, "analyze": spec.analyze is not None,
+        "search.mode": spec.mode,
+        "search.num_samples": spec.num_samples,
+        "search.metrics": spec.metrics,
+        "scheduler": spec.scheduler,
+        "resources.cpus": spec.cpus,
+        "resources.gpus": spec.gpus,
+        "max_concurrent": spec.max_concurrent,
+        "max_failures": spec.max_failures,
+        "analyze": spec.analyze is not None,
         "prune": ",".join(spec.prune.cells) if spec.prune else "",
-        "trials": spec.num_trials(), "axes": ",".join(a.name for a in spec.axes),
+        "trials": spec.num_trials(),
+        "axes": ",".join(a.name for a in spec.axes),
     }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,8 +221,9 @@ def find_parent(client: MlflowClient, name: str) -> Run | None:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = '{ROLE_SWEEP}'", order_by=["start_time DESC"],
-                              max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`{ROLE}` = '{ROLE_SWEEP}'", order_by=["start_time DESC"], max_results=1
+    )
     return runs[0] if runs else None
 
 
@@ -265,19 +287,32 @@ class ChildRun:
         self.spool = Spool(client.tracking_uri)
 
     @classmethod
-    def open(cls, client: MlflowClient, exp_id: str, parent_id: str, tags: dict[str, str], params: dict[str, str],
-             run_id: str | None, attempt_tags: dict[str, str], *, role: str = "trial", key: str = TRIAL_ID,
-             run_name: str | None = None) -> "ChildRun":
+    def open(
+        cls,
+        client: MlflowClient,
+        exp_id: str,
+        parent_id: str,
+        tags: dict[str, str],
+        params: dict[str, str],
+        run_id: str | None,
+        attempt_tags: dict[str, str],
+        *,
+        role: str = "trial",
+        key: str = TRIAL_ID,
+        run_name: str | None = None,
+    ) -> ChildRun:
         """Continue ``run_id`` (from the trial checkpoint) or the parent's child tagged ``key=tags[key]``,
         else create one; waits (with a warning) while the server is away.
 
         ``attempt_tags`` (where and from which epoch this attempt runs) are set on every start."""
-        def attempt() -> "ChildRun":
+
+        def attempt() -> ChildRun:
             run = client.get_run(run_id) if run_id else find_child(client, exp_id, parent_id, tags[key], key)
             if run is None:
                 name = run_name or f"{tags[VARIANT]} seed={tags[SEED]}"
-                run = client.create_run(exp_id, run_name=name, tags={PARENT_TAG: parent_id, ROLE: role, **tags,
-                                                                     ATTEMPTS: "1"})
+                run = client.create_run(
+                    exp_id, run_name=name, tags={PARENT_TAG: parent_id, ROLE: role, **tags, ATTEMPTS: "1"}
+                )
                 client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
             elif run.info.status != "FINISHED":
                 attempts = int(run.data.tags.get(ATTEMPTS, "1")) + 1
@@ -286,6 +321,7 @@ class ChildRun:
             if run.info.status != "FINISHED":
                 client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in attempt_tags.items()])
             return cls(client, client.get_run(run.info.run_id))
+
         return call_when_up(attempt, client.tracking_uri)
 
     def submit(self, what: str, write: Callable[[], object]) -> None:
@@ -311,22 +347,27 @@ class ChildRun:
         artifacts = [(job_dir / name, folder) for name, folder in ARTIFACTS.items()]
         self.close_finished(final, artifacts, environment_tags(summary))
 
-    def close_finished(self, metrics: dict[str, float], artifacts: list[tuple[Path, str | None]],
-                       tags: dict[str, str]) -> None:
+    def close_finished(
+        self, metrics: dict[str, float], artifacts: list[tuple[Path, str | None]], tags: dict[str, str]
+    ) -> None:
         """Queue the final metrics (once: those an earlier attempt logged are kept), tags, artifacts, the
         removal of an earlier attempt's error tag, and FINISHED; return once all of it is sent."""
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, 0) for k, v in metrics.items() if k not in self.latest]
         for start in range(0, len(batch), 1000):  # MLflow's batch limit
-            part = batch[start:start + 1000]
+            part = batch[start : start + 1000]
             self.submit("final metrics", lambda part=part: self.client.log_batch(self.run_id, metrics=part))
         if tags:
-            self.submit("tags", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+            self.submit(
+                "tags", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            )
         if ERROR in self.tags:
             self.submit("clear error", lambda: self.client.delete_tag(self.run_id, ERROR))
         for path, folder in artifacts:
             if path.is_file():
-                self.submit(f"artifact {path.name}", lambda p=str(path), f=folder: self.client.log_artifact(self.run_id, p, f))
+                self.submit(
+                    f"artifact {path.name}", lambda p=str(path), f=folder: self.client.log_artifact(self.run_id, p, f)
+                )
         self.submit("finished", lambda: self.client.set_terminated(self.run_id, "FINISHED"))
         self.spool.drain()
 
@@ -336,5 +377,8 @@ class ChildRun:
             self.spool.drain_now()
             end_run(self.client, self.run_id, "FAILED", {ERROR: f"{type(error).__name__}: {error}"})
         except Exception as exc:  # noqa: BLE001 - the trial's own error is the one to raise
-            print(f"unitlab: could not mark run {self.run_id} FAILED ({type(exc).__name__}); the driver will",
-                  file=sys.stderr, flush=True)
+            print(
+                f"unitlab: could not mark run {self.run_id} FAILED ({type(exc).__name__}); the driver will",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -3,6 +3,7 @@
 Every epoch's checkpoint folder (with the MLflow run id written into it) is reported to Tune, so a
 retried or resumed trial continues from its last epoch in the same MLflow child run.
 """
+
 from __future__ import annotations
 
 import json
@@ -113,8 +114,16 @@ def train_trial(config: dict, context: TrialContext) -> None:
     with tempfile.TemporaryDirectory(prefix=f"unitlab-{trial_id}-") as tmp:
         resume_from, run_id, trained = restore(tune.get_checkpoint(), Path(tmp) / "restored")
         attempt = {START_EPOCH: str(len(trained)), NODE_ID: ray.get_runtime_context().get_node_id()}
-        child = ChildRun.open(client, context.experiment_id, context.parent_run_id, tags, flatten(cfg.to_dict()), run_id,
-                              attempt, run_name=spec.run_name(config))
+        child = ChildRun.open(
+            client,
+            context.experiment_id,
+            context.parent_run_id,
+            tags,
+            flatten(cfg.to_dict()),
+            run_id,
+            attempt,
+            run_name=spec.run_name(config),
+        )
         if child.finished:  # finished before an interrupted driver could record it: report, do not rerun
             tune.report(child.latest)
             return
@@ -128,7 +137,9 @@ def train_trial(config: dict, context: TrialContext) -> None:
             if spec.analyze is not None:  # before FINISHED, so a finished run always holds its analysis
                 analyze_run_dir(job_dir, job_dir / "analysis", spec.analyze)
                 child.submit("analysis", lambda: log_analysis(child.run_id, job_dir / "analysis", client))
-            child.submit("model", lambda: log_trial_model(context.tracking_uri, child.run_id, job_dir, cfg, summary["norm"]))
+            child.submit(
+                "model", lambda: log_trial_model(context.tracking_uri, child.run_id, job_dir, cfg, summary["norm"])
+            )
             child.submit("dataset", lambda: log_dataset(client, child.run_id, cfg))
             child.finish(summary, job_dir)
         except Exception as exc:

@@ -1,4 +1,5 @@
 """Shared fixtures and helpers: real-data location, small job configs and sweep specs, local Ray."""
+
 from __future__ import annotations
 
 import os
@@ -31,9 +32,13 @@ BF16_MODES = {"auto": "auto", "on": True, "off": False}
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bf16", choices=sorted(BF16_MODES), default=os.environ.get("UNITLAB_TEST_BF16", "auto"),
-                     help="bf16 autocast of every job the suite trains (default auto: where the CPU has native "
-                          "bf16; also UNITLAB_TEST_BF16). The reproduction tests run both precisions anyway.")
+    parser.addoption(
+        "--bf16",
+        choices=sorted(BF16_MODES),
+        default=os.environ.get("UNITLAB_TEST_BF16", "auto"),
+        help="bf16 autocast of every job the suite trains (default auto: where the CPU has native "
+        "bf16; also UNITLAB_TEST_BF16). The reproduction tests run both precisions anyway.",
+    )
 
 
 SUITE_BF16: bool | str = "auto"  # set from --bf16 before collection; synthetic_job and sweep_spec use it
@@ -68,7 +73,14 @@ def synthetic_job(**overrides) -> dict:
     """A job that trains a tiny CCT on synthetic data in a few seconds on CPU."""
     job = {
         "model": {"preset": "cct_tiny"},
-        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 256, "val_size": 64, "test_size": 64},
+        "data": {
+            "name": "synthetic",
+            "num_classes": 4,
+            "image_size": 16,
+            "train_size": 256,
+            "val_size": 64,
+            "test_size": 64,
+        },
         "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
         "epochs": 2,
         "batch_size": 32,
@@ -84,8 +96,14 @@ def sweep_spec(name: str, epochs: int = 2, train_size: int = 256, **overrides) -
     """Four cells (2 attention shapes x 2 conv-replaced block counts) of a tiny CCT on synthetic data."""
     spec = {
         "name": name,
-        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": train_size,
-                 "val_size": 64, "test_size": 64},
+        "data": {
+            "name": "synthetic",
+            "num_classes": 4,
+            "image_size": 16,
+            "train_size": train_size,
+            "val_size": 64,
+            "test_size": 64,
+        },
         "base": {
             "model": {"preset": "cct_tiny"},
             "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},

@@ -12,11 +12,11 @@ from torch import nn
 
 from analysis.units.clusters import binarize, greedy_clusters, unit_stats
 from analysis.units.features import collect_features
-from analysis.units.readout import Readout, train_readout
-from analysis.units.results import load_matrices, matrix_arrays
-from analysis.units.reference import reference_unit_matrices
-from analysis.units.summary import analyse_unit, head_structure, summarise_tap, tap_summary, UnitResult
 from analysis.units.matrices import tap_unit_matrices, unit_matrices
+from analysis.units.readout import Readout, train_readout
+from analysis.units.reference import reference_unit_matrices
+from analysis.units.results import load_matrices, matrix_arrays
+from analysis.units.summary import UnitResult, analyse_unit, head_structure, summarise_tap, tap_summary
 
 
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -25,6 +25,7 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 # ------------------------------------------------------------------ clusters
 
+
 def stats_of(B):
     B = np.array(B, dtype=bool)
     clusters = greedy_clusters(B)
@@ -32,18 +33,21 @@ def stats_of(B):
     return clusters, s.labels, s.n_clusters, s.signal, s.noise
 
 
-@pytest.mark.parametrize("B, clusters, signal, noise", [
-    (np.eye(4), [[0], [1], [2], [3]], 4, 0),
-    ([[1, 1, 0], [1, 1, 0], [0, 0, 1]], [[0, 1], [2]], 5, 0),
-    # overlapping blocks {0,1} and {1,2}: greedy order takes {0,1}, then 2 alone
-    ([[1, 1, 0], [1, 1, 1], [0, 1, 1]], [[0, 1], [2]], 5, 2),
-    # 0-2 and 0-3 compatible, 2-3 not: 0 takes 2 first, 3 is left alone
-    ([[1, 0, 1, 1], [0, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], [[0, 2], [1], [3]], 6, 2),
-    # B[0,1] set but B[1,0] missing: no block; label 2 has no diagonal one
-    ([[1, 1, 0], [0, 1, 0], [0, 0, 0]], [[0], [1]], 2, 1),
-    # off-diagonal ones only: no candidate, everything is noise
-    ([[0, 1], [1, 0]], [], 0, 2),
-])
+@pytest.mark.parametrize(
+    "B, clusters, signal, noise",
+    [
+        (np.eye(4), [[0], [1], [2], [3]], 4, 0),
+        ([[1, 1, 0], [1, 1, 0], [0, 0, 1]], [[0, 1], [2]], 5, 0),
+        # overlapping blocks {0,1} and {1,2}: greedy order takes {0,1}, then 2 alone
+        ([[1, 1, 0], [1, 1, 1], [0, 1, 1]], [[0, 1], [2]], 5, 2),
+        # 0-2 and 0-3 compatible, 2-3 not: 0 takes 2 first, 3 is left alone
+        ([[1, 0, 1, 1], [0, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], [[0, 2], [1], [3]], 6, 2),
+        # B[0,1] set but B[1,0] missing: no block; label 2 has no diagonal one
+        ([[1, 1, 0], [0, 1, 0], [0, 0, 0]], [[0], [1]], 2, 1),
+        # off-diagonal ones only: no candidate, everything is noise
+        ([[0, 1], [1, 0]], [], 0, 2),
+    ],
+)
 def test_greedy_clusters(B, clusters, signal, noise):
     got, labels, n, sig, noi = stats_of(B)
     assert got == clusters
@@ -81,10 +85,12 @@ def test_analyse_unit_no_cluster():
 
 # ------------------------------------------------------------------ summary
 
+
 def unit(clusters, noise):
     labels = sorted(l for c in clusters for l in c)
-    return UnitResult(clusters, labels, len(labels), len(clusters), sum(len(c) ** 2 for c in clusters),
-                      noise, bool(clusters))
+    return UnitResult(
+        clusters, labels, len(labels), len(clusters), sum(len(c) ** 2 for c in clusters), noise, bool(clusters)
+    )
 
 
 def test_tap_summary():
@@ -111,6 +117,7 @@ def test_head_structure_symmetry_breaking():
 
 
 # ------------------------------------------------------------------ fast path vs brute force
+
 
 def random_readout(kind, in_features, num_classes, gen, scale=1.0):
     r = Readout(kind, in_features, num_classes, scale=scale).double()
@@ -167,13 +174,15 @@ def test_matrices_npz_is_exact_and_old_layout_still_loads(tmp_path):
     np.savez_compressed(tmp_path / "new.npz", **matrix_arrays({"t.0": {"node": m}}))
     assert np.array_equal(load_matrices(tmp_path / "new.npz")["t.0"]["node"], m)  # bit-exact
     scale = np.abs(m).reshape(3, -1).max(1)
-    np.savez_compressed(tmp_path / "old.npz", **{"t.0/node": (m / scale[:, None, None]).astype(np.float16),
-                                                 "t.0/node/scale": scale})
+    np.savez_compressed(
+        tmp_path / "old.npz", **{"t.0/node": (m / scale[:, None, None]).astype(np.float16), "t.0/node/scale": scale}
+    )
     old = load_matrices(tmp_path / "old.npz")["t.0"]["node"]
     assert old.dtype == np.float32 and np.abs(old - m).max() <= 1e-3 * scale.max()
 
 
 # ------------------------------------------------------------------ readout training
+
 
 def test_readout_learns_separable_conv():
     gen = torch.Generator().manual_seed(2)
@@ -204,6 +213,7 @@ def test_readout_learns_separable_tokens_needing_pooling():
 
 # ------------------------------------------------------------------ features + models
 
+
 class TinyTapped(nn.Module):
     """Follows the documented model interface: taps dict and forward(x, taps=None)."""
 
@@ -212,8 +222,10 @@ class TinyTapped(nn.Module):
         self.conv = nn.Conv2d(3, 6, 3, padding=1)
         self.proj = nn.Linear(6, 8)
         self.head = nn.Linear(8, classes)
-        self.taps = {"conv1": SimpleNamespace(kind="conv", heads=None, head_dim=None),
-                     "mha1": SimpleNamespace(kind="token", heads=2, head_dim=4)}
+        self.taps = {
+            "conv1": SimpleNamespace(kind="conv", heads=None, head_dim=None),
+            "mha1": SimpleNamespace(kind="token", heads=2, head_dim=4),
+        }
 
     def forward(self, x, taps=None):
         c = self.conv(x).relu()
@@ -247,18 +259,22 @@ def test_collect_features_tiny_model():
     feats, out = analyse_model_taps(model, x, y, 4, ["conv1", "mha1"])
     assert model.training  # mode restored
     assert feats["conv1"].shape == (40, 6, 5, 5) and feats["mha1"].shape == (40, 25, 8)
-    again = collect_features(model, ((x[i:i + 7], y[i:i + 7]) for i in range(0, 40, 7)), ["mha1"],
-                             dtype=torch.float16)
+    again = collect_features(
+        model, ((x[i : i + 7], y[i : i + 7]) for i in range(0, 40, 7)), ["mha1"], dtype=torch.float16
+    )
     torch.testing.assert_close(again["mha1"].float(), feats["mha1"], atol=1e-2, rtol=1e-2)
     assert "heads" in out["mha1"] and "filter" in out["conv1"]["kinds"]
     with pytest.raises(MemoryError):
         collect_features(model, x, ["conv1"], max_bytes=1000)
 
 
-@pytest.mark.parametrize("spec", [
-    {"preset": "cct_tiny", "blocks": 2, "n_conv_blocks": 1, "num_classes": 5},
-    {"preset": "vgg11_afcc", "width_mult": 0.0625, "num_classes": 5},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"preset": "cct_tiny", "blocks": 2, "n_conv_blocks": 1, "num_classes": 5},
+        {"preset": "vgg11_afcc", "width_mult": 0.0625, "num_classes": 5},
+    ],
+)
 def test_real_models(spec):
     """Every tap of a real model family: fast unit matrices equal the brute-force reference
     (``check_against_reference`` inside), and each tap's summary covers each of its units."""

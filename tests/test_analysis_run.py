@@ -11,19 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import synthetic_job
 
 from analysis.units.clusters import binarize, greedy_clusters
 from analysis.units.features import collect_features
+from analysis.units.pipeline import AnalysisConfig
 from analysis.units.reference import reference_unit_matrices
 from analysis.units.results import load_label_sets, load_matrices, load_readouts
-from analysis.units.pipeline import AnalysisConfig
 from analysis.units.run import analyze, load_model, main
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.loader import to_model_input
 from trainables.train import run_job
-
-from conftest import synthetic_job
 
 TINY = {"preset": "cct_tiny", "blocks": 2, "n_conv_blocks": 1}
 FAST = ["--readout-epochs", "4", "--batch-size", "64"]
@@ -96,8 +95,12 @@ def test_rethresholding_matrices_npz_reproduces_every_unit(results):
         noise = int(B.sum()) - signal if B is not None else 0
         labels = sorted(l for c in clusters for l in c)
         assert labels == label_file["taps"][row["tap"]][row["unit_kind"]][row["unit"]], row
-        assert (len(labels), clusters, signal, noise) == (row["n_labels"], row["clusters"], row["signal"],
-                                                         row["noise"]), row
+        assert (len(labels), clusters, signal, noise) == (
+            row["n_labels"],
+            row["clusters"],
+            row["signal"],
+            row["noise"],
+        ), row
 
 
 def test_fast_path_equals_brute_force_on_trained_taps(trained):
@@ -115,8 +118,7 @@ def test_fast_path_equals_brute_force_on_trained_taps(trained):
         for kind, fast in result.matrices[tap].items():
             ref = reference_unit_matrices(readout, feats[tap], y, 4, kind, head_dim=model.taps[tap].head_dim)
             assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max(), (tap, kind)
-        assert result.taps[tap]["accuracy"] == pytest.approx(
-            float((readout(feats[tap]).argmax(1) == y).float().mean()))
+        assert result.taps[tap]["accuracy"] == pytest.approx(float((readout(feats[tap]).argmax(1) == y).float().mean()))
 
 
 def test_matrices_rebuild_from_saved_readouts_and_rows(trained, tmp_path):
@@ -124,8 +126,9 @@ def test_matrices_rebuild_from_saved_readouts_and_rows(trained, tmp_path):
     cfg = prepare(json.loads((trained / "config.json").read_text()))
     splits = load_splits(cfg.data, cfg.seed)
     model = load_model(trained / "spec.json", trained / "model.pt")
-    result = analyze(model, splits, AnalysisConfig(readout_epochs=3, recipe="paper", test_size=41),
-                     out_dir=tmp_path, figures=False)
+    result = analyze(
+        model, splits, AnalysisConfig(readout_epochs=3, recipe="paper", test_size=41), out_dir=tmp_path, figures=False
+    )
     params, rows = load_readouts(tmp_path / "readouts.npz")
     stored = load_matrices(tmp_path / "matrices.npz")
     assert result.meta["test_subset"] == "class-balanced"
@@ -135,8 +138,9 @@ def test_matrices_rebuild_from_saved_readouts_and_rows(trained, tmp_path):
     assert torch.bincount(labels, minlength=4).tolist() == [10, 10, 10, 10]  # 41 // 4 per label
     assert rows["train_rows"].tolist() == splits.train.indices.tolist()
     mean, std = torch.tensor(splits.mean), torch.tensor(splits.std)
-    feats = collect_features(model, to_model_input(torch.from_numpy(splits.test.images[positions]), mean, std),
-                             list(model.taps))
+    feats = collect_features(
+        model, to_model_input(torch.from_numpy(splits.test.images[positions]), mean, std), list(model.taps)
+    )
     for tap, info in model.taps.items():
         p = params[tap]
         z = feats[tap].double() / float(p["scale"])
@@ -148,7 +152,7 @@ def test_matrices_rebuild_from_saved_readouts_and_rows(trained, tmp_path):
         for kind, matrices in result.matrices[tap].items():
             size = r.shape[1] // matrices.shape[0]
             for u in range(matrices.shape[0]):
-                field = r[:, u * size:(u + 1) * size] @ w[:, u * size:(u + 1) * size].T  # (N, C)
+                field = r[:, u * size : (u + 1) * size] @ w[:, u * size : (u + 1) * size].T  # (N, C)
                 rebuilt = torch.stack([field[labels == l].mean(0) for l in range(4)]).numpy()
                 scale = max(np.abs(rebuilt).max(), 1e-12)
                 assert np.abs(matrices[u] - rebuilt).max() <= 1e-5 * scale, (tap, kind, u)
@@ -160,13 +164,20 @@ def _write(path: Path, data: dict) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case, names", [
-    ("checkpoint", "does not match"), ("tap", "--taps: unknown tap 'block.9.out'"),
-    ("threshold0", "--threshold: must be in (0, 1), got 0.0"), ("threshold1.5", "--threshold: must be in (0, 1)"),
-    ("classes", "data: 5 classes, but the model has 4 outputs"), ("recipe", "--recipe: must be one of"),
-    ("epochs-lbfgs", "--readout-epochs: readout option 'epochs' does not apply to recipe 'lbfgs'"),
-    ("batch", "--batch-size: must be >= 1, got 0"), ("labels", "label_sets"),
-])
+@pytest.mark.parametrize(
+    "case, names",
+    [
+        ("checkpoint", "does not match"),
+        ("tap", "--taps: unknown tap 'block.9.out'"),
+        ("threshold0", "--threshold: must be in (0, 1), got 0.0"),
+        ("threshold1.5", "--threshold: must be in (0, 1)"),
+        ("classes", "data: 5 classes, but the model has 4 outputs"),
+        ("recipe", "--recipe: must be one of"),
+        ("epochs-lbfgs", "--readout-epochs: readout option 'epochs' does not apply to recipe 'lbfgs'"),
+        ("batch", "--batch-size: must be >= 1, got 0"),
+        ("labels", "label_sets"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(case, names, trained, tmp_path, capsys):
     spec = json.loads((trained / "spec.json").read_text())
     data = {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 32, "test_size": 16}
@@ -210,8 +221,9 @@ def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("sweep-a", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp, tags={"unitlab.role": "sweep", "unitlab.sweep": "sweep-a"}).info.run_id
-    trial = client.create_run(exp, tags={"unitlab.role": "trial", "unitlab.sweep": "sweep-a",
-                                         "mlflow.parentRunId": parent}).info.run_id
+    trial = client.create_run(
+        exp, tags={"unitlab.role": "trial", "unitlab.sweep": "sweep-a", "mlflow.parentRunId": parent}
+    ).info.run_id
     for name in ("spec.json", "model.pt"):
         client.log_artifact(trial, str(trained / name), "model")
     for name in ("config.json", "summary.json"):
@@ -227,24 +239,40 @@ def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
         assert {m.step: m.value for m in history} == pytest.approx(steps) and len(history) == len(steps)
     assert sorted(expected["readout_acc_by_depth"]) == [0, 1]  # block.1.heads, final_norm
     assert sorted(expected["heads_per_label_by_depth"]) == [0]
-    assert {"snr_by_depth", "labels_per_unit_by_depth", "noise_per_unit_by_depth", "labels_per_head_by_depth",
-            "head_max_share_control_by_depth"} <= set(expected)
+    assert {
+        "snr_by_depth",
+        "labels_per_unit_by_depth",
+        "noise_per_unit_by_depth",
+        "labels_per_head_by_depth",
+        "head_max_share_control_by_depth",
+    } <= set(expected)
     assert not [k for k in client.get_run(trial).data.metrics if "/" in k], "per-tap metrics are gone"
     logged = {f.path for f in client.list_artifacts(trial, "analysis")}
-    assert {"analysis/taps.json", "analysis/units.parquet", "analysis/units.csv", "analysis/taps.csv",
-            "analysis/depth_index.csv", "analysis/label_sets.json",
-            "analysis/matrices.npz", "analysis/readouts.npz", "analysis/figures"} <= logged
+    assert {
+        "analysis/taps.json",
+        "analysis/units.parquet",
+        "analysis/units.csv",
+        "analysis/taps.csv",
+        "analysis/depth_index.csv",
+        "analysis/label_sets.json",
+        "analysis/matrices.npz",
+        "analysis/readouts.npz",
+        "analysis/figures",
+    } <= logged
     assert client.get_run(trial).data.tags["unitlab.analysis.threshold"] == "0.3"
 
     assert orchestrate([parent, "--tracking-uri", uri, "--taps", taps]) == 0  # already analysed: skipped
     assert "already analysed" in capsys.readouterr().out
     assert orchestrate(["no-such-sweep", "--tracking-uri", uri]) == 2
-    assert config_from_params({"data.name": "synthetic", "data.num_classes": "4", "seed": "3", "lr": "0.1"}) == \
-        {"data": {"name": "synthetic", "num_classes": 4}, "seed": 3}
+    assert config_from_params({"data.name": "synthetic", "data.num_classes": "4", "seed": "3", "lr": "0.1"}) == {
+        "data": {"name": "synthetic", "num_classes": 4},
+        "seed": 3,
+    }
 
 
 def test_report_prints_depth_and_head_tables(results, trained, tmp_path, capsys):
     from analysis.units.report import main as report_main
+
     assert report_main([str(results)]) == 0
     out = capsys.readouterr().out
     model = load_model(trained / "spec.json", trained / "model.pt")

@@ -1,4 +1,5 @@
 """Batched RandAugment and random erasing (trainables.augment) against torchvision, per sample."""
+
 from __future__ import annotations
 
 import math
@@ -64,16 +65,20 @@ def _torchvision(image: torch.Tensor, op: str, arg: float) -> torch.Tensor:
     if op in ("ShearX", "ShearY"):
         degrees = math.degrees(math.atan(arg))
         shear = [degrees, 0.0] if op == "ShearX" else [0.0, degrees]
-        return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear,
-                         interpolation=NEAREST, center=[0, 0])
+        return TF.affine(
+            image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=NEAREST, center=[0, 0]
+        )
     if op in ("TranslateX", "TranslateY"):
         translate = [int(arg), 0] if op == "TranslateX" else [0, int(arg)]
-        return TF.affine(image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0],
-                         interpolation=NEAREST)
+        return TF.affine(image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=NEAREST)
     if op == "Rotate":
         return TF.rotate(image, arg, interpolation=NEAREST)
-    enhance = {"Brightness": TF.adjust_brightness, "Color": TF.adjust_saturation,
-               "Contrast": TF.adjust_contrast, "Sharpness": TF.adjust_sharpness}
+    enhance = {
+        "Brightness": TF.adjust_brightness,
+        "Color": TF.adjust_saturation,
+        "Contrast": TF.adjust_contrast,
+        "Sharpness": TF.adjust_sharpness,
+    }
     if op in enhance:
         return enhance[op](image, arg)
     if op == "Posterize":

@@ -2,6 +2,7 @@
 
 Each case must exit with 2, print exactly one line on stderr naming the culprit (field, flag, file
 or URI), and leave the file tree as it found it (nothing half-written)."""
+
 from __future__ import annotations
 
 import io
@@ -17,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import cli_args, sweep_spec, synthetic_job, write
 from PIL import Image
 
 from analysis.pruning.cli import main as prune_main
 from analysis.units.run import main as analysis_main
-from conftest import cli_args, sweep_spec, synthetic_job, write
 from orchestrator.cli import main as orchestrator_main
 from trainables.config import prepare
 from trainables.train import main as train_main
@@ -86,159 +87,381 @@ def _train(a: dict, *extra: str) -> list[str]:
 
 # (command, argv builder, the text stderr's one line must hold)
 CASES = {
-    "train: negative lr": (lambda a, out: _train(a, "--out", out, "--set", "recipe.lr=-1"), "config.recipe.lr: must be > 0"),
-    "train: negative synthetic size": (lambda a, out: _train(a, "--out", out, "--set", "data.train_size=-5"),
-                                       "config.data.train_size: must be >= 1, got -5"),
-    "train: epochs not a number": (lambda a, out: _train(a, "--out", out, "--set", "epochs=two"), "config.epochs: must be int"),
+    "train: negative lr": (
+        lambda a, out: _train(a, "--out", out, "--set", "recipe.lr=-1"),
+        "config.recipe.lr: must be > 0",
+    ),
+    "train: negative synthetic size": (
+        lambda a, out: _train(a, "--out", out, "--set", "data.train_size=-5"),
+        "config.data.train_size: must be >= 1, got -5",
+    ),
+    "train: epochs not a number": (
+        lambda a, out: _train(a, "--out", out, "--set", "epochs=two"),
+        "config.epochs: must be int",
+    ),
     "train: no heads": (lambda a, out: _train(a, "--out", out, "--set", "model.heads=0"), "model.heads: must be >= 1"),
     "train: unknown key": (lambda a, out: _train(a, "--out", out, "--set", "epochz=3"), "config.epochz: unknown key"),
     "train: bf16 maybe": (lambda a, out: _train(a, "--out", out, "--set", "bf16=maybe"), "config.bf16: must be one of"),
-    "train: crop scale": (lambda a, out: _train(a, "--out", out, "--set", "data.augment.crop_scale=[0.5, 2]"),
-                          "config.data.augment.crop_scale"),
-    "train: RandAugment magnitude": (lambda a, out: _train(a, "--out", out, "--set",
-                                                           "data.augment.rand_augment={num_ops: 2, magnitude: 12}"),
-                                     "config.data.augment.rand_augment.magnitude: must be in [0, 10]"),
-    "train: erasing probability": (lambda a, out: _train(a, "--out", out, "--set", "data.augment.erasing=1.5"),
-                                   "config.data.augment.erasing: must be in [0, 1]"),
-    "train: unknown dataset": (lambda a, out: _train(a, "--out", out, "--set", "data.name=imagenet"),
-                               "config.data.name: must be one of"),
-    "train: set without =": (lambda a, out: _train(a, "--out", out, "--set", "epochs"), "--set epochs: expected KEY=VALUE"),
-    "train: missing config": (lambda a, out: ["train", "--config", str(a["root"] / "nope.yaml"), "--out", out],
-                              "nope.yaml: not found"),
-    "train: config not YAML": (lambda a, out: ["train", "--config", str(a["root"] / "notyaml.yaml"), "--out", out],
-                               "notyaml.yaml: not valid YAML"),
+    "train: crop scale": (
+        lambda a, out: _train(a, "--out", out, "--set", "data.augment.crop_scale=[0.5, 2]"),
+        "config.data.augment.crop_scale",
+    ),
+    "train: RandAugment magnitude": (
+        lambda a, out: _train(a, "--out", out, "--set", "data.augment.rand_augment={num_ops: 2, magnitude: 12}"),
+        "config.data.augment.rand_augment.magnitude: must be in [0, 10]",
+    ),
+    "train: erasing probability": (
+        lambda a, out: _train(a, "--out", out, "--set", "data.augment.erasing=1.5"),
+        "config.data.augment.erasing: must be in [0, 1]",
+    ),
+    "train: unknown dataset": (
+        lambda a, out: _train(a, "--out", out, "--set", "data.name=imagenet"),
+        "config.data.name: must be one of",
+    ),
+    "train: set without =": (
+        lambda a, out: _train(a, "--out", out, "--set", "epochs"),
+        "--set epochs: expected KEY=VALUE",
+    ),
+    "train: missing config": (
+        lambda a, out: ["train", "--config", str(a["root"] / "nope.yaml"), "--out", out],
+        "nope.yaml: not found",
+    ),
+    "train: config not YAML": (
+        lambda a, out: ["train", "--config", str(a["root"] / "notyaml.yaml"), "--out", out],
+        "notyaml.yaml: not valid YAML",
+    ),
     "train: out is a file": (lambda a, out: _train(a, "--out", str(a["root"] / "a_file")), "--out: "),
-    "train: resume another model": (lambda a, out: _train(a, "--out", out, "--resume", str(a["root"] / "other" / "checkpoint")),
-                                    "holds another model than the config describes"),
-    "train: resume a non-checkpoint": (lambda a, out: _train(a, "--out", out, "--resume", str(a["root"] / "run")),
-                                       "state.pt: not found"),
-    "train: 16 px images": (lambda a, out: _train(a, "--out", out, "--set", "data.name=cifar100", "--set",
-                                                  f"data.data_dir={a['root'] / 'small_images'}", "--set", "data.val_size=5",
-                                                  "--set", "model.preset=cct_tiny"),
-                            "image 20 is 16x16 px, cifar100 images are 32x32"),
-    "train: label out of range": (lambda a, out: _train(a, "--out", out, "--set", "data.name=cifar100", "--set",
-                                                        f"data.data_dir={a['root'] / 'wrong_labels'}", "--set",
-                                                        "data.val_size=5"),
-                                  "label 150 of image 20 is outside 0..99"),
-    "analysis: threshold": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--threshold", "1.5"],
-                            "--threshold: must be in (0, 1), got 1.5"),
-    "analysis: recipe": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--recipe", "fast"],
-                         "--recipe: must be one of paper100, paper, lbfgs"),
-    "analysis: batch size": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--batch-size", "0"],
-                             "--batch-size: must be >= 1, got 0"),
-    "analysis: unknown tap": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--taps", "nope"],
-                              "--taps: unknown tap 'nope'"),
-    "analysis: out is a file": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", str(a["root"] / "a_file")],
-                                "--out: "),
-    "analysis: run dir without config": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "nope"), "--out", out],
-                                         "--run-dir: "),
-    "analysis: truncated model.pt": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "truncated"), "--out", out],
-                                     "model.pt: cannot be read as a state_dict"),
-    "analysis: readout epochs of lbfgs": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out,
-                                                          "--recipe", "lbfgs", "--readout-epochs", "3"],
-                                          "--readout-epochs: readout option 'epochs' does not apply"),
-    "prune: unknown method": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--method", "magic"],
-                              "--method: must be one of"),
-    "prune: level above 1": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--method", "random",
-                                             "--level", "1.5"], "--level: must be in [0, 1], got 1.5"),
-    "prune: level of a guided method": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out,
-                                                        "--method", "andc", "--level", "0.5"], "--level: only for method random"),
-    "prune: negative fine-tuning": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out,
-                                                    "--finetune-epochs", "-1"], "--finetune-epochs: must be >= 0"),
-    "prune: method of another family": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out,
-                                                        "--method", "afcc"], "'afcc' does not apply to a cct model"),
-    "prune: corrupt label sets": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--method",
-                                                  "andc", "--label-sets", str(a["root"] / "bad.json")],
-                                  "bad.json: not a label_sets.json file"),
-    "prune: no parent": (lambda a, out: ["prune", "--parent", str(a["root"] / "nope"), "--out", out, "--method", "andc"],
-                         "spec.json not found"),
-    "prune: truncated model.pt": (lambda a, out: ["prune", "--parent", str(a["root"] / "truncated"), "--out", out,
-                                                  "--method", "andc"], "model.pt: cannot be read as a state_dict"),
-    "prune: out is a file": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", str(a["root"] / "a_file"),
-                                             "--method", "none"], "--out: "),
-    "committee: negative diversity weight": (lambda a, out: ["orchestrator", "committee", "--experiment", "x",
-                                                             "--diversity-weight", "-1"], "--diversity-weight: must be >= 0"),
-    "committee: mechanism weight above 1": (lambda a, out: ["orchestrator", "committee", "--experiment", "x",
-                                                            "--mechanism-weight", "5"], "--mechanism-weight: must be in [0, 1]"),
-    "committee: size 0": (lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--size", "0"],
-                          "--size: must be >= 1, got 0"),
-    "sweep: missing spec": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "nope.yaml")], "nope.yaml: not found"),
-    "analyze: mistyped database": (lambda a, out: ["orchestrator", "analyze", "x", "--tracking-uri",
-                                                   f"sqlite:///{a['root']}/typo.db"], "--tracking-uri: no MLflow database"),
-    "sweep: storage path is a file": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
-                                                      "--storage-path", str(a["root"] / "a_file")],
-                                      "sweep.storage_path: "),
-    "train: batch size 0": (lambda a, out: _train(a, "--out", out, "--set", "batch_size=0"), "config.batch_size: must be >= 1"),
-    "train: negative epochs": (lambda a, out: _train(a, "--out", out, "--set", "epochs=-1"), "config.epochs: must be >= "),
-    "train: unknown recipe": (lambda a, out: _train(a, "--out", out, "--set", "recipe.name=lion"), "config.recipe.name: must be one of"),
-    "train: label smoothing above 1": (lambda a, out: _train(a, "--out", out, "--set", "label_smoothing=1.5"),
-                                       "config.label_smoothing: must be"),
+    "train: resume another model": (
+        lambda a, out: _train(a, "--out", out, "--resume", str(a["root"] / "other" / "checkpoint")),
+        "holds another model than the config describes",
+    ),
+    "train: resume a non-checkpoint": (
+        lambda a, out: _train(a, "--out", out, "--resume", str(a["root"] / "run")),
+        "state.pt: not found",
+    ),
+    "train: 16 px images": (
+        lambda a, out: _train(
+            a,
+            "--out",
+            out,
+            "--set",
+            "data.name=cifar100",
+            "--set",
+            f"data.data_dir={a['root'] / 'small_images'}",
+            "--set",
+            "data.val_size=5",
+            "--set",
+            "model.preset=cct_tiny",
+        ),
+        "image 20 is 16x16 px, cifar100 images are 32x32",
+    ),
+    "train: label out of range": (
+        lambda a, out: _train(
+            a,
+            "--out",
+            out,
+            "--set",
+            "data.name=cifar100",
+            "--set",
+            f"data.data_dir={a['root'] / 'wrong_labels'}",
+            "--set",
+            "data.val_size=5",
+        ),
+        "label 150 of image 20 is outside 0..99",
+    ),
+    "analysis: threshold": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--threshold", "1.5"],
+        "--threshold: must be in (0, 1), got 1.5",
+    ),
+    "analysis: recipe": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--recipe", "fast"],
+        "--recipe: must be one of paper100, paper, lbfgs",
+    ),
+    "analysis: batch size": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--batch-size", "0"],
+        "--batch-size: must be >= 1, got 0",
+    ),
+    "analysis: unknown tap": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--taps", "nope"],
+        "--taps: unknown tap 'nope'",
+    ),
+    "analysis: out is a file": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", str(a["root"] / "a_file")],
+        "--out: ",
+    ),
+    "analysis: run dir without config": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "nope"), "--out", out],
+        "--run-dir: ",
+    ),
+    "analysis: truncated model.pt": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "truncated"), "--out", out],
+        "model.pt: cannot be read as a state_dict",
+    ),
+    "analysis: readout epochs of lbfgs": (
+        lambda a, out: [
+            "analysis",
+            "--run-dir",
+            str(a["root"] / "run"),
+            "--out",
+            out,
+            "--recipe",
+            "lbfgs",
+            "--readout-epochs",
+            "3",
+        ],
+        "--readout-epochs: readout option 'epochs' does not apply",
+    ),
+    "prune: unknown method": (
+        lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--method", "magic"],
+        "--method: must be one of",
+    ),
+    "prune: level above 1": (
+        lambda a, out: [
+            "prune",
+            "--parent",
+            str(a["root"] / "run"),
+            "--out",
+            out,
+            "--method",
+            "random",
+            "--level",
+            "1.5",
+        ],
+        "--level: must be in [0, 1], got 1.5",
+    ),
+    "prune: level of a guided method": (
+        lambda a, out: [
+            "prune",
+            "--parent",
+            str(a["root"] / "run"),
+            "--out",
+            out,
+            "--method",
+            "andc",
+            "--level",
+            "0.5",
+        ],
+        "--level: only for method random",
+    ),
+    "prune: negative fine-tuning": (
+        lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--finetune-epochs", "-1"],
+        "--finetune-epochs: must be >= 0",
+    ),
+    "prune: method of another family": (
+        lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", out, "--method", "afcc"],
+        "'afcc' does not apply to a cct model",
+    ),
+    "prune: corrupt label sets": (
+        lambda a, out: [
+            "prune",
+            "--parent",
+            str(a["root"] / "run"),
+            "--out",
+            out,
+            "--method",
+            "andc",
+            "--label-sets",
+            str(a["root"] / "bad.json"),
+        ],
+        "bad.json: not a label_sets.json file",
+    ),
+    "prune: no parent": (
+        lambda a, out: ["prune", "--parent", str(a["root"] / "nope"), "--out", out, "--method", "andc"],
+        "spec.json not found",
+    ),
+    "prune: truncated model.pt": (
+        lambda a, out: ["prune", "--parent", str(a["root"] / "truncated"), "--out", out, "--method", "andc"],
+        "model.pt: cannot be read as a state_dict",
+    ),
+    "prune: out is a file": (
+        lambda a, out: [
+            "prune",
+            "--parent",
+            str(a["root"] / "run"),
+            "--out",
+            str(a["root"] / "a_file"),
+            "--method",
+            "none",
+        ],
+        "--out: ",
+    ),
+    "committee: negative diversity weight": (
+        lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--diversity-weight", "-1"],
+        "--diversity-weight: must be >= 0",
+    ),
+    "committee: mechanism weight above 1": (
+        lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--mechanism-weight", "5"],
+        "--mechanism-weight: must be in [0, 1]",
+    ),
+    "committee: size 0": (
+        lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--size", "0"],
+        "--size: must be >= 1, got 0",
+    ),
+    "sweep: missing spec": (
+        lambda a, out: ["orchestrator", "sweep", str(a["root"] / "nope.yaml")],
+        "nope.yaml: not found",
+    ),
+    "analyze: mistyped database": (
+        lambda a, out: ["orchestrator", "analyze", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
+        "--tracking-uri: no MLflow database",
+    ),
+    "sweep: storage path is a file": (
+        lambda a, out: [
+            "orchestrator",
+            "sweep",
+            str(a["root"] / "sweep.yaml"),
+            "--storage-path",
+            str(a["root"] / "a_file"),
+        ],
+        "sweep.storage_path: ",
+    ),
+    "train: batch size 0": (
+        lambda a, out: _train(a, "--out", out, "--set", "batch_size=0"),
+        "config.batch_size: must be >= 1",
+    ),
+    "train: negative epochs": (
+        lambda a, out: _train(a, "--out", out, "--set", "epochs=-1"),
+        "config.epochs: must be >= ",
+    ),
+    "train: unknown recipe": (
+        lambda a, out: _train(a, "--out", out, "--set", "recipe.name=lion"),
+        "config.recipe.name: must be one of",
+    ),
+    "train: label smoothing above 1": (
+        lambda a, out: _train(a, "--out", out, "--set", "label_smoothing=1.5"),
+        "config.label_smoothing: must be",
+    ),
     "train: unknown preset": (lambda a, out: _train(a, "--out", out, "--set", "model.preset=resnet9000"), "resnet9000"),
-    "analysis: threshold 0": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--threshold", "0"],
-                              "--threshold: must be in (0, 1), got 0"),
-    "analysis: train size 0": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--train-size", "0"],
-                               "--train-size: must be >= 1"),
-    "committee: unknown method": (lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--method", "magic"],
-                                  "--method: must be one of"),
-    "sweep: spec not YAML": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "notyaml.yaml")], "not valid YAML"),
-    "resume: mistyped database": (lambda a, out: ["orchestrator", "resume", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
-                                  "--tracking-uri: no MLflow database"),
-    "runs: mistyped database": (lambda a, out: ["orchestrator", "runs", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
-                                "--tracking-uri: no MLflow database"),
-    "committee: mistyped database": (lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--tracking-uri",
-                                                     f"sqlite:///{a['root']}/typo.db"], "--tracking-uri: no MLflow database"),
-    "prune: mistyped database": (lambda a, out: ["orchestrator", "prune", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
-                                 "--tracking-uri: no MLflow database"),
-    "sweep: unknown storage scheme": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
-                                                      "--storage-path", "ftp://host/tune"],
-                                      "sweep.storage_path: unsupported scheme 'ftp'"),
-    "sweep: storage URI without a bucket": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
-                                                            "--storage-path", "s3://"], "names no bucket or folder"),
-    "sweep: no Ray cluster at the address": (lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"),
-                                                             "--address", "127.0.0.1:9"],
-                                             "--address 127.0.0.1:9: no Ray cluster answers there"),
-    "analyze: threshold above 1": (lambda a, out: ["orchestrator", "analyze", "x", "--threshold", "2"],
-                              "--threshold: must be in (0, 1), got 2"),
-    "analysis: empty --out": (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", ""],
-                              "--out: empty path"),
-    "prune: empty --out": (lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", "", "--method", "none"],
-                           "--out: empty path"),
+    "analysis: threshold 0": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--threshold", "0"],
+        "--threshold: must be in (0, 1), got 0",
+    ),
+    "analysis: train size 0": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--train-size", "0"],
+        "--train-size: must be >= 1",
+    ),
+    "committee: unknown method": (
+        lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--method", "magic"],
+        "--method: must be one of",
+    ),
+    "sweep: spec not YAML": (
+        lambda a, out: ["orchestrator", "sweep", str(a["root"] / "notyaml.yaml")],
+        "not valid YAML",
+    ),
+    "resume: mistyped database": (
+        lambda a, out: ["orchestrator", "resume", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
+        "--tracking-uri: no MLflow database",
+    ),
+    "runs: mistyped database": (
+        lambda a, out: ["orchestrator", "runs", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
+        "--tracking-uri: no MLflow database",
+    ),
+    "committee: mistyped database": (
+        lambda a, out: [
+            "orchestrator",
+            "committee",
+            "--experiment",
+            "x",
+            "--tracking-uri",
+            f"sqlite:///{a['root']}/typo.db",
+        ],
+        "--tracking-uri: no MLflow database",
+    ),
+    "prune: mistyped database": (
+        lambda a, out: ["orchestrator", "prune", "x", "--tracking-uri", f"sqlite:///{a['root']}/typo.db"],
+        "--tracking-uri: no MLflow database",
+    ),
+    "sweep: unknown storage scheme": (
+        lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"), "--storage-path", "ftp://host/tune"],
+        "sweep.storage_path: unsupported scheme 'ftp'",
+    ),
+    "sweep: storage URI without a bucket": (
+        lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"), "--storage-path", "s3://"],
+        "names no bucket or folder",
+    ),
+    "sweep: no Ray cluster at the address": (
+        lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml"), "--address", "127.0.0.1:9"],
+        "--address 127.0.0.1:9: no Ray cluster answers there",
+    ),
+    "analyze: threshold above 1": (
+        lambda a, out: ["orchestrator", "analyze", "x", "--threshold", "2"],
+        "--threshold: must be in (0, 1), got 2",
+    ),
+    "analysis: empty --out": (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", ""],
+        "--out: empty path",
+    ),
+    "prune: empty --out": (
+        lambda a, out: ["prune", "--parent", str(a["root"] / "run"), "--out", "", "--method", "none"],
+        "--out: empty path",
+    ),
     "analyze: empty --out": (lambda a, out: ["orchestrator", "analyze", "x", "--out", ""], "--out: empty path"),
     "report: empty --out": (lambda a, out: ["orchestrator", "report", "x", "--out", ""], "--out: empty path"),
-    "committee predict: --out is a folder": (lambda a, out: ["orchestrator", "committee", "predict", "models:/m@a",
-                                                             str(a["root"]), "--out", str(a["root"])], "is a folder"),
+    "committee predict: --out is a folder": (
+        lambda a, out: ["orchestrator", "committee", "predict", "models:/m@a", str(a["root"]), "--out", str(a["root"])],
+        "is a folder",
+    ),
     "sweep: read-only file:// storage from UNITLAB_STORAGE_PATH": (
         lambda a, out: ["orchestrator", "sweep", str(a["root"] / "sweep.yaml")],
-        "sweep.storage_path: ", lambda a: {"UNITLAB_STORAGE_PATH": f"file://{_read_only(a)}/tune"}),
-    "committee: --alias without --register": (lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--alias",
-                                                              "champion"], "--alias needs --register NAME"),
+        "sweep.storage_path: ",
+        lambda a: {"UNITLAB_STORAGE_PATH": f"file://{_read_only(a)}/tune"},
+    ),
+    "committee: --alias without --register": (
+        lambda a, out: ["orchestrator", "committee", "--experiment", "x", "--alias", "champion"],
+        "--alias needs --register NAME",
+    ),
 }
 # Every verb opens its tracking store through orchestrator.tracking: a URI MLflow cannot track to, or a
 # SQLite file that is not a database, is one line naming the URI (and where it came from).
-TARGETS = {"sweep": ["{root}/sweep.yaml"], "resume": ["x"], "runs": ["x"], "analyze": ["x"], "prune": ["x"],
-           "report": ["x"], "committee": ["--experiment", "x"], "committee show": ["show", "x"],
-           "committee predict": ["predict", "models:/m@a", "{root}"]}
+TARGETS = {
+    "sweep": ["{root}/sweep.yaml"],
+    "resume": ["x"],
+    "runs": ["x"],
+    "analyze": ["x"],
+    "prune": ["x"],
+    "report": ["x"],
+    "committee": ["--experiment", "x"],
+    "committee show": ["show", "x"],
+    "committee predict": ["predict", "models:/m@a", "{root}"],
+}
 for verb, target in TARGETS.items():
     argv = ["orchestrator", verb.split()[0], *target]
     CASES[f"{verb}: SQLite URI of a file that is not a database"] = (
-        lambda a, out, argv=argv: [t.format(root=a["root"]) for t in argv] + [
-            "--tracking-uri", f"sqlite:///{a['root']}/a_file"], "names a file that is not a SQLite database")
+        lambda a, out, argv=argv: (
+            [t.format(root=a["root"]) for t in argv] + ["--tracking-uri", f"sqlite:///{a['root']}/a_file"]
+        ),
+        "names a file that is not a SQLite database",
+    )
     CASES[f"{verb}: MLFLOW_TRACKING_URI not a URI"] = (
         lambda a, out, argv=argv: [t.format(root=a["root"]) for t in argv],
-        "MLFLOW_TRACKING_URI: 'not a uri' is not a tracking URI", lambda a: {"MLFLOW_TRACKING_URI": "not a uri"})
-CASES["runs: file: tracking URI"] = (lambda a, out: ["orchestrator", "runs", "x", "--tracking-uri", f"file://{a['root']}"],
-                                     "is not a tracking URI MLflow accepts")
+        "MLFLOW_TRACKING_URI: 'not a uri' is not a tracking URI",
+        lambda a: {"MLFLOW_TRACKING_URI": "not a uri"},
+    )
+CASES["runs: file: tracking URI"] = (
+    lambda a, out: ["orchestrator", "runs", "x", "--tracking-uri", f"file://{a['root']}"],
+    "is not a tracking URI MLflow accepts",
+)
 for verb in ("sweep", "analyze", "runs", "committee"):  # a server that does not answer: one line within 10 s
     target = {"sweep": ["{root}/sweep.yaml"], "committee": ["--experiment", "x"]}.get(verb, ["x"])
     CASES[f"{verb}: unreachable tracking server"] = (
-        lambda a, out, verb=verb, target=target: ["orchestrator", verb, *[t.format(root=a["root"]) for t in target],
-                                                  "--tracking-uri", "http://127.0.0.1:9"],
-        "--tracking-uri: cannot reach http://127.0.0.1:9 within 10 s")
+        lambda a, out, verb=verb, target=target: [
+            "orchestrator",
+            verb,
+            *[t.format(root=a["root"]) for t in target],
+            "--tracking-uri",
+            "http://127.0.0.1:9",
+        ],
+        "--tracking-uri: cannot reach http://127.0.0.1:9 within 10 s",
+    )
 if NO_CUDA:
-    CASES["train: cuda without a GPU"] = (lambda a, out: _train(a, "--out", out, "--set", "device=cuda"),
-                                          "config.device: cuda requested but no CUDA device is visible")
-    CASES["analysis: cuda without a GPU"] = (lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out,
-                                                             "--device", "cuda"], "--device: cuda requested")
+    CASES["train: cuda without a GPU"] = (
+        lambda a, out: _train(a, "--out", out, "--set", "device=cuda"),
+        "config.device: cuda requested but no CUDA device is visible",
+    )
+    CASES["analysis: cuda without a GPU"] = (
+        lambda a, out: ["analysis", "--run-dir", str(a["root"] / "run"), "--out", out, "--device", "cuda"],
+        "--device: cuda requested",
+    )
 ENTRY = {"train": train_main, "analysis": analysis_main, "prune": prune_main, "orchestrator": orchestrator_main}
 
 
@@ -343,8 +566,14 @@ def test_storage_path_comes_from_the_flag_then_the_cluster_env_then_the_spec(ass
 
 # ---------------------------------------------------------------- bad inputs against a tracking store
 
-TRIAL_FILES = {"spec.json": "model", "model.pt": "model", "probs_val.parquet": "probs", "probs_test.parquet": "probs",
-               "summary.json": None, "config.json": None}
+TRIAL_FILES = {
+    "spec.json": "model",
+    "model.pt": "model",
+    "probs_val.parquet": "probs",
+    "probs_test.parquet": "probs",
+    "summary.json": None,
+    "config.json": None,
+}
 
 
 @pytest.fixture(scope="module")
@@ -365,8 +594,16 @@ def registry(assets, tmp_path_factory) -> dict:
     client.set_terminated(parent.info.run_id)
     runs = {}
     for key, folder, role in (("trial", "run", "trial"), ("other", "other", "trial"), ("pruned", "run", "prune")):
-        tags = {PARENT_TAG: parent.info.run_id, ROLE: role, SWEEP: "reg", TRIAL_ID: key, "unitlab.dataset": "synthetic",
-                "unitlab.num_classes": "4", "unitlab.variant": f"blocks={folder}", "unitlab.seed": "0"}
+        tags = {
+            PARENT_TAG: parent.info.run_id,
+            ROLE: role,
+            SWEEP: "reg",
+            TRIAL_ID: key,
+            "unitlab.dataset": "synthetic",
+            "unitlab.num_classes": "4",
+            "unitlab.variant": f"blocks={folder}",
+            "unitlab.seed": "0",
+        }
         if role == "prune":
             tags.update({PARENT_TAG: runs["trial"], LINEAGE: runs["trial"], CELL: "none"})
         runs[key] = client.create_run(exp, run_name=key, tags=tags).info.run_id
@@ -374,19 +611,34 @@ def registry(assets, tmp_path_factory) -> dict:
             client.log_artifact(runs[key], str(assets["root"] / folder / name), where)
         client.set_terminated(runs[key])
     job = assets["root"] / "run"
-    model_uri = log_trial_model(uri, runs["trial"], job, prepare(json.loads((job / "config.json").read_text())),
-                                json.loads((job / "summary.json").read_text())["norm"])
+    model_uri = log_trial_model(
+        uri,
+        runs["trial"],
+        job,
+        prepare(json.loads((job / "config.json").read_text())),
+        json.loads((job / "summary.json").read_text())["norm"],
+    )
     inputs = root / "inputs"
     (inputs / "no_images").mkdir(parents=True)
     (inputs / "no_images" / "notes.txt").write_text("not an image")
     (inputs / "empty.parquet").write_bytes(b"")
     (inputs / "binary.parquet").write_bytes(bytes(range(256)) * 4)
-    pq.write_table(pa.table({"img": pa.array([], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}),
-                   inputs / "zero_rows.parquet")
+    pq.write_table(
+        pa.table({"img": pa.array([], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}),
+        inputs / "zero_rows.parquet",
+    )
     (inputs / "small").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(inputs / "small" / "tiny.png")
-    return {"root": root, "store": root / "store", "uri": uri, "client": client, "exp": exp, "runs": runs,
-            "model_uri": model_uri, "inputs": inputs}
+    return {
+        "root": root,
+        "store": root / "store",
+        "uri": uri,
+        "client": client,
+        "exp": exp,
+        "runs": runs,
+        "model_uri": model_uri,
+        "inputs": inputs,
+    }
 
 
 def _committee(r: dict, *extra: str) -> list[str]:
@@ -399,39 +651,91 @@ def _predict(r: dict, images: str, out: str) -> list[str]:
 
 # (argv builder of the registry, the assets and the output path; the text stderr's one line must hold)
 STORE_CASES = {
-    "committee: registered name with a slash": (lambda r, a, out: _committee(r, "--register", "bad/name"),
-                                                "--register: Invalid model name 'bad/name'"),
-    "committee: alias 'latest'": (lambda r, a, out: _committee(r, "--register", "good", "--alias", "latest"),
-                                  "--alias: 'latest' alias name (case insensitive) is reserved"),
-    "committee: version-like alias": (lambda r, a, out: _committee(r, "--register", "good", "--alias", "v3"),
-                                      "--alias: Version alias name 'v3' is reserved"),
-    "committee: alias with a space and '!'": (lambda r, a, out: _committee(r, "--register", "good", "--alias", "my champ!"),
-                                              "--alias: Invalid alias name: 'my champ!'"),
+    "committee: registered name with a slash": (
+        lambda r, a, out: _committee(r, "--register", "bad/name"),
+        "--register: Invalid model name 'bad/name'",
+    ),
+    "committee: alias 'latest'": (
+        lambda r, a, out: _committee(r, "--register", "good", "--alias", "latest"),
+        "--alias: 'latest' alias name (case insensitive) is reserved",
+    ),
+    "committee: version-like alias": (
+        lambda r, a, out: _committee(r, "--register", "good", "--alias", "v3"),
+        "--alias: Version alias name 'v3' is reserved",
+    ),
+    "committee: alias with a space and '!'": (
+        lambda r, a, out: _committee(r, "--register", "good", "--alias", "my champ!"),
+        "--alias: Invalid alias name: 'my champ!'",
+    ),
     "committee: pruned member registered": (
-        lambda r, a, out: ["committee", "--runs", f"{r['runs']['pruned']},{r['runs']['trial']}", "--size", "2", "--method",
-                           "topk", "--tracking-uri", r["uri"], "--register", "good"],
-        "pruned members cannot be registered yet"),
-    "analyze: --out is a file": (lambda r, a, out: ["analyze", r["runs"]["trial"], "--force", "--out", str(a["root"] / "a_file"),
-                                                    "--tracking-uri", r["uri"]], "--out: "),
-    "report: --out is a file": (lambda r, a, out: ["report", "reg", "--out", str(a["root"] / "a_file"), "--tracking-uri",
-                                                   r["uri"]], "--out: "),
-    "report: --out read-only": (lambda r, a, out: ["report", "reg", "--out", str(_read_only(a) / "report"), "--tracking-uri",
-                                                   r["uri"]], "cannot be written"),
-    "committee predict: empty .parquet": (lambda r, a, out: _predict(r, "empty.parquet", out), "not a readable Parquet file"),
-    "committee predict: binary .parquet": (lambda r, a, out: _predict(r, "binary.parquet", out), "not a readable Parquet file"),
-    "committee predict: Parquet of 0 rows": (lambda r, a, out: _predict(r, "zero_rows.parquet", out), "no images (0 rows)"),
-    "committee predict: folder without images": (lambda r, a, out: _predict(r, "no_images", out), "no .png, .jpg or .jpeg"),
-    "committee predict: image of another size": (lambda r, a, out: _predict(r, "small", out),
-                                                 "image tiny.png is 8x8 px, the model takes 16x16"),
+        lambda r, a, out: [
+            "committee",
+            "--runs",
+            f"{r['runs']['pruned']},{r['runs']['trial']}",
+            "--size",
+            "2",
+            "--method",
+            "topk",
+            "--tracking-uri",
+            r["uri"],
+            "--register",
+            "good",
+        ],
+        "pruned members cannot be registered yet",
+    ),
+    "analyze: --out is a file": (
+        lambda r, a, out: [
+            "analyze",
+            r["runs"]["trial"],
+            "--force",
+            "--out",
+            str(a["root"] / "a_file"),
+            "--tracking-uri",
+            r["uri"],
+        ],
+        "--out: ",
+    ),
+    "report: --out is a file": (
+        lambda r, a, out: ["report", "reg", "--out", str(a["root"] / "a_file"), "--tracking-uri", r["uri"]],
+        "--out: ",
+    ),
+    "report: --out read-only": (
+        lambda r, a, out: ["report", "reg", "--out", str(_read_only(a) / "report"), "--tracking-uri", r["uri"]],
+        "cannot be written",
+    ),
+    "committee predict: empty .parquet": (
+        lambda r, a, out: _predict(r, "empty.parquet", out),
+        "not a readable Parquet file",
+    ),
+    "committee predict: binary .parquet": (
+        lambda r, a, out: _predict(r, "binary.parquet", out),
+        "not a readable Parquet file",
+    ),
+    "committee predict: Parquet of 0 rows": (
+        lambda r, a, out: _predict(r, "zero_rows.parquet", out),
+        "no images (0 rows)",
+    ),
+    "committee predict: folder without images": (
+        lambda r, a, out: _predict(r, "no_images", out),
+        "no .png, .jpg or .jpeg",
+    ),
+    "committee predict: image of another size": (
+        lambda r, a, out: _predict(r, "small", out),
+        "image tiny.png is 8x8 px, the model takes 16x16",
+    ),
 }
 
 
 def _store_state(r: dict) -> tuple:
     client = r["client"]
     runs = client.search_runs([r["exp"]], run_view_type=3)  # active and deleted
-    return (sorted((x.info.run_id, x.info.status, x.info.lifecycle_stage) for x in runs),
-            [(m.name, len(m.latest_versions or []), sorted(m.aliases)) for m in client.search_registered_models()],
-            len(client.search_model_versions()), len(client.search_logged_models([r["exp"]])), _tree(r["store"]))
+    return (
+        sorted((x.info.run_id, x.info.status, x.info.lifecycle_stage) for x in runs),
+        [(m.name, len(m.latest_versions or []), sorted(m.aliases)) for m in client.search_registered_models()],
+        len(client.search_model_versions()),
+        len(client.search_logged_models([r["exp"]])),
+        _tree(r["store"]),
+    )
 
 
 @pytest.mark.parametrize("case", list(STORE_CASES))

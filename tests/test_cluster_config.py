@@ -1,4 +1,5 @@
 """cluster.yaml is a valid `ray up` config by Ray's own schema and defaults."""
+
 from __future__ import annotations
 
 import copy
@@ -7,7 +8,6 @@ import os
 
 import jsonschema
 import yaml
-
 from conftest import REPO
 
 

@@ -6,6 +6,7 @@ an S3 bucket served on loopback by moto; an ``mlflow server`` proxies the artifa
 is submitted with ``ray job submit`` as README says, stopped with ``ray job stop`` mid-way, resumed
 from the S3 checkpoints with a second job, and the idle workers are removed afterwards.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import REPO
+from mlflow import MlflowClient
 from test_multinode import BIN, agent_ports, free_port, port_open, stop_processes_matching, wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,21 +40,41 @@ def fake_cluster_config(cluster_file: Path, gcs_address: str, idle_timeout_minut
         if name == cluster["head_node_type"]:
             types[FAKE_HEAD_TYPE] = {"resources": node_type.get("resources", {}), "node_config": {}, "max_workers": 0}
         else:
-            types[name] = {"resources": {**FAKE_WORKER_RESOURCES, **node_type.get("resources", {})}, "node_config": {},
-                           "min_workers": node_type.get("min_workers", 0), "max_workers": node_type["max_workers"]}
+            types[name] = {
+                "resources": {**FAKE_WORKER_RESOURCES, **node_type.get("resources", {})},
+                "node_config": {},
+                "min_workers": node_type.get("min_workers", 0),
+                "max_workers": node_type["max_workers"],
+            }
     return {
         "cluster_name": cluster["cluster_name"],
         "max_workers": cluster["max_workers"],
         "upscaling_speed": cluster.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": idle_timeout_minutes,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+        },
         "auth": {"ssh_user": "ray"},
         "available_node_types": types,
         "head_node_type": FAKE_HEAD_TYPE,
-        **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
-                               "setup_commands", "head_setup_commands", "worker_setup_commands",
-                               "head_start_ray_commands", "worker_start_ray_commands")},
+        **{
+            key: []
+            for key in (
+                "cluster_synced_files",
+                "rsync_exclude",
+                "rsync_filter",
+                "initialization_commands",
+                "setup_commands",
+                "head_setup_commands",
+                "worker_setup_commands",
+                "head_start_ray_commands",
+                "worker_start_ray_commands",
+            )
+        },
         "file_mounts": {},
         "file_mounts_sync_continuously": False,
     }
@@ -80,10 +100,16 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url}
-    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+        "MLFLOW_S3_ENDPOINT_URL": url,
+    }
+    client = boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
     client.create_bucket(Bucket=BUCKET)
     try:
         yield {"url": url, "env": env, "client": client}
@@ -100,9 +126,16 @@ def bucket_keys(s3: dict, prefix: str) -> list[str]:
 def autoscaling_cluster(tmp_path, s3):
     """cluster.yaml's head and worker types under Ray's fake autoscaler, and an MLflow server whose
     artifacts go to the S3 bucket, all on loopback; every process is stopped afterwards."""
-    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": str(REPO), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "RAY_JOB_STOP_WAIT_TIME_S": "60"}  # `ray job stop` leaves the sweep time to save (cluster.yaml sets it too)
+    env = {
+        **os.environ,
+        **s3["env"],
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "RAY_JOB_STOP_WAIT_TIME_S": "60",
+    }  # `ray job stop` leaves the sweep time to save (cluster.yaml sets it too)
     gcs_port, dash_port, mlflow_port = free_port(), free_port(), free_port()
     ray_tmp = Path("/tmp") / f"ray-as-{os.getpid()}"
     config_file = tmp_path / "fake_cluster.json"
@@ -113,23 +146,59 @@ def autoscaling_cluster(tmp_path, s3):
     try:
         started = time.time()
         subprocess.run(
-            [BIN / "ray", "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-             f"--num-cpus={head_cpus}", "--num-gpus=0", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
-             f"--autoscaling-config={config_file}", f"--temp-dir={ray_tmp}", "--disable-usage-stats",
-             f"--ray-client-server-port={free_port()}", *agent_ports()],
-            check=True, env=env, cwd=tmp_path, capture_output=True, timeout=180,
+            [
+                BIN / "ray",
+                "start",
+                "--head",
+                f"--port={gcs_port}",
+                "--node-ip-address=127.0.0.1",
+                f"--num-cpus={head_cpus}",
+                "--num-gpus=0",
+                f"--dashboard-port={dash_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--autoscaling-config={config_file}",
+                f"--temp-dir={ray_tmp}",
+                "--disable-usage-stats",
+                f"--ray-client-server-port={free_port()}",
+                *agent_ports(),
+            ],
+            check=True,
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=180,
         )
         server = subprocess.Popen(
-            [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts", "--workers", "1"],
-            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                BIN / "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'server.db'}",
+                "--artifacts-destination",
+                f"s3://{BUCKET}/mlflow",
+                "--serve-artifacts",
+                "--workers",
+                "1",
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: port_open(mlflow_port), 120, "mlflow server")
         wait_for(lambda: port_open(dash_port), 60, "ray dashboard")
-        yield {"dashboard": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}",
-               "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env, "events": ray_tmp / "session_latest" / "logs",
-               "start_s": time.time() - started}
+        yield {
+            "dashboard": f"http://127.0.0.1:{dash_port}",
+            "gcs": f"127.0.0.1:{gcs_port}",
+            "mlflow": f"http://127.0.0.1:{mlflow_port}",
+            "env": env,
+            "events": ray_tmp / "session_latest" / "logs",
+            "start_s": time.time() - started,
+        }
     finally:
         if server is not None:
             server.terminate()
@@ -150,17 +219,40 @@ def autoscaler_events(logs: Path) -> list[tuple[float, str]]:
 
 def active_workers(cluster: dict) -> int:
     """Worker nodes alive now, by `ray status` (the head excluded)."""
-    out = subprocess.run([BIN / "ray", "status", "--address", cluster["gcs"]], env=cluster["env"],
-                         capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [BIN / "ray", "status", "--address", cluster["gcs"]],
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     active = out.split("Active:")[1].split("Pending:")[0] if "Active:" in out else ""
-    return sum(int(line.split()[0]) for line in active.splitlines()
-               if line.strip() and line.split()[0].isdigit() and FAKE_HEAD_TYPE not in line)
+    return sum(
+        int(line.split()[0])
+        for line in active.splitlines()
+        if line.strip() and line.split()[0].isdigit() and FAKE_HEAD_TYPE not in line
+    )
 
 
 def submit(cluster: dict, submission_id: str, *args: str) -> None:
     """`ray job submit --no-wait` of an orchestrator command, retried while the head's job agent starts."""
-    command = [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--submission-id", submission_id,
-               "--no-wait", "--", sys.executable, "-m", "orchestrator", *args, "--tracking-uri", cluster["mlflow"]]
+    command = [
+        BIN / "ray",
+        "job",
+        "submit",
+        "--address",
+        cluster["dashboard"],
+        "--submission-id",
+        submission_id,
+        "--no-wait",
+        "--",
+        sys.executable,
+        "-m",
+        "orchestrator",
+        *args,
+        "--tracking-uri",
+        cluster["mlflow"],
+    ]
     deadline = time.time() + 180
     while True:
         done = subprocess.run(command, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -190,11 +282,21 @@ def test_sweep_on_an_autoscaling_cluster_with_s3_storage_stops_and_resumes(autos
     cluster, epochs = autoscaling_cluster, 4
     spec = {
         "name": "cloudflow",
-        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 3072, "val_size": 32,
-                 "test_size": 32},
-        "base": {"model": {"preset": "cct_tiny"}, "epochs": epochs, "batch_size": 32,
-                 "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
-                 "latency": {"large_batch": 8, "repeats": 2}},
+        "data": {
+            "name": "synthetic",
+            "num_classes": 4,
+            "image_size": 16,
+            "train_size": 3072,
+            "val_size": 32,
+            "test_size": 32,
+        },
+        "base": {
+            "model": {"preset": "cct_tiny"},
+            "epochs": epochs,
+            "batch_size": 32,
+            "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
+            "latency": {"large_batch": 8, "repeats": 2},
+        },
         "axes": {"seed": [0, 1, 2]},
         "resources": {"cpus": 1, "gpus": 1},  # what configs/lsmha_cifar100.yaml asks (4 CPUs, 1 GPU), scaled down
         "max_concurrent": 2,
@@ -215,13 +317,19 @@ def test_sweep_on_an_autoscaling_cluster_with_s3_storage_stops_and_resumes(autos
 
     wait_for(mid_sweep, 300, "one finished and one training trial")
     finished_before = {r.info.run_id: r for r in trial_runs(client, "cloudflow") if r.info.status == "FINISHED"}
-    stop = subprocess.run([BIN / "ray", "job", "stop", "--address", cluster["dashboard"], "cloudflow-sweep"],
-                          env=cluster["env"], capture_output=True, text=True, timeout=180)
+    stop = subprocess.run(
+        [BIN / "ray", "job", "stop", "--address", cluster["dashboard"], "cloudflow-sweep"],
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert stop.returncode == 0, stop.stderr[-2000:]
     status, logs = wait_job(cluster, "cloudflow-sweep", 180)
     assert status.value == "STOPPED", logs[-3000:]
-    parent = client.search_runs([client.get_experiment_by_name("cloudflow").experiment_id],
-                                "tags.`unitlab.role` = 'sweep'")[0]
+    parent = client.search_runs(
+        [client.get_experiment_by_name("cloudflow").experiment_id], "tags.`unitlab.role` = 'sweep'"
+    )[0]
     assert parent.info.status == "KILLED" and parent.data.tags.get("unitlab.stopped"), parent.data.tags
 
     submit(cluster, "cloudflow-resume", "resume", "cloudflow")
@@ -257,11 +365,18 @@ def test_sweep_on_an_autoscaling_cluster_with_s3_storage_stops_and_resumes(autos
     added = [t for t, m in events if m.startswith("Adding") and "gpu_worker" in m]
     removed = [t for t, m in events if m.startswith("Removing") and "(idle)" in m]
     assert added and removed and min(added) >= submitted - 1, events
-    print(json.dumps({"cluster_start_s": round(cluster["start_s"], 1),
-                      "first_worker_added_after_submit_s": round(min(added) - submitted, 1),
-                      "sweep_stop_resume_s": round(ended - submitted, 1),
-                      "last_worker_removed_after_resume_s": round(max(removed) - ended, 1),
-                      "workers_added": len(added), "workers_removed_events": len(removed)}))
+    print(
+        json.dumps(
+            {
+                "cluster_start_s": round(cluster["start_s"], 1),
+                "first_worker_added_after_submit_s": round(min(added) - submitted, 1),
+                "sweep_stop_resume_s": round(ended - submitted, 1),
+                "last_worker_removed_after_resume_s": round(max(removed) - ended, 1),
+                "workers_added": len(added),
+                "workers_removed_events": len(removed),
+            }
+        )
+    )
 
 
 def test_resume_with_an_unreachable_bucket_is_one_line(s3, tmp_path, monkeypatch, capsys):
@@ -271,13 +386,24 @@ def test_resume_with_an_unreachable_bucket_is_one_line(s3, tmp_path, monkeypatch
     for key, value in s3["env"].items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
-    spec = {"name": "nobucket", "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 64,
-                                          "val_size": 16, "test_size": 16},
-            "base": {"model": {"preset": "cct_tiny"}, "epochs": 1}, "axes": {"seed": [0]},
-            "storage_path": "s3://no-such-bucket/tune"}
+    spec = {
+        "name": "nobucket",
+        "data": {
+            "name": "synthetic",
+            "num_classes": 4,
+            "image_size": 16,
+            "train_size": 64,
+            "val_size": 16,
+            "test_size": 16,
+        },
+        "base": {"model": {"preset": "cct_tiny"}, "epochs": 1},
+        "axes": {"seed": [0]},
+        "storage_path": "s3://no-such-bucket/tune",
+    }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     assert main(["sweep", str(tmp_path / "spec.yaml")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == ["error: sweep.storage_path: s3://no-such-bucket/tune: its bucket or top folder does not exist; "
-                   "create it first"], err
+    assert err == [
+        "error: sweep.storage_path: s3://no-such-bucket/tune: its bucket or top folder does not exist; create it first"
+    ], err
     assert not (tmp_path / "mlflow.db").exists()

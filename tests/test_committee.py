@@ -1,4 +1,5 @@
 """Soft committees: diversity measures, selection on validation only, validity filtering, MLflow CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -11,18 +12,31 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis.committees.selection import (
-    Split, candidate_correct, cooccurrence, disagreement, diverse_select, double_fault, evaluate, greedy_select,
-    label_set_profile,
-    pairwise_diversity, prediction_diversity, profile_distances, q_statistic, seed_control, topk_select,
-)
 from analysis.committees.inputs import Candidate, ProbsFile, partition, read_files, stack
+from analysis.committees.selection import (
+    Split,
+    candidate_correct,
+    cooccurrence,
+    disagreement,
+    diverse_select,
+    double_fault,
+    evaluate,
+    greedy_select,
+    label_set_profile,
+    pairwise_diversity,
+    prediction_diversity,
+    profile_distances,
+    q_statistic,
+    seed_control,
+    topk_select,
+)
 from orchestrator.cli import main as cli
+from trainables.probs import write_probs
 
 
 def main(argv: list[str]) -> int:
     return cli(["committee", *argv])
-from trainables.probs import write_probs
+
 
 REPO = Path(__file__).resolve().parents[1]
 C = 5
@@ -84,6 +98,7 @@ def test_label_set_profile_and_distance():
 
 
 # ----------------------------------------------------------------------------- selection
+
 
 def naive_greedy(probs: np.ndarray, labels: np.ndarray, size: int) -> list[int]:
     """Reference: re-average the whole committee from scratch for every candidate."""
@@ -148,8 +163,18 @@ def test_diverse_prefers_complementary_and_mechanism_distance():
 
 
 def test_seed_control_best_variant():
-    val = Split(np.stack([toy_probs(THIRDS[0]), toy_probs(THIRDS[0], 0.6), toy_probs(THIRDS[1]),
-                          toy_probs(THIRDS[0] | THIRDS[1]), toy_probs(THIRDS[0] | THIRDS[2])]), LABELS)
+    val = Split(
+        np.stack(
+            [
+                toy_probs(THIRDS[0]),
+                toy_probs(THIRDS[0], 0.6),
+                toy_probs(THIRDS[1]),
+                toy_probs(THIRDS[0] | THIRDS[1]),
+                toy_probs(THIRDS[0] | THIRDS[2]),
+            ]
+        ),
+        LABELS,
+    )
     out = seed_control(val, val, {"x": [0, 1], "y": [2], "z": [3, 4]})
     assert out["variant"] == "x" and out["members"] == [0, 1]
     assert out["committee_test_acc"] == pytest.approx(2 / 3) and out["gain"] == pytest.approx(0.0)
@@ -158,15 +183,19 @@ def test_seed_control_best_variant():
 
 # ----------------------------------------------------------------------------- validity filtering
 
+
 def _file(probs, split, dataset="synthetic", labels=LABELS) -> ProbsFile:
-    return ProbsFile(np.arange(len(labels)), labels, probs, {"dataset": dataset, "split": split,
-                                                             "num_classes": str(probs.shape[1])})
+    return ProbsFile(
+        np.arange(len(labels)), labels, probs, {"dataset": dataset, "split": split, "num_classes": str(probs.shape[1])}
+    )
 
 
 def _cand(run_id, val=None, test=None, **records) -> Candidate:
     good = toy_probs(THIRDS[0])
-    files = {"val": val if val is not None else _file(good, "val"),
-             "test": test if test is not None else _file(good, "test")}
+    files = {
+        "val": val if val is not None else _file(good, "val"),
+        "test": test if test is not None else _file(good, "test"),
+    }
     return Candidate(run_id, files=files, **records)
 
 
@@ -175,13 +204,18 @@ def test_partition_lists_every_reason():
     nan = good.copy()
     nan[3, 1] = np.nan
     cands = [
-        _cand("ok1"), _cand("ok2"), _cand("ok3"),
+        _cand("ok1"),
+        _cand("ok2"),
+        _cand("ok3"),
         _cand("split", val=_file(good, "test")),
         _cand("nan", test=_file(nan, "test")),
         _cand("unnormalised", val=_file(good * 2, "val")),
         _cand("dataset", val=_file(good, "val", "cifar10"), test=_file(good, "test", "cifar10")),
-        _cand("classes", val=_file(toy_probs(THIRDS[0], classes=6), "val"),
-              test=_file(toy_probs(THIRDS[0], classes=6), "test")),
+        _cand(
+            "classes",
+            val=_file(toy_probs(THIRDS[0], classes=6), "val"),
+            test=_file(toy_probs(THIRDS[0], classes=6), "test"),
+        ),
         _cand("tag", recorded_classes=7),
         _cand("labels", test=_file(good, "test", labels=np.roll(LABELS, 1))),
         Candidate("missing", files={"val": _file(good, "val"), "test": None}),
@@ -209,12 +243,19 @@ def test_read_files_reports_unreadable_and_missing(tmp_path):
     write_probs(tmp_path / "val.parquet", toy_probs(THIRDS[0]), LABELS, np.arange(N), "synthetic", "val")
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     ok, broken = Candidate("ok"), Candidate("broken")
-    read_files([ok, broken], [{"val": tmp_path / "val.parquet", "test": None},
-                              {"val": tmp_path / "val.parquet", "test": tmp_path / "broken.parquet"}])
+    read_files(
+        [ok, broken],
+        [
+            {"val": tmp_path / "val.parquet", "test": None},
+            {"val": tmp_path / "val.parquet", "test": tmp_path / "broken.parquet"},
+        ],
+    )
     assert ok.files["val"].meta["split"] == "val" and ok.files["test"] is None and ok.problem is None
     assert broken.problem.startswith("unreadable probs_test.parquet")
-    assert dict(partition([ok, broken])[1]) == {"ok": "missing artifact probs/probs_test.parquet",
-                                                "broken": broken.problem}
+    assert dict(partition([ok, broken])[1]) == {
+        "ok": "missing artifact probs/probs_test.parquet",
+        "broken": broken.problem,
+    }
 
 
 # ----------------------------------------------------------------------------- MLflow end to end
@@ -239,12 +280,32 @@ def sweep(tmp_path_factory):
     client.set_terminated(parent)
     ids, probs = {}, {}
 
-    def trial(name, variant="heads=4", seed=0, dataset="synthetic", classes=C, status="FINISHED",
-              val=None, test=None, test_labels=LABELS, profile=None):
-        run_id = client.create_run(exp, run_name=name, tags={
-            "mlflow.parentRunId": parent, "unitlab.role": "trial", "unitlab.sweep": "toy",
-            "unitlab.trial_id": name, "unitlab.dataset": dataset, "unitlab.num_classes": str(classes),
-            "unitlab.variant": variant, "unitlab.seed": str(seed)}).info.run_id
+    def trial(
+        name,
+        variant="heads=4",
+        seed=0,
+        dataset="synthetic",
+        classes=C,
+        status="FINISHED",
+        val=None,
+        test=None,
+        test_labels=LABELS,
+        profile=None,
+    ):
+        run_id = client.create_run(
+            exp,
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": parent,
+                "unitlab.role": "trial",
+                "unitlab.sweep": "toy",
+                "unitlab.trial_id": name,
+                "unitlab.dataset": dataset,
+                "unitlab.num_classes": str(classes),
+                "unitlab.variant": variant,
+                "unitlab.seed": str(seed),
+            },
+        ).info.run_id
         folder = root / name
         folder.mkdir()
         for split, p, labels in (("val", val, LABELS), ("test", test, test_labels)):
@@ -260,8 +321,14 @@ def sweep(tmp_path_factory):
         probs[name] = test
 
     for k, (name, (variant, seed, wv, wt, conf)) in enumerate(MODELS.items()):
-        trial(name, variant, seed, val=toy_probs(wv, conf), test=toy_probs(wt, conf),
-              profile=[[k % C], [(k + 1) % C, (k + 2) % C]])
+        trial(
+            name,
+            variant,
+            seed,
+            val=toy_probs(wv, conf),
+            test=toy_probs(wt, conf),
+            profile=[[k % C], [(k + 1) % C, (k + 2) % C]],
+        )
     good = toy_probs(THIRDS[0])
     nan = good.copy()
     nan[0, 0] = np.nan
@@ -277,7 +344,8 @@ def sweep(tmp_path_factory):
 def committee_runs(sweep, method):
     runs = sweep["client"].search_runs(
         [sweep["client"].get_experiment_by_name("toy").experiment_id],
-        f"tags.`unitlab.role` = 'committee' AND tags.`unitlab.method` = '{method}'")
+        f"tags.`unitlab.role` = 'committee' AND tags.`unitlab.method` = '{method}'",
+    )
     assert len(runs) == 1
     return runs[0]
 
@@ -306,7 +374,11 @@ def test_committee_run_logged_and_shown(sweep, capsys):
     folder = client.download_artifacts(run.info.run_id, "committee", str(sweep["root"] / "dl"))
     with open(Path(folder) / "members.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run_id"] for r in rows] == members and [r["variant"] for r in rows] == ["heads=4", "heads=16", "heads=25"]
+    assert [r["run_id"] for r in rows] == members and [r["variant"] for r in rows] == [
+        "heads=4",
+        "heads=16",
+        "heads=25",
+    ]
     assert [float(r["test_acc"]) for r in rows] == pytest.approx([2 / 3] * 3)
     with open(Path(folder) / "excluded.csv") as f:
         excluded = {r["run_id"]: r["reason"] for r in csv.DictReader(f)}
@@ -322,15 +394,30 @@ def test_committee_run_logged_and_shown(sweep, capsys):
 
     assert main(["show", run.info.run_id, "--tracking-uri", sweep["uri"]]) == 0
     shown = capsys.readouterr().out
-    assert printed.startswith(shown) and f"runs/{run.info.run_id}" in printed[len(shown):]  # then the UI links
+    assert printed.startswith(shown) and f"runs/{run.info.run_id}" in printed[len(shown) :]  # then the UI links
     assert "gain +0.3333" in shown and "seed control (heads=4, 2 runs)" in shown
     assert all(r in shown for r in members) and "excluded runs: 6" in shown
 
 
 def test_diverse_with_profiles_and_filter(sweep, capsys):
     uri = sweep["uri"]
-    assert main(["--experiment", "toy", "--method", "diverse", "--size", "2", "--tracking-uri", uri,
-                 "--filter", "tags.`unitlab.variant` != 'heads=25'"]) == 0
+    assert (
+        main(
+            [
+                "--experiment",
+                "toy",
+                "--method",
+                "diverse",
+                "--size",
+                "2",
+                "--tracking-uri",
+                uri,
+                "--filter",
+                "tags.`unitlab.variant` != 'heads=25'",
+            ]
+        )
+        == 0
+    )
     run = committee_runs(sweep, "diverse")
     assert run.data.params["mechanism_diversity"] == "on: analysis/label_sets.json"
     assert run.data.tags["unitlab.members"] == f"{sweep['ids']['a']},{sweep['ids']['b']}"
@@ -338,27 +425,47 @@ def test_diverse_with_profiles_and_filter(sweep, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--experiment", "nope"], "error: unknown experiment 'nope'"),
-    (["--experiment", "toy", "--size", "0"], "error: --size: must be >= 1, got 0"),
-    (["--experiment", "toy", "--method", "vote"], "error: --method: must be one of greedy, topk, diverse, got 'vote'"),
-    (["--experiment", "toy", "--method", "diverse", "--diversity-weight", "-1"],
-     "error: --diversity-weight: must be >= 0, got -1.0"),
-    (["--experiment", "toy", "--method", "diverse", "--mechanism-weight", "5"],
-     "error: --mechanism-weight: must be in [0, 1], got 5.0"),
-    (["--experiment", "toy", "--filter", "tags.`unitlab.variant` = 'none'"],
-     "error: no valid runs in 'toy' (no trial runs)"),
-    (["show", "0" * 32], "error: Run with id=" + "0" * 32 + " not found"),
-    ([], "error: --experiment or --runs is required"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--experiment", "nope"], "error: unknown experiment 'nope'"),
+        (["--experiment", "toy", "--size", "0"], "error: --size: must be >= 1, got 0"),
+        (
+            ["--experiment", "toy", "--method", "vote"],
+            "error: --method: must be one of greedy, topk, diverse, got 'vote'",
+        ),
+        (
+            ["--experiment", "toy", "--method", "diverse", "--diversity-weight", "-1"],
+            "error: --diversity-weight: must be >= 0, got -1.0",
+        ),
+        (
+            ["--experiment", "toy", "--method", "diverse", "--mechanism-weight", "5"],
+            "error: --mechanism-weight: must be in [0, 1], got 5.0",
+        ),
+        (
+            ["--experiment", "toy", "--filter", "tags.`unitlab.variant` = 'none'"],
+            "error: no valid runs in 'toy' (no trial runs)",
+        ),
+        (["show", "0" * 32], "error: Run with id=" + "0" * 32 + " not found"),
+        ([], "error: --experiment or --runs is required"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(sweep, capsys, argv, message):
     assert main([*argv, "--tracking-uri", sweep["uri"]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [message]
 
 
-@pytest.mark.parametrize("argv", [["committee", "--experiment", "toy"], ["committee", "show", "0" * 32],
-                                  ["analyze", "toy"], ["runs", "toy"], ["prune", "toy", "--methods", "none"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["committee", "--experiment", "toy"],
+        ["committee", "show", "0" * 32],
+        ["analyze", "toy"],
+        ["runs", "toy"],
+        ["prune", "toy", "--methods", "none"],
+    ],
+)
 def test_missing_database_is_bad_input_for_every_verb(tmp_path, capsys, argv):
     """A mistyped SQLite path is one line naming it; no verb creates an empty database there."""
     assert cli([*argv, "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
@@ -367,8 +474,13 @@ def test_missing_database_is_bad_input_for_every_verb(tmp_path, capsys, argv):
 
 
 def test_show_refuses_a_trial_run_from_the_cli_process(sweep):
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "committee", "show", sweep["ids"]["a"],
-                           "--tracking-uri", sweep["uri"]], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "committee", "show", sweep["ids"]["a"], "--tracking-uri", sweep["uri"]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: run {sweep['ids']['a']} is not a committee run (unitlab.role=trial)")
+        f"error: run {sweep['ids']['a']} is not a committee run (unitlab.role=trial)"
+    )

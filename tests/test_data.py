@@ -1,4 +1,5 @@
 """Data loading, splits, caching and the device-resident loader."""
+
 from __future__ import annotations
 
 import shutil
@@ -65,8 +66,17 @@ def make_loader(augment: AugmentConfig | None, seed: int = 0, **kw) -> DeviceLoa
     images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(64) % 4
     return DeviceLoader(
-        images, labels, batch_size=16, device=torch.device("cpu"), mean=(0.5,) * 3, std=(0.25,) * 3,
-        num_classes=4, augment=augment, shuffle=augment is not None, seed=seed, **kw,
+        images,
+        labels,
+        batch_size=16,
+        device=torch.device("cpu"),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        num_classes=4,
+        augment=augment,
+        shuffle=augment is not None,
+        seed=seed,
+        **kw,
     )
 
 
@@ -98,8 +108,9 @@ def test_translation_is_a_bounded_shift_and_seeded():
     assert torch.equal(again, same) and not torch.equal(again, other)
 
 
-CCT_AUGMENT = dict(flip=True, translate=4, rand_augment={"num_ops": 2, "magnitude": 9}, erasing=0.25,
-                   mixup=0.8, cutmix=1.0)
+CCT_AUGMENT = dict(
+    flip=True, translate=4, rand_augment={"num_ops": 2, "magnitude": 9}, erasing=0.25, mixup=0.8, cutmix=1.0
+)
 
 
 def test_full_cct_augmentation_is_per_sample_and_resumes_exactly():
@@ -108,9 +119,17 @@ def test_full_cct_augmentation_is_per_sample_and_resumes_exactly():
     augment = AugmentConfig.parse(CCT_AUGMENT)
     rng = np.random.default_rng(0)
     one = rng.integers(0, 256, size=(1, 16, 16, 3), dtype=np.uint8)
-    loader = DeviceLoader(np.repeat(one, 32, axis=0), np.zeros(32, dtype=np.int64), batch_size=32,
-                          device=torch.device("cpu"), mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=4,
-                          augment=augment.replace(mixup=0.0, cutmix=0.0), shuffle=True)
+    loader = DeviceLoader(
+        np.repeat(one, 32, axis=0),
+        np.zeros(32, dtype=np.int64),
+        batch_size=32,
+        device=torch.device("cpu"),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        num_classes=4,
+        augment=augment.replace(mixup=0.0, cutmix=0.0),
+        shuffle=True,
+    )
     x, _ = next(iter(loader))
     assert len({tuple(sample.flatten().tolist()) for sample in x}) > 24  # one image, (almost) all different
     mixing = make_loader(augment)
@@ -124,7 +143,11 @@ def test_full_cct_augmentation_is_per_sample_and_resumes_exactly():
 
 
 def test_mixup_and_cutmix_give_soft_targets_that_sum_to_one():
-    for aug in (AugmentConfig(mixup=0.8), AugmentConfig(cutmix=1.0), AugmentConfig(mixup=0.8, cutmix=1.0, crop_scale=(0.8, 1.0))):
+    for aug in (
+        AugmentConfig(mixup=0.8),
+        AugmentConfig(cutmix=1.0),
+        AugmentConfig(mixup=0.8, cutmix=1.0, crop_scale=(0.8, 1.0)),
+    ):
         x, y = next(iter(make_loader(aug)))
         assert y.shape == (16, 4) and torch.allclose(y.sum(1), torch.ones(16))
         assert x.shape == (16, 3, 8, 8) and torch.isfinite(x).all()

@@ -1,13 +1,13 @@
 """Caruana's refinements (sorted initialisation, bagging, truncation) and member calibration, on
 hand-made probabilities whose right answer is known."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from analysis.committees.calibration import ece, fit_temperature, nll, scale
-from analysis.committees.selection import (Split, bagged_select, committee_probs, evaluate, greedy_select,
-                                           select)
+from analysis.committees.selection import Split, bagged_select, committee_probs, evaluate, greedy_select, select
 
 LABELS = np.arange(12) % 3
 
@@ -39,7 +39,7 @@ def test_truncation_keeps_the_earliest_best_point():
     cut = greedy_select(val, size=4, truncate=True)
     best = max(full.val_curve)
     assert cut.val_curve[-1] == best and len(cut.order) == full.val_curve.index(best) + 1
-    assert cut.order == full.order[:len(cut.order)]
+    assert cut.order == full.order[: len(cut.order)]
 
 
 def test_bagging_averages_weights_over_subsets_and_is_seeded():
@@ -57,8 +57,7 @@ def test_bagging_averages_weights_over_subsets_and_is_seeded():
     mean = sum(w * val.probs[j] for j, w in a.weights.items())
     np.testing.assert_allclose(committee_probs(val, a), mean, rtol=1e-6)
     result = evaluate(a, val, val)
-    assert result.committee_test_acc == result.test_curve[-1] == pytest.approx(
-        float((mean.argmax(1) == LABELS).mean()))
+    assert result.committee_test_acc == result.test_curve[-1] == pytest.approx(float((mean.argmax(1) == LABELS).mean()))
 
 
 def test_select_dispatches_bags_only_for_greedy():

@@ -1,5 +1,6 @@
 """A Ray that a sweep starts on this machine serves its dashboard and job API on loopback only and
 refuses clients without its token on every other port."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
 from test_orchestrator import descendants
 
@@ -43,8 +43,15 @@ def listening(pids: set[int]) -> list[tuple[str, str]]:
 def test_local_ray_keeps_its_dashboard_on_loopback_and_refuses_strangers():
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     env.update(PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         info = json.loads(driver.stdout.readline())
         time.sleep(3)
@@ -54,8 +61,14 @@ def test_local_ray_keeps_its_dashboard_on_loopback_and_refuses_strangers():
         assert dashboard == [f"127.0.0.1:{port}"], sockets
         for mode, token in (("disabled", None), ("token", "not-the-token")):
             stranger = {**env, "RAY_AUTH_MODE": mode, **({"RAY_AUTH_TOKEN": token} if token else {})}
-            joined = subprocess.run([sys.executable, "-c", CLIENT.format(gcs=info["gcs"])], cwd=REPO, env=stranger,
-                                    capture_output=True, text=True, timeout=120)
+            joined = subprocess.run(
+                [sys.executable, "-c", CLIENT.format(gcs=info["gcs"])],
+                cwd=REPO,
+                env=stranger,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert joined.returncode != 0 and "joined" not in joined.stdout, (mode, joined.stdout[-2000:])
     finally:
         tree = descendants(driver.pid)

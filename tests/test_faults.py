@@ -1,6 +1,7 @@
 """Injected faults on real parts: an MLflow server outage longer than MLflow's own retry budget, and
 a driver stopped with SIGTERM. Nothing finished is lost, nothing is logged twice, nothing is left
 RUNNING."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import REPO, cli_args, sweep_spec, write
+from mlflow import MlflowClient
 from test_multinode import BIN, free_port, port_open, wait_for
 
 pytestmark = pytest.mark.slow
@@ -21,10 +21,25 @@ pytestmark = pytest.mark.slow
 
 def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen(
-        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts", "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            BIN / "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--serve-artifacts",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     wait_for(lambda: port_open(port), 120, "mlflow server")
     return server
@@ -38,8 +53,10 @@ def stop_server(server: subprocess.Popen) -> None:
 def sweep_runs(client: MlflowClient, name: str) -> tuple[list, list]:
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id]) if exp else []
-    return ([r for r in runs if r.data.tags.get("unitlab.role") == "sweep"],
-            [r for r in runs if r.data.tags.get("unitlab.role") == "trial"])
+    return (
+        [r for r in runs if r.data.tags.get("unitlab.role") == "sweep"],
+        [r for r in runs if r.data.tags.get("unitlab.role") == "trial"],
+    )
 
 
 def test_sweep_survives_an_mlflow_outage_longer_than_the_retry_budget(tmp_path):
@@ -47,16 +64,35 @@ def test_sweep_survives_an_mlflow_outage_longer_than_the_retry_budget(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     spec = sweep_spec("outage", epochs=4, train_size=2048, max_concurrent=2)
     spec["axes"]["attention"] = spec["axes"]["attention"][:1]  # two trials
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           # MLflow's own budget shortened to about 2 s per request: the outage below outlasts it tenfold
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
-           "UNITLAB_MLFLOW_POLL_S": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        # MLflow's own budget shortened to about 2 s per request: the outage below outlasts it tenfold
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+        "UNITLAB_MLFLOW_POLL_S": "1",
+    }
     server = start_server(tmp_path, port)
     store = tmp_path / "store" / "outage"
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
-                               "--tracking-uri", uri, "--storage-path", str(tmp_path / "store")],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "sweep",
+            str(write(tmp_path, spec)),
+            "--tracking-uri",
+            uri,
+            "--storage-path",
+            str(tmp_path / "store"),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: list(store.glob("*/checkpoint_000000")) or driver.poll() is not None, 240, "a first epoch")
         assert driver.poll() is None, "the sweep ended before the outage"
@@ -81,7 +117,10 @@ def test_sweep_survives_an_mlflow_outage_longer_than_the_retry_budget(tmp_path):
             assert run.info.status == "FINISHED", run.data.tags
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [0, 1, 2, 3]
             assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 1
-            assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt", "model/spec.json"}
+            assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {
+                "model/model.pt",
+                "model/spec.json",
+            }
     finally:
         stop_server(server)
 
@@ -89,9 +128,14 @@ def test_sweep_survives_an_mlflow_outage_longer_than_the_retry_budget(tmp_path):
 def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path):
     spec = sweep_spec("sigterm", epochs=4, train_size=4096)
     store = tmp_path / "store" / "sigterm"
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
-                               *cli_args(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: list(store.glob("*/checkpoint_000001")) or driver.poll() is not None, 240, "two epochs")
         assert driver.poll() is None, "the sweep ended before it could be stopped"
@@ -108,8 +152,13 @@ def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path):
     stopped = [r for r in children if r.info.status == "KILLED"]
     assert stopped and all("unitlab.stopped" in r.data.tags for r in stopped)
 
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "resume", "sigterm", *cli_args(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=420)
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "resume", "sigterm", *cli_args(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     parents, children = sweep_runs(client, "sigterm")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -2,6 +2,7 @@
 
 docs/gpu_paths.md lists the lines only a GPU can run and why.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_args, sweep_spec, synthetic_job, write
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import cli_args, sweep_spec, synthetic_job, write
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.infer import image_probs
@@ -21,8 +22,14 @@ from trainables.probs import read_probs
 from trainables.train import make_loaders, make_optimizer, run_job, train_epoch
 
 # The CCT GPU recipe's augmentation (configs/lsmha_cifar100.yaml), at toy scale.
-GPU_AUGMENT = {"flip": True, "translate": 2, "rand_augment": {"num_ops": 2, "magnitude": 9, "magnitude_std": 0.5},
-               "erasing": 0.25, "mixup": 0.8, "cutmix": 1.0}
+GPU_AUGMENT = {
+    "flip": True,
+    "translate": 2,
+    "rand_augment": {"num_ops": 2, "magnitude": 9, "magnitude_std": 0.5},
+    "erasing": 0.25,
+    "mixup": 0.8,
+    "cutmix": 1.0,
+}
 
 
 @pytest.mark.slow
@@ -84,8 +91,9 @@ def test_the_training_step_reads_nothing_back_until_the_epoch_ends():
     reads = []
     for train_size in (64, 128):  # 2 and 4 steps of 32
         job = synthetic_job(bf16=False)
-        job["data"].update(train_size=train_size, augment={k: v for k, v in GPU_AUGMENT.items()
-                                                           if k not in ("mixup", "cutmix")})
+        job["data"].update(
+            train_size=train_size, augment={k: v for k, v in GPU_AUGMENT.items() if k not in ("mixup", "cutmix")}
+        )
         cfg = prepare(job)
         torch.manual_seed(0)
         model = build_model(cfg.model)
@@ -109,8 +117,9 @@ def test_fractional_gpu_trials_share_one_gpu(tmp_path: Path, capsys):
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
     try:
-        spec = sweep_spec("packed", epochs=2, axes={"seed": [0, 1]}, resources={"cpus": 1, "gpus": 0.5},
-                          max_concurrent=2)
+        spec = sweep_spec(
+            "packed", epochs=2, axes={"seed": [0, 1]}, resources={"cpus": 1, "gpus": 0.5}, max_concurrent=2
+        )
         assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 0
     finally:
         ray.shutdown()

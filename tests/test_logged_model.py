@@ -1,5 +1,6 @@
 """A trial's logged MLflow Model: loads from code and plain artifacts, reproduces the trial's test
 probabilities, and answers `mlflow models serve` requests (a malformed one with a clear 4xx)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,11 +14,11 @@ import urllib.request
 import mlflow
 import numpy as np
 import pytest
-from mlflow import MlflowClient
-
 from conftest import REPO, synthetic_job
-from orchestrator.logged_model import MODEL_NAME, log_dataset, log_trial_model
+from mlflow import MlflowClient
 from test_multinode import BIN, free_port, port_open, wait_for
+
+from orchestrator.logged_model import MODEL_NAME, log_dataset, log_trial_model
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.probs import read_probs
@@ -66,15 +67,40 @@ def test_logged_model_reproduces_the_trial_and_names_its_data(logged):
 def served(model_uri: str, tracking_uri: str):
     """`mlflow models serve` of ``model_uri`` on a free loopback port; yields ``post(body) -> (status, json)``."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the scoring server runs uvicorn from the venv
-    server = subprocess.Popen([BIN / "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # the scoring server runs uvicorn from the venv
+    server = subprocess.Popen(
+        [
+            BIN / "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def post(body: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, json.loads(response.read())

@@ -1,4 +1,5 @@
 """Model zoo: presets, spec validation, taps, round-trips and parameter / MAC counts."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables.models import (PRESETS, SpecError, TapInfo, build_model, count_macs, count_params,
-                               resolve_spec)
+from trainables.models import PRESETS, SpecError, TapInfo, build_model, count_macs, count_params, resolve_spec
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_heads_tap_is_head_major_attention_output() -> None:
         heads = []
         for h in range(2):
             cols = slice(16 * h, 16 * (h + 1))
-            weights = (q[..., cols] @ k[..., cols].transpose(1, 2) / 16 ** 0.5).softmax(-1)
+            weights = (q[..., cols] @ k[..., cols].transpose(1, 2) / 16**0.5).softmax(-1)
             heads.append(weights @ v[..., cols])
     torch.testing.assert_close(feats["block.0.heads"], torch.cat(heads, dim=-1))
 
@@ -107,8 +107,9 @@ def _explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
     return (q @ k.transpose(-2, -1) * scale).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("overrides", [{"preset": "cct_7_3x1"},
-                                       {"preset": "cct_narrow", "heads": 16, "head_dim": 8, "n_conv_blocks": 1}])
+@pytest.mark.parametrize(
+    "overrides", [{"preset": "cct_7_3x1"}, {"preset": "cct_narrow", "heads": 16, "head_dim": 8, "n_conv_blocks": 1}]
+)
 def test_sdpa_attention_matches_explicit_attention(overrides: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tap and the logits agree to 1e-5 (fp32) whether attention runs through
     scaled_dot_product_attention or the explicit softmax formula."""
@@ -125,8 +126,16 @@ def test_sdpa_attention_matches_explicit_attention(overrides: dict, monkeypatch:
 
 def test_conv_blocks_replace_first_transformer_blocks() -> None:
     model = build_model({"preset": "cct_narrow", "blocks": 3, "n_conv_blocks": 2}).eval()
-    assert list(model.taps) == ["tokenizer", "conv_block.0", "conv_block.1", "block.2.heads",
-                                "block.2.ff_in", "block.2.ff_hidden", "block.2.out", "final_norm"]
+    assert list(model.taps) == [
+        "tokenizer",
+        "conv_block.0",
+        "conv_block.1",
+        "block.2.heads",
+        "block.2.ff_in",
+        "block.2.ff_hidden",
+        "block.2.out",
+        "final_norm",
+    ]
     with torch.no_grad():
         _, feats = model(_images(model), taps=["conv_block.0", "conv_block.1", "block.2.out"])
     assert model.taps["conv_block.1"].kind == "conv"
@@ -175,11 +184,14 @@ def test_training_step_through_taps() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("spec", [
-    {"preset": "cct_tiny", "n_conv_blocks": 1, "blocks": 2, "pos_embedding": "sine"},
-    {"preset": "cct_tiny", "pos_embedding": "none", "seq_pool": False, "mlp_ratio": 1.5},
-    {"preset": "vgg11_afcc", "width_mult": 0.125, "num_classes": 10},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"preset": "cct_tiny", "n_conv_blocks": 1, "blocks": 2, "pos_embedding": "sine"},
+        {"preset": "cct_tiny", "pos_embedding": "none", "seq_pool": False, "mlp_ratio": 1.5},
+        {"preset": "vgg11_afcc", "width_mult": 0.125, "num_classes": 10},
+    ],
+)
 def test_spec_and_state_dict_rebuild_model_exactly(spec: dict, tmp_path) -> None:
     resolved = resolve_spec(spec)
     assert resolve_spec(resolved) == resolved
@@ -205,29 +217,31 @@ def test_resolved_presets_are_complete_json(name: str) -> None:
     assert resolved["preset"] == name and resolved["family"] == PRESETS[name]["family"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"preset": "foo"}, "model.preset: unknown preset 'foo' (known: cct_7_3x1, "),
-    ({"family": "x"}, "model.family: unknown family 'x'"),
-    ({}, "model.family: unknown family None"),
-    ({"preset": "cct_tiny", "family": "vgg"}, "model.family: 'vgg' conflicts with preset"),
-    ({"preset": "cct_tiny", "heads": 0}, "model.heads: must be >= 1, got 0"),
-    ({"preset": "cct_tiny", "head_dim": 0}, "model.head_dim: must be >= 1, got 0"),
-    ({"preset": "cct_tiny", "heads": "4"}, "model.heads: must be an integer, got '4'"),
-    ({"preset": "cct_narrow", "n_conv_blocks": 3},
-     "model.n_conv_blocks: 3 exceeds model.blocks (2)"),
-    ({"preset": "cct_7_3x1", "image_size": 1}, "model.image_size: 1 is not usable by the tok"),
-    ({"preset": "cct_7_3x1", "image_size": 2}, "model.image_size: 2 is not usable by the tok"),
-    ({"preset": "cct_7_7x2", "image_size": 8}, "model.image_size: 8 is not usable by the tok"),
-    ({"preset": "cct_tiny", "bogus": 1}, "model.bogus: unknown key for family cct"),
-    ({"preset": "cct_tiny", "pos_embedding": "rope"}, "model.pos_embedding: must be one of"),
-    ({"preset": "cct_tiny", "attn_dropout": 1.0}, "model.attn_dropout: must be in [0.0, 1.0)"),
-    ({"preset": "cct_tiny", "pool": 1}, "model.pool: must be true or false"),
-    ({"preset": "vgg11_cifar", "image_size": 36}, "model.image_size: 36 is not usable"),
-    ({"preset": "vgg11_cifar", "layers": [64, "X"]}, "model.layers[1]: must be a positive integer"),
-    ({"preset": "vgg11_cifar", "width_mult": 0}, "model.width_mult: must be > 0"),
-    ({"preset": "efficientnet_b0", "num_classes": 0}, "model.num_classes: must be >= 1, got 0"),
-    (["cct_tiny"], "model: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"preset": "foo"}, "model.preset: unknown preset 'foo' (known: cct_7_3x1, "),
+        ({"family": "x"}, "model.family: unknown family 'x'"),
+        ({}, "model.family: unknown family None"),
+        ({"preset": "cct_tiny", "family": "vgg"}, "model.family: 'vgg' conflicts with preset"),
+        ({"preset": "cct_tiny", "heads": 0}, "model.heads: must be >= 1, got 0"),
+        ({"preset": "cct_tiny", "head_dim": 0}, "model.head_dim: must be >= 1, got 0"),
+        ({"preset": "cct_tiny", "heads": "4"}, "model.heads: must be an integer, got '4'"),
+        ({"preset": "cct_narrow", "n_conv_blocks": 3}, "model.n_conv_blocks: 3 exceeds model.blocks (2)"),
+        ({"preset": "cct_7_3x1", "image_size": 1}, "model.image_size: 1 is not usable by the tok"),
+        ({"preset": "cct_7_3x1", "image_size": 2}, "model.image_size: 2 is not usable by the tok"),
+        ({"preset": "cct_7_7x2", "image_size": 8}, "model.image_size: 8 is not usable by the tok"),
+        ({"preset": "cct_tiny", "bogus": 1}, "model.bogus: unknown key for family cct"),
+        ({"preset": "cct_tiny", "pos_embedding": "rope"}, "model.pos_embedding: must be one of"),
+        ({"preset": "cct_tiny", "attn_dropout": 1.0}, "model.attn_dropout: must be in [0.0, 1.0)"),
+        ({"preset": "cct_tiny", "pool": 1}, "model.pool: must be true or false"),
+        ({"preset": "vgg11_cifar", "image_size": 36}, "model.image_size: 36 is not usable"),
+        ({"preset": "vgg11_cifar", "layers": [64, "X"]}, "model.layers[1]: must be a positive integer"),
+        ({"preset": "vgg11_cifar", "width_mult": 0}, "model.width_mult: must be > 0"),
+        ({"preset": "efficientnet_b0", "num_classes": 0}, "model.num_classes: must be >= 1, got 0"),
+        (["cct_tiny"], "model: expected a mapping"),
+    ],
+)
 def test_bad_specs_name_the_field(spec, message: str) -> None:
     with pytest.raises(SpecError) as info:
         build_model(spec)

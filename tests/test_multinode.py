@@ -1,6 +1,7 @@
 """Two Ray nodes on loopback (`ray start --head` + `ray start --address`) and an `mlflow server` on
 127.0.0.1: a worker node dies mid-sweep and its trial continues on the head in the same run.
 (A sweep submitted with `ray job submit` to an autoscaling cluster is tests/test_cluster_flow.py.)"""
+
 from __future__ import annotations
 
 import os
@@ -14,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import REPO
+from mlflow import MlflowClient
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -44,8 +44,12 @@ def port_open(port: int) -> bool:
 
 def agent_ports() -> list[str]:
     """Free ports for a node's agents: the defaults (e.g. 52365) clash with any other Ray running here."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
 
 
 @pytest.fixture
@@ -57,29 +61,76 @@ def cluster(tmp_path):
     started = []
     try:
         subprocess.run(
-            [BIN / "ray", "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-             "--num-gpus=0", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-             f"--temp-dir={ray_tmp}", "--resources={\"head_node\": 1}", "--disable-usage-stats",
-             f"--ray-client-server-port={free_port()}", *agent_ports()],
-            check=True, env=env, cwd=tmp_path, capture_output=True,
+            [
+                BIN / "ray",
+                "start",
+                "--head",
+                f"--port={gcs_port}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=1",
+                "--num-gpus=0",
+                f"--dashboard-port={dash_port}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                f"--temp-dir={ray_tmp}",
+                '--resources={"head_node": 1}',
+                "--disable-usage-stats",
+                f"--ray-client-server-port={free_port()}",
+                *agent_ports(),
+            ],
+            check=True,
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
         )
         started.append("ray")
         subprocess.run(
-            [BIN / "ray", "start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-             "--num-gpus=0", "--resources={\"second_node\": 1}", "--disable-usage-stats", *agent_ports()],
-            check=True, env=env, cwd=tmp_path, capture_output=True,
+            [
+                BIN / "ray",
+                "start",
+                f"--address=127.0.0.1:{gcs_port}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=1",
+                "--num-gpus=0",
+                '--resources={"second_node": 1}',
+                "--disable-usage-stats",
+                *agent_ports(),
+            ],
+            check=True,
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
         )
         server = subprocess.Popen(
-            [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts", "--workers", "1"],
-            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                BIN / "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'server.db'}",
+                "--artifacts-destination",
+                str(tmp_path / "artifacts"),
+                "--serve-artifacts",
+                "--workers",
+                "1",
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         started.append(server)
         wait_for(lambda: port_open(mlflow_port), 120, "mlflow server")
         wait_for(lambda: port_open(dash_port), 60, "ray dashboard")
-        yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}",
-               "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env}
+        yield {
+            "gcs": f"127.0.0.1:{gcs_port}",
+            "dashboard": f"http://127.0.0.1:{dash_port}",
+            "mlflow": f"http://127.0.0.1:{mlflow_port}",
+            "env": env,
+        }
     finally:
         for item in started:
             if isinstance(item, subprocess.Popen):
@@ -92,6 +143,7 @@ def cluster(tmp_path):
 def stop_processes_matching(needles: tuple[str, ...]) -> None:
     """Stop this test's Ray nodes only (``ray stop`` would also stop any other Ray on the machine):
     the processes whose command line names the test's temp folder or GCS port."""
+
     def ours() -> list[int]:
         pids = []
         for proc in Path("/proc").iterdir():
@@ -134,11 +186,21 @@ def test_a_lost_worker_node_moves_its_trial_to_the_head_in_the_same_run(cluster,
     spec = {
         "name": "lostnode",
         # long enough (12 epochs) that the second node's trial is still training when its node dies
-        "data": {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 4096, "val_size": 32,
-                 "test_size": 32},
-        "base": {"model": {"preset": "cct_tiny"}, "epochs": 12, "batch_size": 32,
-                 "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
-                 "latency": {"large_batch": 8, "repeats": 2}},
+        "data": {
+            "name": "synthetic",
+            "num_classes": 4,
+            "image_size": 16,
+            "train_size": 4096,
+            "val_size": 32,
+            "test_size": 32,
+        },
+        "base": {
+            "model": {"preset": "cct_tiny"},
+            "epochs": 12,
+            "batch_size": 32,
+            "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
+            "latency": {"large_batch": 8, "repeats": 2},
+        },
         "axes": {"n_conv_blocks": [0, 1], "seed": [0]},
         "resources": {"cpus": 1, "gpus": 0},
         "max_concurrent": 2,
@@ -149,9 +211,24 @@ def test_a_lost_worker_node_moves_its_trial_to_the_head_in_the_same_run(cluster,
     spec_file.write_text(yaml.safe_dump(spec))
     second = [pid for pid, cmd in raylets().items() if "second_node" in cmd]
     assert len(second) == 1, "cannot tell the second node's raylet"
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(spec_file), "--address",
-                               cluster["gcs"], "--tracking-uri", cluster["mlflow"]], cwd=REPO, env=cluster["env"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "sweep",
+            str(spec_file),
+            "--address",
+            cluster["gcs"],
+            "--tracking-uri",
+            cluster["mlflow"],
+        ],
+        cwd=REPO,
+        env=cluster["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     client = MlflowClient(cluster["mlflow"])
 
     def trial_runs() -> list:

@@ -1,5 +1,6 @@
 """The numeric rule (trainables/schema.py), walked over every numeric field of every settings class
 and every numeric flag of every command line, so a new field or flag is covered without a new test."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,15 @@ import pytest
 
 from trainables.schema import SEED_RANGE, InputError, Settings, _unwrap
 
-SETTINGS_MODULES = ("trainables.augment", "trainables.data", "trainables.config", "analysis.units.pipeline",
-                    "analysis.pruning.job", "analysis.committees.selection", "orchestrator.sweep_spec")
+SETTINGS_MODULES = (
+    "trainables.augment",
+    "trainables.data",
+    "trainables.config",
+    "analysis.units.pipeline",
+    "analysis.pruning.job",
+    "analysis.committees.selection",
+    "orchestrator.sweep_spec",
+)
 SIGNED = {"Distribution.low", "Distribution.high"}  # the only numeric settings that may be negative
 
 
@@ -46,8 +54,18 @@ HUGE = {int: 10**25, float: 10**400}  # beyond int64; beyond float's range
 
 def test_the_walk_sees_every_settings_class():
     names = {cls.__name__ for cls, _, _ in FIELDS}
-    assert {"JobConfig", "DataConfig", "RecipeConfig", "AnalysisConfig", "PruneConfig", "CommitteeConfig",
-            "SpecFile", "SearchConfig", "ResourcesConfig", "RandAugmentConfig"} <= names
+    assert {
+        "JobConfig",
+        "DataConfig",
+        "RecipeConfig",
+        "AnalysisConfig",
+        "PruneConfig",
+        "CommitteeConfig",
+        "SpecFile",
+        "SearchConfig",
+        "ResourcesConfig",
+        "RandAugmentConfig",
+    } <= names
     assert len(FIELDS) >= 60
 
 
@@ -82,6 +100,7 @@ def test_a_bad_value_is_echoed_as_a_bounded_excerpt():
 
 # ---------------------------------------------------------------- every numeric flag of every command
 
+
 def _commands() -> dict[str, tuple[argparse.ArgumentParser, typing.Callable[[list[str]], int], list[str]]]:
     """Each command line: its parser, its entry point, and arguments that make the rest of it valid."""
     from analysis.pruning.cli import build_parser as prune_parser
@@ -98,8 +117,11 @@ def _commands() -> dict[str, tuple[argparse.ArgumentParser, typing.Callable[[lis
     }
     positional = {"analyze": ["RUN"], "prune": ["RUN"], "committee": ["--experiment", "none"], "report": ["none"]}
     for verb, parser in sub.choices.items():
-        commands[f"orchestrator {verb}"] = (parser, lambda argv, verb=verb: orchestrator_main([verb, *argv]),
-                                            positional.get(verb, []))
+        commands[f"orchestrator {verb}"] = (
+            parser,
+            lambda argv, verb=verb: orchestrator_main([verb, *argv]),
+            positional.get(verb, []),
+        )
     return commands
 
 
@@ -123,13 +145,19 @@ FLAGS = numeric_flags()
 
 def test_the_flag_walk_sees_every_command():
     commands = {c for c, _, _ in FLAGS}
-    assert {"analysis.units", "analysis.pruning", "orchestrator analyze", "orchestrator prune",
-            "orchestrator committee"} <= commands, commands
+    assert {
+        "analysis.units",
+        "analysis.pruning",
+        "orchestrator analyze",
+        "orchestrator prune",
+        "orchestrator committee",
+    } <= commands, commands
 
 
 @pytest.mark.parametrize("command,flag,kind", FLAGS, ids=[f"{c}:{f}" for c, f, _ in FLAGS])
-def test_every_numeric_flag_refuses_nan_infinity_negative_and_huge_in_one_line(command, flag, kind, tmp_path,
-                                                                                 capsys, monkeypatch):
+def test_every_numeric_flag_refuses_nan_infinity_negative_and_huge_in_one_line(
+    command, flag, kind, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     _, entry, rest = _commands()[command]
     rest = [str(tmp_path / "missing") if a in ("RUN", "OUT") else a for a in rest]

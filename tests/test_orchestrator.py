@@ -3,6 +3,7 @@
 Faults: a trial's worker process killed mid-training resumes from its last checkpoint in the same
 MLflow run; a killed driver is continued by ``resume`` without rerunning or duplicating trials.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import yaml
+from conftest import REPO, cli_args, sweep_spec, write
 from mlflow import MlflowClient
 
-from conftest import REPO, cli_args, sweep_spec, write
 from orchestrator.cli import main
 from orchestrator.sweep_spec import FINAL_METRICS, load_spec, point_key
-from trainables.config import JobConfig
-from trainables.config import prepare
+from trainables.config import JobConfig, prepare
 from trainables.data import load_splits
 from trainables.models import build_model
 from trainables.probs import read_probs
@@ -37,8 +36,10 @@ def trial_runs(tmp_path: Path, name: str) -> tuple[list, list]:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id]) if exp else []
-    return ([r for r in runs if r.data.tags.get("unitlab.role") == "sweep"],
-            [r for r in runs if r.data.tags.get("unitlab.role") == "trial"])
+    return (
+        [r for r in runs if r.data.tags.get("unitlab.role") == "sweep"],
+        [r for r in runs if r.data.tags.get("unitlab.role") == "trial"],
+    )
 
 
 def steps(tmp_path: Path, run_id: str) -> list[int]:
@@ -48,6 +49,7 @@ def steps(tmp_path: Path, run_id: str) -> list[int]:
 
 # ---------------------------------------------------------------- bad specs
 
+
 def _set(path: str, value):
     def apply(spec: dict) -> None:
         *head, last = path.split(".")
@@ -55,6 +57,7 @@ def _set(path: str, value):
         for key in head:
             node = node[key]
         node[last] = value
+
     return apply
 
 
@@ -67,25 +70,39 @@ BAD_SPECS = {
     "unknown base key": (_set("base.epochz", 1), "sweep.base: config.epochz"),
     "unknown model field": (_set("axes.head_size", [4]), "model.head_size: unknown key"),
     "bad search mode": (_set("search", {"mode": "random"}), "sweep.search.mode"),
-    "single final objective": (_set("search", {"mode": "optuna", "metrics": {"latency_ms_b1": "min"}}),
-                               "sweep.search.metrics.latency_ms_b1"),
-    "bad distribution": (_set("search", {"mode": "optuna", "distributions": {"recipe.lr": {"type": "float",
-                                                                                        "low": 1.0, "high": 0.1}}}),
-                         "sweep.search.distributions.recipe.lr"),
+    "single final objective": (
+        _set("search", {"mode": "optuna", "metrics": {"latency_ms_b1": "min"}}),
+        "sweep.search.metrics.latency_ms_b1",
+    ),
+    "bad distribution": (
+        _set("search", {"mode": "optuna", "distributions": {"recipe.lr": {"type": "float", "low": 1.0, "high": 0.1}}}),
+        "sweep.search.distributions.recipe.lr",
+    ),
     "bad scheduler": (_set("scheduler", "hyperband"), "sweep.scheduler"),
     "no gpus on the cluster": (_set("resources", {"cpus": 1, "gpus": 8}), "sweep.resources.gpus"),
     "analysis threshold": (_set("analyze", {"threshold": 1.5}), "sweep.analyze.threshold: must be in (0, 1)"),
     "unknown analysis tap": (_set("analyze", {"taps": ["block.9.out"]}), "unknown tap 'block.9.out'"),
-    "readout option of another recipe": (_set("analyze", {"readout_max_iter": 50}),
-                                         "sweep.analyze.readout_max_iter: readout option 'max_iter' does not apply to recipe 'paper100'"),
-    "unknown readout recipe": (_set("analyze", {"recipe": "fast"}), "sweep.analyze.recipe: must be one of paper100, paper"),
+    "readout option of another recipe": (
+        _set("analyze", {"readout_max_iter": 50}),
+        "sweep.analyze.readout_max_iter: readout option 'max_iter' does not apply to recipe 'paper100'",
+    ),
+    "unknown readout recipe": (
+        _set("analyze", {"recipe": "fast"}),
+        "sweep.analyze.recipe: must be one of paper100, paper",
+    ),
     "prune without analysis": (_set("prune", {"methods": ["andc"]}), "which come from the analysis"),
-    "prune method of another family": (lambda s: s.update(analyze=True, prune={"methods": ["afcc"]}),
-                                       "'afcc' does not apply to a cct model"),
-    "prune level out of range": (lambda s: s.update(prune={"methods": ["random"], "thresholds": [],
-                                                           "levels": [1.5]}), "sweep.prune.levels: must be in [0, 1]"),
-    "unknown prune method": (lambda s: s.update(analyze=True, prune={"methods": ["magnitude"]}),
-                             "sweep.prune.methods: must be one of"),
+    "prune method of another family": (
+        lambda s: s.update(analyze=True, prune={"methods": ["afcc"]}),
+        "'afcc' does not apply to a cct model",
+    ),
+    "prune level out of range": (
+        lambda s: s.update(prune={"methods": ["random"], "thresholds": [], "levels": [1.5]}),
+        "sweep.prune.levels: must be in [0, 1]",
+    ),
+    "unknown prune method": (
+        lambda s: s.update(analyze=True, prune={"methods": ["magnitude"]}),
+        "sweep.prune.methods: must be one of",
+    ),
 }
 
 
@@ -114,8 +131,12 @@ def test_unreadable_data_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys,
 
 def test_cli_process_rejects_a_bad_spec(tmp_path):
     spec = sweep_spec("bad", axes={"heads": []})
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
-                             *cli_args(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and result.stderr.strip() == "error: sweep.axes.heads: empty axis"
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -123,13 +144,26 @@ def test_cli_process_rejects_a_bad_spec(tmp_path):
 def test_grid_and_optuna_specs_expand_to_trials(tmp_path):
     grid = load_spec(write(tmp_path, sweep_spec("grid", search={"num_samples": 2})))
     assert grid.num_trials() == 8
-    assert [grid.variant(p) for p in grid.grid_points()][:2] == ["heads=2,head_dim=16,n_conv_blocks=0",
-                                                                   "heads=2,head_dim=16,n_conv_blocks=1"]
+    assert [grid.variant(p) for p in grid.grid_points()][:2] == [
+        "heads=2,head_dim=16,n_conv_blocks=0",
+        "heads=2,head_dim=16,n_conv_blocks=1",
+    ]
     job = grid.job_config(grid.grid_points()[-1])
     assert job["model"] == {"preset": "cct_tiny", "heads": 4, "head_dim": 8, "n_conv_blocks": 1} and job["seed"] == 0
-    optuna = load_spec(write(tmp_path, sweep_spec("opt", search={
-        "mode": "optuna", "num_samples": 5, "metrics": {"val_acc": "max", "latency_ms_b1": "min"},
-        "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})))
+    optuna = load_spec(
+        write(
+            tmp_path,
+            sweep_spec(
+                "opt",
+                search={
+                    "mode": "optuna",
+                    "num_samples": 5,
+                    "metrics": {"val_acc": "max", "latency_ms_b1": "min"},
+                    "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+                },
+            ),
+        )
+    )
     assert optuna.num_trials() == 5 and optuna.metrics == {"val_acc": "max", "latency_ms_b1": "min"}
     assert optuna.job_config({"recipe.lr": 0.001})["recipe"]["lr"] == 0.001
 
@@ -142,8 +176,19 @@ def test_each_trial_gets_its_job_resolved_once_when_the_spec_loads(tmp_path):
         job = spec.job(point)
         assert isinstance(job, JobConfig) and job is spec.jobs[point_key(point)] is spec.job(point)
         assert job.model["family"] == "cct" and job.model["num_classes"] == 4  # sized to the data
-    optuna = load_spec(write(tmp_path, sweep_spec("opt", search={
-        "mode": "optuna", "num_samples": 2, "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})))
+    optuna = load_spec(
+        write(
+            tmp_path,
+            sweep_spec(
+                "opt",
+                search={
+                    "mode": "optuna",
+                    "num_samples": 2,
+                    "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2}},
+                },
+            ),
+        )
+    )
     point = {**optuna.grid_points()[0], "recipe.lr": 0.002}  # an Optuna sample: resolved when the trial starts
     assert point_key(point) not in optuna.jobs and optuna.job(point).recipe.lr == 0.002
     with pytest.raises(TypeError, match="resolved JobConfig"):
@@ -166,6 +211,7 @@ def test_shipped_sweep_specs_are_valid(data_dir, monkeypatch):
 
 # ---------------------------------------------------------------- a whole sweep
 
+
 @pytest.mark.slow
 def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_path, capsys):
     spec = sweep_spec("e2e")
@@ -175,7 +221,8 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [a.path for a in client.list_artifacts(parents[0].info.run_id, "sweep")] == ["sweep/spec.yaml"]
     assert {r.data.tags["unitlab.variant"] for r in children} == {
-        f"heads={h},head_dim={d},n_conv_blocks={n}" for h, d in ((2, 16), (4, 8)) for n in (0, 1)}
+        f"heads={h},head_dim={d},n_conv_blocks={n}" for h, d in ((2, 16), (4, 8)) for n in (0, 1)
+    }
     for run in children:
         tags = run.data.tags
         assert run.info.status == "FINISHED" and tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -184,8 +231,15 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
         assert set(FINAL_METRICS) <= set(run.data.metrics) and run.data.params["model.heads"] in ("2", "4")
     for i, run in enumerate(children):  # every trial: the documented rebuild reproduces the logged accuracy
         local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / f"art{i}")))
-        for name in ("model/spec.json", "model/model.pt", "probs/probs_val.parquet", "probs/probs_test.parquet",
-                     "figures/curves.png", "summary.json", "config.json"):
+        for name in (
+            "model/spec.json",
+            "model/model.pt",
+            "probs/probs_val.parquet",
+            "probs/probs_test.parquet",
+            "figures/curves.png",
+            "summary.json",
+            "config.json",
+        ):
             assert (local / name).is_file(), name
         model = build_model(json.loads((local / "model/spec.json").read_text()))
         model.load_state_dict(torch.load(local / "model/model.pt", weights_only=True))
@@ -205,10 +259,17 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
 @pytest.mark.slow
 def test_optuna_multi_objective_with_asha_ends_every_run(local_ray, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")  # the sweep sets it; restored afterwards
-    spec = sweep_spec("optuna", epochs=3, scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
-                      search={"mode": "optuna", "num_samples": 4, "metrics": {"val_acc": "max", "latency_ms_b1": "min"},
-                              "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2,
-                                                              "log": True}}})
+    spec = sweep_spec(
+        "optuna",
+        epochs=3,
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        search={
+            "mode": "optuna",
+            "num_samples": 4,
+            "metrics": {"val_acc": "max", "latency_ms_b1": "min"},
+            "distributions": {"recipe.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        },
+    )
     assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 0
     parents, children = trial_runs(tmp_path, "optuna")
     assert parents[0].info.status == "FINISHED" and len(children) == 4
@@ -224,6 +285,7 @@ def test_optuna_multi_objective_with_asha_ends_every_run(local_ray, tmp_path, ca
 
 
 # ---------------------------------------------------------------- faults
+
 
 def ancestors(pid: int) -> list[int]:
     chain = []
@@ -285,9 +347,13 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(local_ray, tm
 def test_killed_driver_is_resumed_without_rerunning_or_duplicating(tmp_path):
     spec = sweep_spec("driverkill", epochs=4, train_size=4096)
     store = tmp_path / "store" / "driverkill"
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)),
-                               *cli_args(tmp_path)], cwd=REPO, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and driver.poll() is None and not list(store.glob("*/checkpoint_000003")):
@@ -302,11 +368,19 @@ def test_killed_driver_is_resumed_without_rerunning_or_duplicating(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    before = {r.info.run_id: (r.info.end_time, r.data.tags["unitlab.attempts"])
-              for r in trial_runs(tmp_path, "driverkill")[1] if r.info.status == "FINISHED"}
+    before = {
+        r.info.run_id: (r.info.end_time, r.data.tags["unitlab.attempts"])
+        for r in trial_runs(tmp_path, "driverkill")[1]
+        if r.info.status == "FINISHED"
+    }
     assert 1 <= len(before) < 4
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "resume", "driverkill", *cli_args(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "resume", "driverkill", *cli_args(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     parents, children = trial_runs(tmp_path, "driverkill")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

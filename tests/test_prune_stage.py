@@ -5,6 +5,7 @@ cells; each pruned trial must start from its parent's logged model, reuse the pa
 the analysis threshold, log lineage, dilution and accuracies, and rebuild exactly from its artifacts.
 A resume of the finished sweep must not create or rerun any run.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,29 +14,38 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from conftest import cli_args, sweep_spec, write
 from mlflow import MlflowClient
 
 from analysis.pruning.masks import load_masks, rebuild_pruned
 from orchestrator.cli import main
-from conftest import cli_args, sweep_spec, write
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.train import evaluate, make_loaders
 
 pytestmark = pytest.mark.slow
 
-CELLS = {"none", "andc,threshold=0.3", "andc,threshold=0.4", "random,threshold=0.3", "random,threshold=0.4",
-         "random,level=0.5"}
+CELLS = {
+    "none",
+    "andc,threshold=0.3",
+    "andc,threshold=0.4",
+    "random,threshold=0.3",
+    "random,threshold=0.4",
+    "random,level=0.5",
+}
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """A finished sweep with analysis and a prune stage: (tmp folder, client, experiment id)."""
     tmp = tmp_path_factory.mktemp("prune_stage")
-    spec = sweep_spec("staged", epochs=2, axes={"attention": [{"heads": 2, "head_dim": 16}], "seed": [0]},
-                      analyze={"train_size": 128, "test_size": 64},
-                      prune={"methods": ["none", "andc", "random"], "thresholds": [0.3, 0.4], "levels": [0.5],
-                             "finetune_epochs": 1})
+    spec = sweep_spec(
+        "staged",
+        epochs=2,
+        axes={"attention": [{"heads": 2, "head_dim": 16}], "seed": [0]},
+        analyze={"train_size": 128, "test_size": 64},
+        prune={"methods": ["none", "andc", "random"], "thresholds": [0.3, 0.4], "levels": [0.5], "finetune_epochs": 1},
+    )
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         assert main(["sweep", str(write(tmp, spec)), *cli_args(tmp)]) == 0
@@ -90,12 +100,16 @@ def test_pruned_trials_log_lineage_dilution_and_accuracies(swept):
 
 def test_pruned_model_rebuilds_from_its_artifacts(swept):
     tmp, client, exp_id = swept
-    run = next(r for r in runs_by_role(client, exp_id)["prune"]
-               if r.data.tags["unitlab.prune.cell"] == "andc,threshold=0.3")
+    run = next(
+        r for r in runs_by_role(client, exp_id)["prune"] if r.data.tags["unitlab.prune.cell"] == "andc,threshold=0.3"
+    )
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp / "pruned")))
     masks = load_masks(local / "model/masks.pt")
-    model = rebuild_pruned(json.loads((local / "model/spec.json").read_text()),
-                           torch.load(local / "model/model.pt", weights_only=True), masks)
+    model = rebuild_pruned(
+        json.loads((local / "model/spec.json").read_text()),
+        torch.load(local / "model/model.pt", weights_only=True),
+        masks,
+    )
     cfg = prepare(json.loads((local / "config.json").read_text()))
     loaders = make_loaders(load_splits(cfg.data, cfg.seed), cfg, torch.device("cpu"), False)
     _, acc, _ = evaluate(model, loaders["test"])
@@ -115,12 +129,21 @@ def test_resume_of_a_finished_sweep_adds_no_runs(swept, capsys):
     assert out == ["sweep staged is complete (7 of 7 trials ended); nothing to resume"], out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["nosuch", "--methods", "none"], "prune nosuch: neither a sweep name nor a run id"),
-    (["staged", "--methods", "andc", "--thresholds", "0.5"], "was analysed at threshold 0.3, andc,threshold=0.5 needs 0.5"),
-    (["staged", "--methods", "afcc"], "'afcc' does not apply to a cct model"),
-    (["staged", "--methods", "random", "--thresholds", "", "--levels", "1.5"], "--levels: must be in [0, 1], got 1.5"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nosuch", "--methods", "none"], "prune nosuch: neither a sweep name nor a run id"),
+        (
+            ["staged", "--methods", "andc", "--thresholds", "0.5"],
+            "was analysed at threshold 0.3, andc,threshold=0.5 needs 0.5",
+        ),
+        (["staged", "--methods", "afcc"], "'afcc' does not apply to a cct model"),
+        (
+            ["staged", "--methods", "random", "--thresholds", "", "--levels", "1.5"],
+            "--levels: must be in [0, 1], got 1.5",
+        ),
+    ],
+)
 def test_prune_command_rejects_bad_input(swept, capsys, argv, message):
     tmp, client, exp_id = swept
     before = len(client.search_runs([exp_id], max_results=1000))
@@ -143,7 +166,11 @@ def test_prune_command_needs_the_analysis_or_computes_it(swept, capsys):
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         assert main(args) == 0
-        new = [r for r in runs_by_role(client, exp_id)["prune"] if r.data.tags["unitlab.prune.cell"] == "andc,threshold=0.5"]
+        new = [
+            r
+            for r in runs_by_role(client, exp_id)["prune"]
+            if r.data.tags["unitlab.prune.cell"] == "andc,threshold=0.5"
+        ]
         assert len(new) == 1 and new[0].info.status == "FINISHED"
         assert new[0].data.tags["unitlab.lineage.parent_run"] == trial.info.run_id
         assert main(args) == 0  # the same command again: reported, not rerun
@@ -156,8 +183,23 @@ def test_prune_command_needs_the_analysis_or_computes_it(swept, capsys):
 def test_pruned_trials_are_committee_candidates(swept, capsys):
     tmp, client, exp_id = swept
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    assert main(["committee", "--experiment", "staged", "--include-pruned", "--size", "3", "--method", "topk",
-                 "--tracking-uri", uri]) == 0
+    assert (
+        main(
+            [
+                "committee",
+                "--experiment",
+                "staged",
+                "--include-pruned",
+                "--size",
+                "3",
+                "--method",
+                "topk",
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
     (committee,) = [r for r in client.search_runs([exp_id]) if r.data.tags.get("unitlab.role") == "committee"]
     pruned = [r for r in runs_by_role(client, exp_id)["prune"] if r.info.status == "FINISHED"]
     assert len(pruned) >= len(CELLS) and committee.data.metrics["valid_runs"] == 1 + len(pruned)

@@ -1,4 +1,5 @@
 """Pruning: mask rules, random controls, enforcement through training and save/load, the job."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,32 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from analysis.units.pipeline import AnalysisConfig
-from analysis.pruning.cli import main as prune_main, split_config
-from analysis.pruning.job import PruneConfig, PrunePlan, run_prune_job, unit_label_sets
-from analysis.units.results import load_label_sets
-from analysis.pruning.masks import (Connection, PruneError, apply_masks, connection_mask, dilution, expand,
-                              full_masks, layer_connections, load_masks, model_masks,
-                              output_mask, plan_layers, random_at_level, random_connections,
-                              random_label_sets, rebuild_pruned, save_masks)
 from conftest import synthetic_job
+
+from analysis.pruning.cli import main as prune_main
+from analysis.pruning.cli import split_config
+from analysis.pruning.job import PruneConfig, PrunePlan, run_prune_job, unit_label_sets
+from analysis.pruning.masks import (
+    Connection,
+    PruneError,
+    apply_masks,
+    connection_mask,
+    dilution,
+    expand,
+    full_masks,
+    layer_connections,
+    load_masks,
+    model_masks,
+    output_mask,
+    plan_layers,
+    random_at_level,
+    random_connections,
+    random_label_sets,
+    rebuild_pruned,
+    save_masks,
+)
+from analysis.units.pipeline import AnalysisConfig
+from analysis.units.results import load_label_sets
 from trainables.config import prepare
 from trainables.models import build_model
 from trainables.probs import read_probs
@@ -33,6 +50,7 @@ def sets(*units):
 
 
 # ---------------------------------------------------------------- rules
+
 
 def test_intersection_and_output_rules_exact():
     ins = sets({0, 1}, {2}, set())
@@ -53,7 +71,9 @@ def test_intersection_and_output_rules_exact():
 def test_afcc_plan_and_masks_on_vgg():
     model = build_model({**TINY_VGG, "image_size": 32})
     layers = plan_layers(model, "afcc")
-    assert [(l.inputs, l.outputs) for l in layers] == [(f"conv.{i}", f"conv.{i + 1}") for i in range(9)] + [("conv.9", None)]
+    assert [(l.inputs, l.outputs) for l in layers] == [(f"conv.{i}", f"conv.{i + 1}") for i in range(9)] + [
+        ("conv.9", None)
+    ]
     params = dict(model.named_parameters())
     widths = [4, 4, 8, 8, 16, 16, 16, 32, 32, 32]
     for i, l in enumerate(layers[:-1]):
@@ -93,9 +113,12 @@ def test_andc_plan_and_masks_on_cct():
         ("blocks.0.mlp.fc1.weight", "block.0.ff_in", "block.0.ff_hidden"),
         ("blocks.0.mlp.fc2.weight", "block.0.ff_hidden", "block.0.out"),
         ("blocks.1.mlp.fc1.weight", "block.1.ff_in", "block.1.ff_hidden"),
-        ("blocks.1.mlp.fc2.weight", "block.1.ff_hidden", "block.1.out")]
-    label_sets = {t: [{u % 3, 4} if u % 7 == 0 else {u % 3} for u in range(64 if "hidden" in t else 32)]
-                  for t in ("block.0.ff_in", "block.0.ff_hidden", "block.0.out")}
+        ("blocks.1.mlp.fc2.weight", "block.1.ff_hidden", "block.1.out"),
+    ]
+    label_sets = {
+        t: [{u % 3, 4} if u % 7 == 0 else {u % 3} for u in range(64 if "hidden" in t else 32)]
+        for t in ("block.0.ff_in", "block.0.ff_hidden", "block.0.out")
+    }
     masks = full_masks(model, layer_connections(layers[:2], label_sets, 5))
     fc1 = masks["blocks.0.mlp.fc1.weight"]
     assert fc1.shape == (64, 32)
@@ -126,12 +149,16 @@ def test_random_controls_keep_per_layer_dilution():
 
 # ---------------------------------------------------------------- enforcement
 
+
 def _vgg_with_random_masks(level=0.7):
     torch.manual_seed(0)
     model = build_model(TINY_VGG)
     gen = torch.Generator().manual_seed(3)
-    masks = {p: random_at_level(w.shape, level, gen) for p, w in model.named_parameters()
-             if p.endswith("0.weight") or p == "classifier.weight"}
+    masks = {
+        p: random_at_level(w.shape, level, gen)
+        for p, w in model.named_parameters()
+        if p.endswith("0.weight") or p == "classifier.weight"
+    }
     return model, masks
 
 
@@ -140,8 +167,11 @@ def test_masks_hold_after_steps_and_save_load_rebuild(tmp_path, optimizer):
     model, masks = _vgg_with_random_masks()
     apply_masks(model, masks)
     params = list(model.parameters())
-    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
-           if optimizer == "sgd" else torch.optim.AdamW(params, lr=1e-2))
+    opt = (
+        torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=1e-2)
+    )
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
     for _ in range(3):
         opt.zero_grad()
@@ -189,12 +219,19 @@ def test_bad_masks_and_settings_name_the_field():
 
 
 def test_prune_plan_cells_take_thresholds_and_the_analysis_settings():
-    plan = PrunePlan.parse({"methods": ["none", "andc", "random"], "thresholds": [0.3, 0.5], "levels": [0.2],
-                            "finetune_epochs": 3})
+    plan = PrunePlan.parse(
+        {"methods": ["none", "andc", "random"], "thresholds": [0.3, 0.5], "levels": [0.2], "finetune_epochs": 3}
+    )
     analysis = AnalysisConfig(recipe="lbfgs", train_size=100)
     cells = plan.cells(analysis)
-    assert list(cells) == ["none", "andc,threshold=0.3", "andc,threshold=0.5", "random,threshold=0.3",
-                           "random,threshold=0.5", "random,level=0.2"]
+    assert list(cells) == [
+        "none",
+        "andc,threshold=0.3",
+        "andc,threshold=0.5",
+        "random,threshold=0.3",
+        "random,threshold=0.5",
+        "random,level=0.2",
+    ]
     assert all(c.finetune_epochs == 3 and c.control_of == "andc" for c in cells.values())
     assert cells["andc,threshold=0.5"].analysis == analysis.replace(threshold=0.5)
     assert PrunePlan.parse({}).cells()["afcc,threshold=0.3"].analysis.train_size == 5000  # the job's default
@@ -202,11 +239,18 @@ def test_prune_plan_cells_take_thresholds_and_the_analysis_settings():
 
 # ---------------------------------------------------------------- the job, end to end
 
+
 def test_label_sets_file_gives_each_taps_unit_sets(tmp_path):
     path = tmp_path / "label_sets.json"  # the analysis layout: tap -> unit kind -> labels per unit
-    path.write_text(json.dumps({"threshold": 0.3, "num_classes": 5,
-                                "taps": {"conv.0": {"filter": [[1, 2], []]},
-                                         "block.0.heads": {"node": [[4]], "head": [[3, 4]]}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "threshold": 0.3,
+                "num_classes": 5,
+                "taps": {"conv.0": {"filter": [[1, 2], []]}, "block.0.heads": {"node": [[4]], "head": [[3, 4]]}},
+            }
+        )
+    )
     assert unit_label_sets(load_label_sets(path)) == {"conv.0": [{1, 2}, set()], "block.0.heads": [{4}]}
     path.write_text('{"taps": [1, 2')
     with pytest.raises(InputError, match="label_sets.json: not a label_sets.json file"):
@@ -215,17 +259,18 @@ def test_label_sets_file_gives_each_taps_unit_sets(tmp_path):
 
 def job(**values) -> PruneConfig:
     """A fast prune job: 1 fine-tuning epoch, readouts of 4 epochs on 128 images."""
-    return PruneConfig.parse({"finetune_epochs": 1, "analysis": {"readout_epochs": 4, "train_size": 128},
-                              **values})
+    return PruneConfig.parse({"finetune_epochs": 1, "analysis": {"readout_epochs": 4, "train_size": 128}, **values})
 
 
 @pytest.fixture(scope="module")
 def parents(tmp_path_factory):
     root = tmp_path_factory.mktemp("parents")
     out = {}
-    for name, model in (("vgg", {**TINY_VGG, "num_classes": 4, "image_size": 16}),
-                        ("vgg_fc", {**TINY_VGG, "num_classes": 4, "image_size": 16, "fc_hidden": [128, 96]}),
-                        ("cct", {**TINY_CCT, "num_classes": 4})):
+    for name, model in (
+        ("vgg", {**TINY_VGG, "num_classes": 4, "image_size": 16}),
+        ("vgg_fc", {**TINY_VGG, "num_classes": 4, "image_size": 16, "fc_hidden": [128, 96]}),
+        ("cct", {**TINY_CCT, "num_classes": 4}),
+    ):
         job = synthetic_job(model=model, epochs=2)
         if name.startswith("vgg"):
             job["recipe"] = {"name": "sgd_step", "lr": 0.05}
@@ -235,8 +280,15 @@ def parents(tmp_path_factory):
 
 
 def _check_artifacts(out, summary):
-    for name in ("masks.pt", "model.pt", "spec.json", "config.json", "summary.json",
-                 "probs_val.parquet", "probs_test.parquet"):
+    for name in (
+        "masks.pt",
+        "model.pt",
+        "spec.json",
+        "config.json",
+        "summary.json",
+        "probs_val.parquet",
+        "probs_test.parquet",
+    ):
         assert (out / name).is_file(), name
     spec = json.loads((out / "spec.json").read_text())
     model = rebuild_pruned(spec, torch.load(out / "model.pt", weights_only=True), load_masks(out / "masks.pt"))
@@ -250,21 +302,30 @@ def _check_artifacts(out, summary):
 def test_prune_job_vgg_afcc_and_random_control(parents, tmp_path):
     guided = run_prune_job(parents["vgg"], tmp_path / "afcc", job(method="afcc"))
     _check_artifacts(tmp_path / "afcc", guided)
-    assert set(guided["layers"]) == {f"features.{k}.0.weight" for k in (1, 3, 4, 6, 7, 8, 10, 11, 12)} | {"classifier.weight"}
+    assert set(guided["layers"]) == {f"features.{k}.0.weight" for k in (1, 3, 4, 6, 7, 8, 10, 11, 12)} | {
+        "classifier.weight"
+    }
     assert 0 < guided["dilution_pruned_layers"] < 1 and guided["params_kept"] < guided["params_total"]
     assert set(guided["label_stats"]) == {f"conv.{i}" for i in range(10)}
     for key in ("acc_before", "acc_pruned", "acc_finetuned"):
         assert set(guided[key]) == {"val", "test"}
     assert len(guided["history"]) == 1
-    control = run_prune_job(parents["vgg"], tmp_path / "random", job(method="random"),
-                            label_sets=load_label_sets(tmp_path / "afcc" / "label_sets.json"))
+    control = run_prune_job(
+        parents["vgg"],
+        tmp_path / "random",
+        job(method="random"),
+        label_sets=load_label_sets(tmp_path / "afcc" / "label_sets.json"),
+    )
     assert control["acc_before"] == guided["acc_before"]
     for param, layer in guided["layers"].items():
         assert control["layers"][param]["kept"] == layer["kept"]
-    assert not torch.equal(load_masks(tmp_path / "random" / "masks.pt")["classifier.weight"],
-                           load_masks(tmp_path / "afcc" / "masks.pt")["classifier.weight"])
-    labels = run_prune_job(parents["vgg"], tmp_path / "labels",
-                           job(method="random_labels", random_labels_k=2, finetune_epochs=0))
+    assert not torch.equal(
+        load_masks(tmp_path / "random" / "masks.pt")["classifier.weight"],
+        load_masks(tmp_path / "afcc" / "masks.pt")["classifier.weight"],
+    )
+    labels = run_prune_job(
+        parents["vgg"], tmp_path / "labels", job(method="random_labels", random_labels_k=2, finetune_epochs=0)
+    )
     fc = load_masks(tmp_path / "labels" / "masks.pt")["classifier.weight"]  # 2 labels per filter
     assert (fc.sum(0) == 2).all() and not labels["label_stats"]
 
@@ -275,8 +336,12 @@ def test_prune_job_nodal_on_fc_layers(parents, tmp_path):
     assert set(summary["layers"]) == {"fc.1.linear.weight", "classifier.weight"}
     assert set(summary["label_stats"]) == {"fc.0", "fc.1"} and summary["label_stats"]["fc.0"]["units"] == 8
     assert 0 < summary["dilution_pruned_layers"] < 1
-    control = run_prune_job(parents["vgg_fc"], tmp_path / "random", job(method="random", control_of="nodal"),
-                            label_sets=load_label_sets(tmp_path / "nodal" / "label_sets.json"))
+    control = run_prune_job(
+        parents["vgg_fc"],
+        tmp_path / "random",
+        job(method="random", control_of="nodal"),
+        label_sets=load_label_sets(tmp_path / "nodal" / "label_sets.json"),
+    )
     assert {p: l["kept"] for p, l in control["layers"].items()} == {p: l["kept"] for p, l in summary["layers"].items()}
     with pytest.raises(InputError, match="prune.control_of"):
         PruneConfig.parse({"method": "random", "control_of": "magnitude"})
@@ -287,8 +352,20 @@ def test_prune_job_cct_andc_and_cli(parents, tmp_path, capsys):
     _check_artifacts(tmp_path / "andc", summary)
     assert set(summary["layers"]) == {f"blocks.{i}.mlp.fc{k}.weight" for i in (0, 1) for k in (1, 2)}
     assert summary["label_stats"]["block.1.ff_in"]["units"] == 32
-    rc = prune_main(["--parent", str(parents["cct"]), "--method", "random", "--level", "0.6",
-                     "--finetune-epochs", "0", "--out", str(tmp_path / "level")])
+    rc = prune_main(
+        [
+            "--parent",
+            str(parents["cct"]),
+            "--method",
+            "random",
+            "--level",
+            "0.6",
+            "--finetune-epochs",
+            "0",
+            "--out",
+            str(tmp_path / "level"),
+        ]
+    )
     assert rc == 0 and "random: dilution=0.600" in capsys.readouterr().out
     level = json.loads((tmp_path / "level" / "summary.json").read_text())
     assert level["acc_finetuned"] == level["acc_pruned"] and not level["label_stats"]
@@ -301,6 +378,7 @@ def test_prune_job_cct_andc_and_cli(parents, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["afcc_vgg11", "andc_cct"])
 def test_shipped_prune_job_files_are_valid(name):
     from conftest import REPO
+
     from trainables.config import load_yaml
 
     train, plan = split_config(load_yaml(REPO / "configs" / "jobs" / f"{name}.yaml"))
@@ -310,10 +388,26 @@ def test_shipped_prune_job_files_are_valid(name):
 
 
 def test_finetuning_warms_up_as_configured(parents, tmp_path):
-    summary = run_prune_job(parents["cct"], tmp_path / "warm",
-                            job(method="none", finetune_epochs=2, finetune_warmup_epochs=1, finetune_lr=0.01))
+    summary = run_prune_job(
+        parents["cct"],
+        tmp_path / "warm",
+        job(method="none", finetune_epochs=2, finetune_warmup_epochs=1, finetune_lr=0.01),
+    )
     lrs = [h["lr"] for h in summary["history"]]
     assert lrs[0] == pytest.approx(0.01)  # the end of the warm-up epoch reaches the peak, then cosine decay
     assert json.loads((tmp_path / "warm" / "config.json").read_text())["recipe"]["warmup_epochs"] == 1
-    assert prune_main(["--parent", str(parents["cct"]), "--method", "none", "--finetune-warmup-epochs", "-1",
-                       "--out", str(tmp_path / "x")]) == 2
+    assert (
+        prune_main(
+            [
+                "--parent",
+                str(parents["cct"]),
+                "--method",
+                "none",
+                "--finetune-warmup-epochs",
+                "-1",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )

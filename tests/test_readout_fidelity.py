@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import synthetic_job
 
 from analysis.units.pipeline import AnalysisConfig
 from analysis.units.readout import DEFAULT_RECIPE, train_readouts
-from analysis.units.summary import primary_kind
 from analysis.units.run import analyze, load_model
+from analysis.units.summary import primary_kind
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.train import run_job
 
-from conftest import synthetic_job
-
-MODEL = {"preset": "cct_narrow", "tokenizer_layers": 2, "tokenizer_channels": 32, "width": 64, "blocks": 1,
-         "heads": 4, "head_dim": 16}
+MODEL = {
+    "preset": "cct_narrow",
+    "tokenizer_layers": 2,
+    "tokenizer_channels": 32,
+    "width": 64,
+    "blocks": 1,
+    "heads": 4,
+    "head_dim": 16,
+}
 
 
 def test_stacked_training_equals_training_each_tap_alone():
@@ -30,21 +36,30 @@ def test_stacked_training_equals_training_each_tap_alone():
     for tap in feats:
         alone = train_readouts({tap: feats[tap]}, {tap: "token"}, y, 5, "paper", epochs=4)[tap]
         assert together[tap].recipe["stacked_with"] == 3 and alone.recipe["stacked_with"] == 1
-        for a, b in ((together[tap].readout.fc.weight, alone.readout.fc.weight),
-                     (together[tap].readout.pool, alone.readout.pool)):
+        for a, b in (
+            (together[tap].readout.fc.weight, alone.readout.fc.weight),
+            (together[tap].readout.pool, alone.readout.pool),
+        ):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), tap
 
 
 @pytest.fixture(scope="module")
 def trained_cct(tmp_path_factory):
     from conftest import real_data_dir
+
     root = real_data_dir()
     if root is None:
         pytest.skip("real data not found: set DATA_DIR or provide ../shared/data")
     out = tmp_path_factory.mktemp("fidelity")
     data = {"name": "cifar100", "data_dir": str(root), "train_size": 6000, "val_size": 1000}
-    job = synthetic_job(model=MODEL, data=data, epochs=3, checkpoint=False, batch_size=128,
-                        recipe={"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0})
+    job = synthetic_job(
+        model=MODEL,
+        data=data,
+        epochs=3,
+        checkpoint=False,
+        batch_size=128,
+        recipe={"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
+    )
     cfg = prepare(job)
     run_job(cfg, out)
     return load_model(out / "spec.json", out / "model.pt"), load_splits(cfg.data, 0)
@@ -52,9 +67,12 @@ def trained_cct(tmp_path_factory):
 
 def test_default_readout_matches_paper_per_tap(trained_cct):
     model, splits = trained_cct
-    results = {recipe: analyze(model, splits, AnalysisConfig(recipe=recipe, train_size=1000, test_size=1000),
-                               figures=False, n_control=1)
-               for recipe in (DEFAULT_RECIPE, "paper")}
+    results = {
+        recipe: analyze(
+            model, splits, AnalysisConfig(recipe=recipe, train_size=1000, test_size=1000), figures=False, n_control=1
+        )
+        for recipe in (DEFAULT_RECIPE, "paper")
+    }
     fast, paper = results[DEFAULT_RECIPE], results["paper"]
     assert fast.meta["test_size"] == 1000 and fast.meta["test_subset"] == "class-balanced"
     for tap, info in paper.taps.items():

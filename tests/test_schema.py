@@ -1,4 +1,5 @@
 """The shared settings checker: one typed config per stage, built alike from YAML and from flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,8 @@ import dataclasses
 import pytest
 
 from analysis.committees.selection import CommitteeConfig
-from analysis.units.pipeline import AnalysisConfig
 from analysis.pruning.job import PruneConfig, PrunePlan
+from analysis.units.pipeline import AnalysisConfig
 from trainables.config import JobConfig, prepare
 from trainables.data import DataConfig
 from trainables.schema import InputError, Settings
@@ -30,12 +31,20 @@ def test_flags_and_yaml_build_the_same_settings(cls):
     parser = argparse.ArgumentParser()
     cls.add_flags(parser)
     assert cls.from_flags(parser.parse_args([])) == cls()  # no flag: every default
-    flags = {AnalysisConfig: (["--taps", "a,b", "--threshold", "0.4", "--no-save-matrices", "--train-size", "100"],
-                              {"taps": ["a", "b"], "threshold": 0.4, "save_matrices": False, "train_size": 100}),
-             PruneConfig: (["--method", "random", "--level", "0.5", "--train-size", "64", "--readout-epochs", "3"],
-                           {"method": "random", "level": 0.5, "analysis": {"train_size": 64, "readout_epochs": 3}}),
-             CommitteeConfig: (["--size", "3", "--method", "diverse", "--mechanism-weight", "0.2"],
-                               {"size": 3, "method": "diverse", "mechanism_weight": 0.2})}
+    flags = {
+        AnalysisConfig: (
+            ["--taps", "a,b", "--threshold", "0.4", "--no-save-matrices", "--train-size", "100"],
+            {"taps": ["a", "b"], "threshold": 0.4, "save_matrices": False, "train_size": 100},
+        ),
+        PruneConfig: (
+            ["--method", "random", "--level", "0.5", "--train-size", "64", "--readout-epochs", "3"],
+            {"method": "random", "level": 0.5, "analysis": {"train_size": 64, "readout_epochs": 3}},
+        ),
+        CommitteeConfig: (
+            ["--size", "3", "--method", "diverse", "--mechanism-weight", "0.2"],
+            {"size": 3, "method": "diverse", "mechanism_weight": 0.2},
+        ),
+    }
     argv, raw = flags[cls]
     assert cls.from_flags(parser.parse_args(argv)) == cls.parse(raw)
 
@@ -69,15 +78,24 @@ def test_errors_name_the_field_in_file_and_flag_form():
 
 
 def test_resolution_fills_recipe_defaults_and_sizes_the_model_to_the_data():
-    cfg = prepare({"recipe": {"name": "sgd_cosine"}, "model": {"preset": "cct_tiny"},
-                   "data": {"name": "synthetic", "num_classes": 7, "image_size": 16}})
+    cfg = prepare(
+        {
+            "recipe": {"name": "sgd_cosine"},
+            "model": {"preset": "cct_tiny"},
+            "data": {"name": "synthetic", "num_classes": 7, "image_size": 16},
+        }
+    )
     assert (cfg.recipe.lr, cfg.recipe.weight_decay, cfg.recipe.warmup_epochs) == (0.05, 5e-4, 1)
     assert cfg.model["family"] == "cct" and (cfg.model["num_classes"], cfg.model["image_size"]) == (7, 16)
     assert prepare(cfg) is cfg  # resolved once: a JobConfig passes through
     assert prepare(cfg.to_dict()) == cfg  # config.json rebuilds the same job
     with pytest.raises(InputError, match="model.num_classes: 5 differs from the data's 7 classes"):
-        prepare({"model": {"preset": "cct_tiny", "num_classes": 5},
-                 "data": {"name": "synthetic", "num_classes": 7, "image_size": 16}})
+        prepare(
+            {
+                "model": {"preset": "cct_tiny", "num_classes": 5},
+                "data": {"name": "synthetic", "num_classes": 7, "image_size": 16},
+            }
+        )
     merged = cfg.merged({"data": {"train_size": 10}, "device": "cpu"})
     assert merged.data.train_size == 10 and merged.device == "cpu" and merged.recipe == cfg.recipe
 
@@ -91,6 +109,7 @@ def test_sweep_spec_sections_use_the_same_checker(tmp_path):
         SpecFile.parse({"name": "a", "data": {}, "axes": {}, "search": {"num_samples": 0}})
     with pytest.raises(InputError, match=r"^sweep\.resources\.cpus: must be > 0, got 0"):
         SpecFile.parse({"name": "a", "data": {}, "axes": {}, "resources": {"cpus": 0}})
-    spec = SpecFile.parse({"name": "a", "data": {"name": "synthetic"}, "axes": {"seed": [0]},
-                           "resources": {"gpus": 0.25}})
+    spec = SpecFile.parse(
+        {"name": "a", "data": {"name": "synthetic"}, "axes": {"seed": [0]}, "resources": {"gpus": 0.25}}
+    )
     assert spec.resources.gpus == 0.25 and spec.search.mode == "grid" and spec.max_failures == 2

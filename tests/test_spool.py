@@ -1,4 +1,5 @@
 """The trial-side MLflow spool: writes go out in order, wait out an outage, and permanent errors surface."""
+
 from __future__ import annotations
 
 import threading
@@ -24,6 +25,7 @@ class Server:
             if not self.up:
                 raise requests.exceptions.ConnectionError("Connection refused")
             self.received.append(value)
+
         return send
 
 

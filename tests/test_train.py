@@ -1,4 +1,5 @@
 """The training job: artifacts, exact resume, model rebuild, CLI errors, layering."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, synthetic_job
-from trainables.models import build_model
-from trainables.probs import read_probs
+
 from trainables.config import prepare
+from trainables.data import load_splits
 from trainables.device import native_bf16
 from trainables.infer import image_probs
+from trainables.models import build_model
+from trainables.probs import read_probs
 from trainables.train import device_flags, evaluate, main, make_loaders, run_job
-from trainables.data import load_splits
 
 
 class StopAfterFirstEpoch(Exception):
@@ -26,7 +27,14 @@ class StopAfterFirstEpoch(Exception):
 
 def test_job_writes_artifacts_and_learns(tmp_path):
     summary = run_job(prepare(synthetic_job(epochs=3)), tmp_path)
-    for name in ("spec.json", "model.pt", "probs_val.parquet", "probs_test.parquet", "summary.json", "checkpoint/state.pt"):
+    for name in (
+        "spec.json",
+        "model.pt",
+        "probs_val.parquet",
+        "probs_test.parquet",
+        "summary.json",
+        "checkpoint/state.pt",
+    ):
         assert (tmp_path / name).exists(), name
     assert summary["test_acc"] > 0.5  # 4 classes: chance is 0.25
     assert summary["params"] > 0 and summary["macs"] > 0 and summary["latency_ms_b1"] > 0
@@ -144,12 +152,16 @@ def test_cli_runs_a_job_in_a_fresh_process(tmp_path):
     config.write_text(yaml.safe_dump(synthetic_job(epochs=1)))
     bad = subprocess.run(
         [sys.executable, "-m", "trainables.train", "--config", str(config), "--set", "model.heads=0"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: model.heads")
     good = subprocess.run(
         [sys.executable, "-m", "trainables.train", "--config", str(config), "--out", str(tmp_path / "out")],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert good.returncode == 0, good.stderr
     assert "test_acc=" in good.stdout and (tmp_path / "out" / "model.pt").exists()
@@ -172,7 +184,13 @@ def test_trainables_and_analysis_import_neither_ray_nor_mlflow():
 def test_narrow_cct_learns_real_cifar100(data_dir, tmp_path):
     job = {
         "model": {"preset": "cct_tiny"},
-        "data": {"name": "cifar100", "data_dir": str(data_dir), "train_size": 4000, "val_size": 1000, "test_size": 1000},
+        "data": {
+            "name": "cifar100",
+            "data_dir": str(data_dir),
+            "train_size": 4000,
+            "val_size": 1000,
+            "test_size": 1000,
+        },
         "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
         "epochs": 2,
         "batch_size": 64,
@@ -184,6 +202,7 @@ def test_narrow_cct_learns_real_cifar100(data_dir, tmp_path):
 
 def test_sgd_cosine_recipe_warms_up_then_decays_with_nesterov_sgd():
     from trainables.train import lr_lambda, make_optimizer
+
     cfg = prepare({"recipe": {"name": "sgd_cosine"}, "epochs": 4})
     assert (cfg.recipe.lr, cfg.recipe.weight_decay, cfg.recipe.warmup_epochs) == (0.05, 5e-4, 1)
     factor = lr_lambda(cfg, steps_per_epoch=10)

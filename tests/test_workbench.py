@@ -1,5 +1,6 @@
 """The sweep as a researcher sees it in MLflow, checked through a real `mlflow server`'s REST API (what
 the UI reads): the parent run's summary, short run names, analysis depth series, the HTML report."""
+
 from __future__ import annotations
 
 import csv
@@ -9,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import REPO, sweep_spec, write
+from mlflow import MlflowClient
 from test_faults import start_server, stop_server
 from test_multinode import free_port
 
@@ -26,23 +26,63 @@ def served_sweep(tmp_path_factory):
     port = free_port()
     server = start_server(tmp, port)
     uri = f"http://127.0.0.1:{port}"
-    spec = sweep_spec("bench", epochs=2, axes={"attention": [{"heads": 2, "head_dim": 16, "bf16": True},
-                                                             {"heads": 4, "head_dim": 8, "bf16": False}],
-                                               "seed": [0]},
-                      analyze={"train_size": 128, "test_size": 64, "readout_epochs": 4},
-                      prune={"methods": ["none"], "finetune_epochs": 1})
+    spec = sweep_spec(
+        "bench",
+        epochs=2,
+        axes={
+            "attention": [{"heads": 2, "head_dim": 16, "bf16": True}, {"heads": 4, "head_dim": 8, "bf16": False}],
+            "seed": [0],
+        },
+        analyze={"train_size": 128, "test_size": 64, "readout_epochs": 4},
+        prune={"methods": ["none"], "finetune_epochs": 1},
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
-        swept = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(write(tmp, spec)), "--tracking-uri",
-                                uri, "--storage-path", str(tmp / "store")], cwd=REPO, env=env, capture_output=True,
-                               text=True, timeout=600)
+        swept = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "sweep",
+                str(write(tmp, spec)),
+                "--tracking-uri",
+                uri,
+                "--storage-path",
+                str(tmp / "store"),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
-        report = subprocess.run([sys.executable, "-m", "orchestrator", "report", "bench", "--tracking-uri", uri,
-                                 "--out", str(tmp / "report")], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=300)
+        report = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "report",
+                "bench",
+                "--tracking-uri",
+                uri,
+                "--out",
+                str(tmp / "report"),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
-        yield {"client": MlflowClient(uri), "uri": uri, "tmp": tmp, "sweep_out": swept.stdout,
-               "report_out": report.stdout}
+        yield {
+            "client": MlflowClient(uri),
+            "uri": uri,
+            "tmp": tmp,
+            "sweep_out": swept.stdout,
+            "report_out": report.stdout,
+        }
     finally:
         stop_server(server)
 
@@ -67,9 +107,13 @@ def test_parent_run_summarises_the_sweep(served_sweep, tmp_path):
     files = {f.path for f in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/trials.csv", "summary/summary.md", "summary/figures"} <= files
     figures = {f.path for f in client.list_artifacts(parent.info.run_id, "summary/figures")}
-    assert {f"summary/figures/{n}.png" for n in ("accuracy_by_variant", "accuracy_vs_latency", "snr_by_depth",
-                                                 "heads_per_label")} <= figures
-    rows = list(csv.DictReader(open(client.download_artifacts(parent.info.run_id, "summary/trials.csv", str(tmp_path)))))
+    assert {
+        f"summary/figures/{n}.png"
+        for n in ("accuracy_by_variant", "accuracy_vs_latency", "snr_by_depth", "heads_per_label")
+    } <= figures
+    rows = list(
+        csv.DictReader(open(client.download_artifacts(parent.info.run_id, "summary/trials.csv", str(tmp_path))))
+    )
     assert sorted(r["run_id"] for r in rows) == sorted(r.info.run_id for r in trials)
 
 
@@ -79,20 +123,32 @@ def test_trial_runs_have_short_names_and_depth_series(served_sweep, tmp_path):
     assert sorted(r.info.run_name for r in trials) == ["h2d16bTrue", "h4d8bFalse"]  # varying axes only
     for run in trials:
         assert run.data.tags["unitlab.variant"].startswith("heads=")
-        index = list(csv.DictReader(open(client.download_artifacts(run.info.run_id, "analysis/depth_index.csv",
-                                                                   str(tmp_path / run.info.run_id)))))
+        index = list(
+            csv.DictReader(
+                open(
+                    client.download_artifacts(
+                        run.info.run_id, "analysis/depth_index.csv", str(tmp_path / run.info.run_id)
+                    )
+                )
+            )
+        )
         for series in ("snr_by_depth", "readout_acc_by_depth", "labels_per_unit_by_depth"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, series)]
             assert sorted(steps) == list(range(len(index))), series
         head_steps = [int(r["step"]) for r in index if r["tap"].endswith(".heads")]
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "heads_per_label_by_depth")) == head_steps
+        assert (
+            sorted(m.step for m in client.get_metric_history(run.info.run_id, "heads_per_label_by_depth")) == head_steps
+        )
         assert not [k for k in run.data.metrics if "/" in k]
         files = {f.path for f in client.list_artifacts(run.info.run_id, "analysis")}
         assert {"analysis/taps.csv", "analysis/units.csv", "analysis/coverage.csv"} <= files
     names = {r.info.run_id: r.info.run_name for r in trials}
     pruned = runs_of(client, "prune")
-    assert sorted(r.info.run_name for r in pruned) == sorted(f"{names[r.data.tags['unitlab.lineage.parent_run']]}·none"
-                                                               for r in pruned) == ["h2d16bTrue·none", "h4d8bFalse·none"]
+    assert (
+        sorted(r.info.run_name for r in pruned)
+        == sorted(f"{names[r.data.tags['unitlab.lineage.parent_run']]}·none" for r in pruned)
+        == ["h2d16bTrue·none", "h4d8bFalse·none"]
+    )
 
 
 def test_report_is_one_self_contained_page_logged_to_the_parent(served_sweep):
@@ -120,11 +176,15 @@ def test_trials_log_a_loadable_model_and_their_dataset(served_sweep, tmp_path):
     mlflow.set_tracking_uri(served_sweep["uri"])
     for run in runs_of(client, "trial"):
         model = mlflow.pyfunc.load_model(run.data.tags["unitlab.model_uri"])
-        config = prepare(json.loads(open(client.download_artifacts(run.info.run_id, "config.json",
-                                                                   str(tmp_path / run.info.run_id))).read()))
+        config = prepare(
+            json.loads(
+                open(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path / run.info.run_id))).read()
+            )
+        )
         images = load_splits(config.data, config.seed).test.images
-        _, labels, stored, _ = read_probs(client.download_artifacts(run.info.run_id, "probs/probs_test.parquet",
-                                                                    str(tmp_path / run.info.run_id)))
+        _, labels, stored, _ = read_probs(
+            client.download_artifacts(run.info.run_id, "probs/probs_test.parquet", str(tmp_path / run.info.run_id))
+        )
         probs = model.predict(images)
         np.testing.assert_allclose(probs, stored, atol=1e-5, rtol=0)
         assert float((probs.argmax(1) == labels).mean()) == run.data.metrics["test_acc"]

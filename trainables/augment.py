@@ -36,6 +36,7 @@ Geometric ops use nearest interpolation and fill 0 (torchvision RandAugment defa
 the top-left corner (torchvision ``_apply_op`` passes ``center=[0, 0]``), rotation is about the image
 centre, translation is by whole pixels.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,9 +100,7 @@ class RandAugmentDraw:
     signs: torch.Tensor
 
 
-def op_argument(
-    op: str, magnitude: torch.Tensor, sign: torch.Tensor | None, height: int, width: int
-) -> torch.Tensor:
+def op_argument(op: str, magnitude: torch.Tensor, sign: torch.Tensor | None, height: int, width: int) -> torch.Tensor:
     """Per-sample op argument in torchvision's units (see the table above), as float64 (B,)."""
     m = magnitude.to(torch.float64) / MAX_MAGNITUDE
     s = torch.ones_like(m) if sign is None else sign.to(torch.float64)
@@ -312,9 +311,7 @@ def apply_op(
     return _PIXEL_OPS[op](x, arg)
 
 
-def draw_rand_augment(
-    batch_size: int, config: RandAugmentConfig, generator: torch.Generator
-) -> RandAugmentDraw:
+def draw_rand_augment(batch_size: int, config: RandAugmentConfig, generator: torch.Generator) -> RandAugmentDraw:
     """Draw each sample's ops (uniform over ``OPS``, with replacement), magnitudes and signs on
     the generator's device. Always consumes the same amount of randomness for a given batch size."""
     shape = (batch_size, config.num_ops)
@@ -441,7 +438,7 @@ def draw_erasing_boxes(
     device = generator.device
     shape = (batch_size, attempts)
     chosen = torch.rand(batch_size, generator=generator, device=device) < p
-    target = (area[0] + (area[1] - area[0]) * torch.rand(shape, generator=generator, device=device))
+    target = area[0] + (area[1] - area[0]) * torch.rand(shape, generator=generator, device=device)
     target = target * (height * width)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(shape, generator=generator, device=device))

@@ -4,6 +4,7 @@
 (docs/methods.md section 4), the model spec expanded and matched to the data. Everything downstream
 (``run_job``, the sweep's trainable, pruning's fine-tuning) receives the resolved ``JobConfig``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,7 +69,9 @@ class JobConfig(Settings):
     seed: int = seed_setting(0, "training seed (initialisation, order, augmentation)")
     label_smoothing: float = setting(0.1, low=0, lt=1)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
-    bf16: Any = setting("auto", "bf16 autocast: auto (where the device has native bf16), true or false", choices=TRI_STATE)
+    bf16: Any = setting(
+        "auto", "bf16 autocast: auto (where the device has native bf16), true or false", choices=TRI_STATE
+    )
     channels_last: Any = setting("auto", "channels_last memory format: auto, true or false", choices=TRI_STATE)
     compile: bool = False
     checkpoint: bool = True
@@ -79,7 +82,9 @@ class JobConfig(Settings):
         spec = {"num_classes": num_classes, "image_size": image_size, **self.model}
         spec = resolve_spec(spec)
         if spec["num_classes"] != num_classes:
-            raise InputError("model.num_classes", f"{spec['num_classes']} differs from the data's {num_classes} classes")
+            raise InputError(
+                "model.num_classes", f"{spec['num_classes']} differs from the data's {num_classes} classes"
+            )
         if spec["image_size"] != image_size:
             raise InputError("model.image_size", f"{spec['image_size']} differs from the data's {image_size} px images")
         object.__setattr__(self, "model", spec)

@@ -4,6 +4,7 @@ class-conditional synthetic set for tests.
 Images are decoded once and cached as ``.npy`` next to the user's cache folder, so every trial on a
 node memory-maps the same decoded array instead of decoding PNGs again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,10 @@ KNOWN_DATASETS = ("cifar100", "flowers102", "synthetic")
 # Fixed shape of each real dataset: (classes, image size).
 DATASET_SHAPES = {"cifar100": (100, 32), "flowers102": (102, 64)}
 # Images in each official split: sizes are checked against them when a config is read.
-DATASET_SPLITS = {"cifar100": {"train": 50000, "test": 10000},
-                  "flowers102": {"train": 1020, "validation": 1020, "test": 6149}}
+DATASET_SPLITS = {
+    "cifar100": {"train": 50000, "test": 10000},
+    "flowers102": {"train": 1020, "validation": 1020, "test": 6149},
+}
 DEFAULT_HELD_OUT = 5000  # validation images held out of train where a dataset has no official split
 PARQUET_COLUMNS = {"cifar100": ("img", "fine_label"), "flowers102": ("image", "label")}
 
@@ -39,10 +42,12 @@ class AugmentConfig(Settings):
     flip: bool = setting(True, "random horizontal flips")
     translate: int = setting(4, "random shifts of up to this many pixels", low=0)
     crop_scale: tuple[float, float] | None = setting(None, "random-resized-crop area range [low, high]")
-    rand_augment: RandAugmentConfig | None = setting(None, "per-sample RandAugment (CCT recipe: {num_ops: 2, "
-                                                     "magnitude: 9, magnitude_std: 0.5}; null: off)")
-    erasing: float = setting(0.0, "random-erasing probability per image, after normalisation (CCT recipe: 0.25)",
-                             low=0, high=1)
+    rand_augment: RandAugmentConfig | None = setting(
+        None, "per-sample RandAugment (CCT recipe: {num_ops: 2, magnitude: 9, magnitude_std: 0.5}; null: off)"
+    )
+    erasing: float = setting(
+        0.0, "random-erasing probability per image, after normalisation (CCT recipe: 0.25)", low=0, high=1
+    )
     mixup: float = setting(0.0, "mixup alpha (0: off)", low=0)
     cutmix: float = setting(0.0, "cutmix alpha (0: off)", low=0)
 
@@ -66,8 +71,12 @@ class DataConfig(Settings):
     data_dir: str | None = setting(None, "Parquet root (default: the DATA_DIR environment variable)")
     torchvision_root: str | None = None
     train_size: int | None = setting(None, "first N training images (default: all)", low=1)
-    val_size: int | None = setting(None, "images held out of train for validation (default 5000); with an "
-                                   "official validation split (Flowers-102): its first N (default: all)", low=1)
+    val_size: int | None = setting(
+        None,
+        "images held out of train for validation (default 5000); with an "
+        "official validation split (Flowers-102): its first N (default: all)",
+        low=1,
+    )
     test_size: int | None = setting(None, "first N test images (default: all)", low=1)
     val_seed: int = seed_setting(0, "seed of the held-out validation draw (fixed across trials)")
     num_classes: int = setting(10, "synthetic data only", low=2)
@@ -98,14 +107,19 @@ class DataConfig(Settings):
         _at_most("test_size", self.test_size, splits["test"], f"{self.name}'s test images")
 
     def _check_synthetic_memory(self) -> None:
-        counts = (self.train_size or 20 * self.num_classes, self.val_size or 5 * self.num_classes,
-                  self.test_size or 5 * self.num_classes)
-        needed = sum(counts) * self.image_size ** 2 * 3
+        counts = (
+            self.train_size or 20 * self.num_classes,
+            self.val_size or 5 * self.num_classes,
+            self.test_size or 5 * self.num_classes,
+        )
+        needed = sum(counts) * self.image_size**2 * 3
         available = _memory_bytes()
         if available and needed > available / 2:
-            raise InputError("train_size" if counts[0] == max(counts) else "image_size",
-                             f"{sum(counts):,} synthetic images of {self.image_size}x{self.image_size} px need "
-                             f"{needed / 2**30:,.1f} GiB; this machine has {available / 2**30:,.1f} GiB of memory")
+            raise InputError(
+                "train_size" if counts[0] == max(counts) else "image_size",
+                f"{sum(counts):,} synthetic images of {self.image_size}x{self.image_size} px need "
+                f"{needed / 2**30:,.1f} GiB; this machine has {available / 2**30:,.1f} GiB of memory",
+            )
 
 
 def _at_most(name: str, size: int | None, available: int, what: str) -> None:
@@ -250,6 +264,7 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 
 # ---------------------------------------------------------------- Parquet shards
 
+
 def _parquet_splits(name: str) -> tuple[str, ...]:
     return ("train", "validation", "test") if name == "flowers102" else ("train", "test")
 
@@ -298,11 +313,14 @@ def _decode_shards(shards: list[Path], name: str) -> tuple[np.ndarray, np.ndarra
             except Exception as exc:
                 raise DataError(f"data file {shard}: an image cannot be decoded ({exc})") from None
             if image.shape != (size, size, 3):
-                raise DataError(f"data file {shard}: image {len(images)} is {image.shape[1]}x{image.shape[0]} px, "
-                                f"{name} images are {size}x{size}")
+                raise DataError(
+                    f"data file {shard}: image {len(images)} is {image.shape[1]}x{image.shape[0]} px, "
+                    f"{name} images are {size}x{size}"
+                )
             if not isinstance(label, int) or not 0 <= label < num_classes:
-                raise DataError(f"data file {shard}: label {label!r} of image {len(images)} is outside "
-                                f"0..{num_classes - 1}")
+                raise DataError(
+                    f"data file {shard}: label {label!r} of image {len(images)} is outside 0..{num_classes - 1}"
+                )
             images.append(image)
             labels.append(label)
     if not images:
@@ -364,6 +382,7 @@ def _load_torchvision(name: str, data_cfg: DataConfig) -> dict[str, tuple[np.nda
 
 
 # ---------------------------------------------------------------- synthetic
+
 
 def _synthetic_splits(data_cfg: DataConfig) -> Splits:
     """Class-conditional images: each class is a smooth random colour pattern; samples add a random

@@ -6,6 +6,7 @@ auto``); everything that is recorded and later compared (val/test probabilities 
 committee inputs, the unit analysis) is computed in fp32 with the model in the contiguous memory
 format, exactly as a model rebuilt from ``spec.json`` + ``model.pt`` runs it.
 """
+
 from __future__ import annotations
 
 import platform
@@ -50,8 +51,11 @@ def train_flags(bf16: bool | str, channels_last: bool | str, device: torch.devic
     native = native_bf16(device)
     autocast = native if bf16 == "auto" else bool(bf16)
     if bf16 is True and not native:
-        print(f"warning: config.bf16 is true but this {device.type} has no native bf16 (emulated, often 100x "
-              "slower than fp32); bf16: auto turns it on only where it is native", file=sys.stderr)
+        print(
+            f"warning: config.bf16 is true but this {device.type} has no native bf16 (emulated, often 100x "
+            "slower than fp32); bf16: auto turns it on only where it is native",
+            file=sys.stderr,
+        )
     last = device.type == "cuda" if channels_last == "auto" else bool(channels_last)
     return autocast, last
 

@@ -1,4 +1,5 @@
 """Inference on raw images as the datasets store them: uint8 (N, H, W, 3) in, softmax out."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,9 @@ def inference_device(name: str = "auto") -> torch.device:
     return pick_device(name, "device")
 
 
-def image_probs(model: nn.Module, images: np.ndarray, mean: list[float], std: list[float],
-                batch: int = 256) -> torch.Tensor:
+def image_probs(
+    model: nn.Module, images: np.ndarray, mean: list[float], std: list[float], batch: int = 256
+) -> torch.Tensor:
     """Softmax probabilities (N, classes, float32, on the CPU) of ``model`` in eval mode for uint8
     images, normalised as in training (``loader.to_model_input`` with the training ``mean`` and
     ``std``), in batches on the model's device."""
@@ -33,6 +35,6 @@ def image_probs(model: nn.Module, images: np.ndarray, mean: list[float], std: li
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            x = to_model_input(torch.from_numpy(images[start:start + batch]).to(device), mean_t, std_t)
+            x = to_model_input(torch.from_numpy(images[start : start + batch]).to(device), mean_t, std_t)
             out.append(torch.softmax(model(x).float(), dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)

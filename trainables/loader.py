@@ -1,8 +1,9 @@
 """A device-resident batch loader: the split lives as one uint8 tensor on the training device and
 each batch is augmented with whole-batch tensor ops (no per-image Python work in the step)."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -1,4 +1,5 @@
 """Per-example softmax probabilities as Parquet: the artifact committees are built from."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def write_probs(path: Path, probs: np.ndarray, labels: np.ndarray, indices: np.ndarray, dataset: str, split: str) -> None:
+def write_probs(
+    path: Path, probs: np.ndarray, labels: np.ndarray, indices: np.ndarray, dataset: str, split: str
+) -> None:
     """Write columns index, label, probs (list<float32>) with dataset/split/num_classes metadata."""
     n, num_classes = probs.shape
     flat = pa.array(np.ascontiguousarray(probs, dtype=np.float32).reshape(-1))

@@ -11,6 +11,7 @@ place that names its files and rebuilds a model from them.
     label_sets.json     the label sets a prune job used (prune jobs; ``analysis.units.results``)
     checkpoint/         the resumable training state (``trainables.train.save_checkpoint``)
 """
+
 from __future__ import annotations
 
 import json
@@ -105,10 +106,14 @@ def load_model(spec_path: str | Path, weights_path: str | Path, device: str | to
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
-                 f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)}, "
-                 f"spec {tuple(expected[wrong[0]].shape)})" if wrong else ""]
+        parts = [
+            f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
+            f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)}, "
+            f"spec {tuple(expected[wrong[0]].shape)})"
+            if wrong
+            else "",
+        ]
         raise InputError(f"{weights_path} does not match {spec_path}: {'; '.join(p for p in parts if p)}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -12,6 +12,7 @@ The numeric rule, for every field of every class (present and future): a float m
 must fit in 64 bits; a seed (``seed_setting``) lies in ``SEED_RANGE`` in every verb. Sizes are
 checked against what the data holds where the data is known (``DataConfig``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ import reprlib
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import yaml
 
@@ -52,15 +54,32 @@ class InputError(ValueError):
         return type(self)(f"{prefix}.{self.field}", self.problem)
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, low: float | None = None,
-            gt: float | None = None, high: float | None = None, lt: float | None = None,
-            choices: tuple | None = None, flag: bool = True, factory: Any = dataclasses.MISSING,
-            required: bool = False) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    low: float | None = None,
+    gt: float | None = None,
+    high: float | None = None,
+    lt: float | None = None,
+    choices: tuple | None = None,
+    flag: bool = True,
+    factory: Any = dataclasses.MISSING,
+    required: bool = False,
+) -> Any:
     """A field with its rule: ``low``/``high`` inclusive bounds, ``gt``/``lt`` exclusive ones,
     ``choices`` the allowed values; ``flag=False`` keeps it out of generated CLI flags;
     ``required`` fields must appear in a parsed mapping (the default only serves code)."""
-    rule = {"help": help, "low": low, "gt": gt, "high": high, "lt": lt, "choices": choices, "flag": flag,
-            "required": required}
+    rule = {
+        "help": help,
+        "low": low,
+        "gt": gt,
+        "high": high,
+        "lt": lt,
+        "choices": choices,
+        "flag": flag,
+        "required": required,
+    }
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=rule)
     return dataclasses.field(default=default, metadata=rule)
@@ -84,7 +103,7 @@ def excerpt(value: Any) -> str:
     if isinstance(value, str) and len(value) > EXCERPT:
         return f"{value[:EXCERPT]!r}... ({len(value):,} characters)"
     text = _SHORT.repr(value)
-    return text if len(text) <= 2 * EXCERPT else f"{text[:2 * EXCERPT]}..."
+    return text if len(text) <= 2 * EXCERPT else f"{text[: 2 * EXCERPT]}..."
 
 
 def _count_values(data: Any, limit: int) -> int:
@@ -108,7 +127,7 @@ def parse_yaml(text: str, where: str) -> Any:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InputError(where, f"not valid YAML ({str(exc).splitlines()[0][:2 * EXCERPT]})") from None
+        raise InputError(where, f"not valid YAML ({str(exc).splitlines()[0][: 2 * EXCERPT]})") from None
     limit = max(len(text), MIN_YAML_VALUES)
     if _count_values(data, limit) > limit:
         raise InputError(where, f"YAML aliases (*name) expand it to more than {limit:,} values")
@@ -326,6 +345,7 @@ def _typed(base: type, optional: bool):
             return base(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {base.__name__}, got {text!r}") from None
+
     convert.__name__ = base.__name__
     return convert
 
@@ -337,6 +357,7 @@ def _comma_list(item: type, optional: bool):
         if optional and text.lower() in ("none", "null"):  # else "none" is an item (a method named none)
             return None
         return [convert_item(part.strip()) for part in text.split(",") if part.strip()]
+
     convert.__name__ = f"comma-separated {item.__name__}"
     return convert
 
@@ -391,7 +412,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise InputError(name, f"must fit in 64 bits (at most {INT64:,} in size), got {excerpt(value)}")
         if kind is tuple and isinstance(value, (list, tuple)):
             item = _item_hint(hint)
-            return tuple(value) if item is None else tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+            return (
+                tuple(value) if item is None else tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+            )
         if kind is bool and isinstance(value, bool):
             return value
         if kind is not bool and isinstance(value, kind) and not (isinstance(value, bool) and kind is int):
@@ -415,15 +438,23 @@ def _check_rule(name: str, value: Any, rule: Mapping[str, Any]) -> None:
         return
     low, gt, high, lt = rule.get("low"), rule.get("gt"), rule.get("high"), rule.get("lt")
     if (gt is not None or low is not None) and (lt is not None or high is not None):
-        bad = (gt is not None and value <= gt) or (low is not None and value < low) \
-            or (lt is not None and value >= lt) or (high is not None and value > high)
+        bad = (
+            (gt is not None and value <= gt)
+            or (low is not None and value < low)
+            or (lt is not None and value >= lt)
+            or (high is not None and value > high)
+        )
         if bad:
             left = f"({_bound(gt)}" if gt is not None else f"[{_bound(low)}"
             right = f"{_bound(lt)})" if lt is not None else f"{_bound(high)}]"
             raise InputError(name, f"must be in {left}, {right}, got {value}")
         return
-    for bound, ok, text in ((low, lambda b: value >= b, ">="), (gt, lambda b: value > b, ">"),
-                            (high, lambda b: value <= b, "<="), (lt, lambda b: value < b, "<")):
+    for bound, ok, text in (
+        (low, lambda b: value >= b, ">="),
+        (gt, lambda b: value > b, ">"),
+        (high, lambda b: value <= b, "<="),
+        (lt, lambda b: value < b, "<"),
+    ):
         if bound is not None and not ok(bound):
             raise InputError(name, f"must be {text} {_bound(bound)}, got {value}")
 
@@ -436,8 +467,9 @@ def _bound(value: float) -> str:
 def _deep_merge(base: dict, changes: Mapping[str, Any]) -> dict:
     out = dict(base)
     for key, value in changes.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) \
-            else value
+        out[key] = (
+            _deep_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 

@@ -3,6 +3,7 @@
 ``run_job`` is the single entry point the orchestrator wraps; it needs only torch (no Ray, no
 MLflow). Per epoch it writes a resumable checkpoint and calls ``on_epoch(metrics, ckpt_dir)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -60,9 +61,15 @@ def make_loaders(splits: Splits, cfg: JobConfig, device: torch.device, channels_
     common = dict(device=device, mean=mean, std=std, num_classes=splits.num_classes)
     loaders = {
         "train": DeviceLoader(
-            splits.train.images, splits.train.labels, batch_size=cfg.batch_size, augment=cfg.data.augment,
-            shuffle=True, drop_last=len(splits.train) > cfg.batch_size, seed=cfg.seed,
-            channels_last=channels_last, **common,
+            splits.train.images,
+            splits.train.labels,
+            batch_size=cfg.batch_size,
+            augment=cfg.data.augment,
+            shuffle=True,
+            drop_last=len(splits.train) > cfg.batch_size,
+            seed=cfg.seed,
+            channels_last=channels_last,
+            **common,
         )
     }
     for name in ("val", "test"):
@@ -216,8 +223,14 @@ def check_resumable(model: torch.nn.Module, state: dict, where: str) -> None:
         raise InputError(where, f"holds another model than the config describes (e.g. {diff[0]})")
 
 
-def fit(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: JobConfig, autocast: bool,
-        on_epoch: Callable[[dict, dict], None] | None = None, resume_state: dict | None = None) -> list[dict]:
+def fit(
+    model: torch.nn.Module,
+    loaders: dict[str, DeviceLoader],
+    cfg: JobConfig,
+    autocast: bool,
+    on_epoch: Callable[[dict, dict], None] | None = None,
+    resume_state: dict | None = None,
+) -> list[dict]:
     """The training loop: ``cfg.epochs`` epochs of the configured optimiser and schedule.
 
     After each epoch the validation split is evaluated and ``on_epoch(metrics, state)`` is called
@@ -367,6 +380,7 @@ def _print_epoch(metrics: dict, _ckpt: Path) -> None:
         f"{metrics['images_per_sec']:.0f} img/s {metrics['epoch_seconds']:.1f}s",
         flush=True,
     )
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ convex in ``beta`` and its derivative, ``E_softmax(beta z)[z] - z_true``, increa
 so Newton steps on ``beta`` kept inside a shrinking bracket find the optimum. ``T = 1`` (no change) is kept whenever the fit
 would not lower the validation NLL, so calibration never raises it.
 """
+
 from __future__ import annotations
 
 import numpy as np

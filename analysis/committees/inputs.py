@@ -6,6 +6,7 @@ class count differs from the reference, or its sample index / label vector diffe
 runs'. The reference dataset, class count and sample vectors (per split) are the most common among
 the runs still in the pool, the first seen winning a tie.
 """
+
 from __future__ import annotations
 
 import os
@@ -154,14 +155,12 @@ def partition(candidates: list[Candidate]) -> tuple[list[Candidate], list[tuple[
         keep(lambda c: c.dataset == ref_dataset, lambda c: f"dataset {c.dataset}, expected {ref_dataset}")
     if pool:
         ref_classes = _most_common([c.num_classes for c in pool])
-        keep(lambda c: c.num_classes == ref_classes,
-             lambda c: f"{c.num_classes} classes, expected {ref_classes}")
+        keep(lambda c: c.num_classes == ref_classes, lambda c: f"{c.num_classes} classes, expected {ref_classes}")
     for split in SPLITS:
         if pool:
             key = {id(c): _sample_key(c.files[split]) for c in pool}
             ref = _most_common(list(key.values()))
-            keep(lambda c: key[id(c)] == ref,
-                 lambda c, s=split: f"{s} sample index/labels differ from the other runs'")
+            keep(lambda c: key[id(c)] == ref, lambda c, s=split: f"{s} sample index/labels differ from the other runs'")  # noqa: B023 - called within this iteration
     return pool, excluded
 
 

@@ -20,6 +20,7 @@ Selection methods (``select``):
   co-occurrence of the units' label sets (``label_set_profile``). Ties go to the lower log-loss,
   then the lower index.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,17 +43,25 @@ class CommitteeConfig(Settings):
     method: str = setting("greedy", "member selection", choices=METHODS)
     diversity_weight: float = setting(0.05, "diverse: lambda", low=0)
     mechanism_weight: float = setting(0.5, "diverse: share of mechanism distance in the diversity", low=0, high=1)
-    profile_artifact: str = setting("analysis/label_sets.json",
-                                    "diverse: the runs' label sets for mechanism diversity ('' turns it off)")
-    seed_control: bool = setting(False, "fail unless the same-architecture seed committee can be formed "
-                                 "(it is reported whenever it can)")
+    profile_artifact: str = setting(
+        "analysis/label_sets.json", "diverse: the runs' label sets for mechanism diversity ('' turns it off)"
+    )
+    seed_control: bool = setting(
+        False, "fail unless the same-architecture seed committee can be formed (it is reported whenever it can)"
+    )
     init_size: int = setting(0, "greedy: start from the N best single models (sorted initialisation)", low=0)
-    bags: int = setting(1, "greedy: repeat the selection on this many random subsets of the candidates and "
-                        "average the members' weights (1: no bagging)", low=1)
+    bags: int = setting(
+        1,
+        "greedy: repeat the selection on this many random subsets of the candidates and "
+        "average the members' weights (1: no bagging)",
+        low=1,
+    )
     bag_fraction: float = setting(0.5, "greedy: share of the candidates in each bag", gt=0, high=1)
     truncate: bool = setting(False, "greedy: cut each selection at its best validation accuracy")
     calibrate: bool = setting(True, "fit one temperature per member on validation NLL before averaging")
     bag_seed: int = seed_setting(0, "greedy: seed of the bags' draws")
+
+
 _EPS = 1e-12
 
 
@@ -74,7 +83,8 @@ class Split:
         stats = [_true_and_rival(p, self.labels) for p in self.probs]
         self.true_prob, self.rival_max, self.rival_idx = (np.stack(x) for x in zip(*stats))
         self.correct = (self.true_prob > self.rival_max) | (
-            (self.true_prob == self.rival_max) & (self.labels < self.rival_idx))
+            (self.true_prob == self.rival_max) & (self.labels < self.rival_idx)
+        )
 
     @property
     def n_models(self) -> int:
@@ -92,7 +102,7 @@ class Split:
         """(M,) mean negative log-probability of the true label for each model."""
         return _log_loss(self.true_prob)
 
-    def subset(self, models: Sequence[int]) -> "Split":
+    def subset(self, models: Sequence[int]) -> Split:
         """The same split restricted to some models (their cached statistics reused)."""
         out = object.__new__(Split)
         idx = np.asarray(models, dtype=np.int64)
@@ -228,8 +238,9 @@ def greedy_select(val: Split, size: int, init_size: int = 0, truncate: bool = Fa
     return Selection("greedy", order, curve)
 
 
-def bagged_select(val: Split, size: int, bags: int, fraction: float = 0.5, seed: int = 0, init_size: int = 0,
-                  truncate: bool = False) -> Selection:
+def bagged_select(
+    val: Split, size: int, bags: int, fraction: float = 0.5, seed: int = 0, init_size: int = 0, truncate: bool = False
+) -> Selection:
     """Greedy selection on ``bags`` random subsets of ``fraction`` of the candidates (drawn without
     replacement, seeded), each member's weight averaged over the bags (Caruana et al. 2006)."""
     rng = np.random.default_rng(seed)
@@ -270,8 +281,9 @@ def topk_select(val: Split, size: int) -> Selection:
     return Selection("topk", order, running_accuracy(val, order))
 
 
-def diverse_select(val: Split, size: int, lam: float = 0.05, mu: float = 0.5,
-                   profiles: np.ndarray | None = None) -> Selection:
+def diverse_select(
+    val: Split, size: int, lam: float = 0.05, mu: float = 0.5, profiles: np.ndarray | None = None
+) -> Selection:
     """Greedy without replacement on validation gain + ``lam`` x mean diversity to the members."""
     d = prediction_diversity(val.correct)
     if profiles is not None:
@@ -295,8 +307,18 @@ def diverse_select(val: Split, size: int, lam: float = 0.05, mu: float = 0.5,
     return Selection("diverse", order, curve)
 
 
-def select(val: Split, size: int, method: str = "greedy", *, init_size: int = 0, bags: int = 1,
-           bag_fraction: float = 0.5, truncate: bool = False, bag_seed: int = 0, **options) -> Selection:
+def select(
+    val: Split,
+    size: int,
+    method: str = "greedy",
+    *,
+    init_size: int = 0,
+    bags: int = 1,
+    bag_fraction: float = 0.5,
+    truncate: bool = False,
+    bag_seed: int = 0,
+    **options,
+) -> Selection:
     """Dispatch to ``greedy_select`` (``bagged_select`` when ``bags`` > 1), ``topk_select`` or
     ``diverse_select`` (``options`` go to diverse)."""
     if size < 1:
@@ -359,6 +381,7 @@ def seed_control(val: Split, test: Split, groups: dict[str, list[int]]) -> dict 
 
 
 # ----------------------------------------------------------------------------- diversity measures
+
 
 def pairwise_diversity(correct: np.ndarray) -> dict[str, np.ndarray]:
     """Oracle diversity of every pair of models from (M, N) correctness (Kuncheva & Whitaker, 2003).

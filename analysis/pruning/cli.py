@@ -11,6 +11,7 @@ Two modes:
   first method that needs them, and reused by the others (the random control gets exactly the
   guided mask's per-layer dilution).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +39,11 @@ def run_config(path: str | Path, out: Path, parent: Path | None = None) -> dict[
     if parent is None:
         parent = out / "parent"
         if RunFolder(parent).missing((WEIGHTS,)):
-            run_job(job, parent, on_epoch=lambda m, _c: print(f"parent epoch {m['epoch'] + 1}: "
-                                                              f"val_acc={m['val_acc']:.4f}", flush=True))
+            run_job(
+                job,
+                parent,
+                on_epoch=lambda m, _c: print(f"parent epoch {m['epoch'] + 1}: val_acc={m['val_acc']:.4f}", flush=True),
+            )
     summaries: dict[str, dict] = {}
     label_sets = None
     per_method = [c.method for c in cells.values()]
@@ -55,9 +59,11 @@ def run_config(path: str | Path, out: Path, parent: Path | None = None) -> dict[
 
 def _line(summary: dict) -> str:
     acc = {k: summary[f"acc_{k}"] for k in ("before", "pruned", "finetuned")}
-    return (f"{summary['method']}: dilution={summary['dilution_pruned_layers']:.3f} "
-            f"params_kept={summary['params_kept']:,}/{summary['params_total']:,} "
-            + " ".join(f"{k}: val={v['val']:.4f} test={v['test']:.4f}" for k, v in acc.items()))
+    return (
+        f"{summary['method']}: dilution={summary['dilution_pruned_layers']:.3f} "
+        f"params_kept={summary['params_kept']:,}/{summary['params_total']:,} "
+        + " ".join(f"{k}: val={v['val']:.4f} test={v['test']:.4f}" for k, v in acc.items())
+    )
 
 
 def build_parser() -> OneLineParser:
@@ -82,12 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--parent or --config: one is required")
         config = PruneConfig.from_flags(args)
         summary = run_prune_job(
-            args.parent, out, config,
+            args.parent,
+            out,
+            config,
             overrides={"data": {"data_dir": args.data_dir}} if args.data_dir else None,
             label_sets=load_label_sets(args.label_sets) if args.label_sets else None,
-            on_epoch=lambda m: print(f"finetune epoch {m['epoch'] + 1}: val_acc={m['val_acc']:.4f}", flush=True))
+            on_epoch=lambda m: print(f"finetune epoch {m['epoch'] + 1}: val_acc={m['val_acc']:.4f}", flush=True),
+        )
     except InputError as exc:
         return refuse(exc)
     print(_line(summary) + f" -> {out}")
     return 0
-

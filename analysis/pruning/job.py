@@ -7,12 +7,14 @@ parent's ``spec.json``, ``config.json`` and ``model.pt`` (the ``run_job`` layout
 (the fine-tuning job config), ``label_sets.json`` (when label sets were used),
 ``probs_val.parquet``, ``probs_test.parquet`` and ``summary.json``.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -73,8 +75,9 @@ class PruneConfig(Settings):
     seed: int = seed_setting(0, "mask and fine-tuning seed")
     start_tap: str | None = setting(None, "prune only layers fed by this tap or deeper ones")
     random_labels_k: int = setting(5, "labels per unit (method random_labels)", low=1)
-    control_of: str | None = setting(None, "random: copy this guided method's layers and dilution",
-                                     choices=GUIDED_METHODS)
+    control_of: str | None = setting(
+        None, "random: copy this guided method's layers and dilution", choices=GUIDED_METHODS
+    )
     analysis: AnalysisConfig = setting(factory=lambda: AnalysisConfig(train_size=5000))
 
     def check(self) -> None:
@@ -133,8 +136,9 @@ class PrunePlan(Settings):
             return cls.parse({**PruneConfig._given(args), **given, **fixed}, where="")
         except InputError as exc:
             field = exc.field.split(".")[-1]
-            raise InputError(f"--{field.replace('_', '-')}" if hasattr(args, field) else exc.field,
-                             exc.problem) from None
+            raise InputError(
+                f"--{field.replace('_', '-')}" if hasattr(args, field) else exc.field, exc.problem
+            ) from None
 
     def check(self) -> None:
         if not self.methods:
@@ -189,6 +193,7 @@ def cell_label(config: PruneConfig) -> str:
 
 # ---------------------------------------------------------------- label sets from the analysis
 
+
 def unit_label_sets(layout: dict[str, dict[str, list[set[int]]]]) -> LabelSets:
     """Per-unit label sets of each tap from the ``label_sets.json`` layout (``results.load_label_sets``):
     filters at conv taps, nodes at token taps."""
@@ -201,17 +206,23 @@ def unit_label_sets(layout: dict[str, dict[str, list[set[int]]]]) -> LabelSets:
     return out
 
 
-def analyse_label_sets(model: TappedModel, splits: Splits, norm: tuple | None, config: AnalysisConfig,
-                       taps: list[str], seed: int) -> tuple[AnalysisResult, dict[str, dict]]:
+def analyse_label_sets(
+    model: TappedModel, splits: Splits, norm: tuple | None, config: AnalysisConfig, taps: list[str], seed: int
+) -> tuple[AnalysisResult, dict[str, dict]]:
     """The unit analysis of ``taps`` (the same path as ``analysis.units.run``) and per-tap readout stats."""
-    result = analyze(model, splits, config.replace(taps=tuple(taps), save_matrices=False),
-                     norm=norm, seed=seed, figures=False)
+    result = analyze(
+        model, splits, config.replace(taps=tuple(taps), save_matrices=False), norm=norm, seed=seed, figures=False
+    )
     stats = {}
     for tap, info in result.taps.items():
         summary = info["kinds"][primary_kind(info)]["summary"]
-        stats[tap] = {"readout_test_acc": info["accuracy"], "readout_train_acc": info["train_accuracy"],
-                      "units": summary["n_units"], "units_with_labels": summary["n_units_with_cluster"],
-                      "mean_labels_per_unit": summary["mean_labels_per_unit"]}
+        stats[tap] = {
+            "readout_test_acc": info["accuracy"],
+            "readout_train_acc": info["train_accuracy"],
+            "units": summary["n_units"],
+            "units_with_labels": summary["n_units_with_cluster"],
+            "mean_labels_per_unit": summary["mean_labels_per_unit"],
+        }
     return result, stats
 
 
@@ -224,6 +235,7 @@ def unit_counts(model: TappedModel, taps: list[str]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- the job
+
 
 def _accuracies(model, loaders) -> dict[str, Any]:
     """The evaluation of record on val and test: fp32, the model in the contiguous memory format."""
@@ -240,24 +252,29 @@ def prune_layers(model: TappedModel, config: PruneConfig) -> list[Connection]:
     if config.method == "none":
         return []
     guided = config.control_of or family_method(model) or config.method
-    return plan_layers(model, config.method if config.method in GUIDED_METHODS else guided,
-                       config.start_tap)
+    return plan_layers(model, config.method if config.method in GUIDED_METHODS else guided, config.start_tap)
 
 
-def build_prune_masks(model: TappedModel, config: PruneConfig, layers: list[Connection],
-                      label_sets: LabelSets | None) -> Masks:
+def build_prune_masks(
+    model: TappedModel, config: PruneConfig, layers: list[Connection], label_sets: LabelSets | None
+) -> Masks:
     """Full masks of ``layers`` for ``config.method`` (none for method ``none``)."""
     if not layers:
         return {}
     if config.method == "random" and config.level is not None:
         counts = unit_counts(model, needed_taps(layers))
         gen = torch.Generator().manual_seed(config.seed)
-        connections = {l.param: random_at_level((counts[l.outputs] if l.outputs else model.num_classes,
-                                                 counts[l.inputs]), config.level, gen) for l in layers}
+        connections = {
+            l.param: random_at_level(
+                (counts[l.outputs] if l.outputs else model.num_classes, counts[l.inputs]), config.level, gen
+            )
+            for l in layers
+        }
         return full_masks(model, connections)
     if config.method == "random_labels":
-        label_sets = random_label_sets(unit_counts(model, needed_taps(layers)), model.num_classes,
-                                       config.random_labels_k, config.seed)
+        label_sets = random_label_sets(
+            unit_counts(model, needed_taps(layers)), model.num_classes, config.random_labels_k, config.seed
+        )
     elif label_sets is None:
         raise PruneError(f"label sets: method {config.method!r} needs label sets")
     connections = layer_connections(layers, label_sets, model.num_classes)
@@ -304,8 +321,9 @@ def run_prune_job(
     analysis = None
     start = time.perf_counter()
     if label_sets is None and config.needs_label_sets:
-        analysis, label_stats = analyse_label_sets(model, splits, norm_of(cfg.data), config.analysis,
-                                                   needed_taps(layers), config.seed)
+        analysis, label_stats = analyse_label_sets(
+            model, splits, norm_of(cfg.data), config.analysis, needed_taps(layers), config.seed
+        )
         label_sets = label_set_layout(analysis)
         model.to(device)
     elif not config.needs_label_sets:
@@ -316,9 +334,12 @@ def run_prune_job(
     pruned = _accuracies(model, loaders)
 
     out.path.mkdir(parents=True, exist_ok=True)
-    ft_cfg = cfg.replace(epochs=max(1, config.finetune_epochs),
-                         recipe=cfg.recipe.replace(lr=config.finetune_lr or 0.1 * cfg.recipe.lr,
-                                                   warmup_epochs=config.finetune_warmup_epochs))
+    ft_cfg = cfg.replace(
+        epochs=max(1, config.finetune_epochs),
+        recipe=cfg.recipe.replace(
+            lr=config.finetune_lr or 0.1 * cfg.recipe.lr, warmup_epochs=config.finetune_warmup_epochs
+        ),
+    )
     start = time.perf_counter()
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -345,10 +366,14 @@ def run_prune_job(
         "dataset": splits.name,
         "num_classes": splits.num_classes,
         **stats,
-        **{f"acc_{name}": {s: r[s]["acc"] for s in ("val", "test")}
-           for name, r in (("before", before), ("pruned", pruned), ("finetuned", final))},
-        "val_acc": final["val"]["acc"], "test_acc": final["test"]["acc"],
-        "val_loss": final["val"]["loss"], "test_loss": final["test"]["loss"],
+        **{
+            f"acc_{name}": {s: r[s]["acc"] for s in ("val", "test")}
+            for name, r in (("before", before), ("pruned", pruned), ("finetuned", final))
+        },
+        "val_acc": final["val"]["acc"],
+        "test_acc": final["test"]["acc"],
+        "val_loss": final["val"]["loss"],
+        "test_loss": final["test"]["loss"],
         "label_stats": label_stats,
         "history": history,
         "seconds": seconds,
@@ -358,8 +383,13 @@ def run_prune_job(
     return summary
 
 
-def finetune(model: torch.nn.Module, loaders: dict[str, DeviceLoader], cfg: JobConfig, autocast: bool,
-             on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+def finetune(
+    model: torch.nn.Module,
+    loaders: dict[str, DeviceLoader],
+    cfg: JobConfig,
+    autocast: bool,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """``cfg.epochs`` epochs of the shared training loop; the masks hold throughout."""
     torch.manual_seed(cfg.seed)
     return fit(model, loaders, cfg, autocast, None if on_epoch is None else lambda metrics, _state: on_epoch(metrics))

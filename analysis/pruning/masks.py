@@ -17,10 +17,12 @@ Masks are enforced with ``torch.nn.utils.parametrize``: the effective weight is
 ``original * mask`` in every forward pass, so it holds through optimiser steps, and the state_dict
 carries both the original and the mask (``rebuild_pruned`` restores the model exactly).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +41,7 @@ class PruneError(InputError):
 
 
 # ---------------------------------------------------------------- rules on label sets
+
 
 def check_fraction(name: str, value: float, high_open: bool) -> float:
     """``value`` as a float in [0, 1) (``high_open``) or [0, 1]; else PruneError naming ``name``."""
@@ -106,8 +109,9 @@ def random_label_sets(units: dict[str, int], num_labels: int, k: int = 5, seed: 
     if not 1 <= k <= num_labels:
         raise PruneError(f"random_labels_k: must be in [1, {num_labels}], got {k}")
     gen = torch.Generator().manual_seed(seed)
-    return {tap: [set(torch.randperm(num_labels, generator=gen)[:k].tolist()) for _ in range(n)]
-            for tap, n in units.items()}
+    return {
+        tap: [set(torch.randperm(num_labels, generator=gen)[:k].tolist()) for _ in range(n)] for tap, n in units.items()
+    }
 
 
 def dilution(mask: Tensor) -> float:
@@ -116,6 +120,7 @@ def dilution(mask: Tensor) -> float:
 
 
 # ---------------------------------------------------------------- which layers a method prunes
+
 
 def plan_layers(model: TappedModel, method: str, start_tap: str | None = None) -> list[Connection]:
     """The layers a cluster-guided method prunes, in depth order, as the model declares them
@@ -157,8 +162,9 @@ def layer_connections(layers: Sequence[Connection], label_sets: LabelSets, num_c
     out = {}
     for l in layers:
         ins = label_sets[l.inputs]
-        out[l.param] = (output_mask(ins, num_classes) if l.outputs is None
-                        else connection_mask(ins, label_sets[l.outputs]))
+        out[l.param] = (
+            output_mask(ins, num_classes) if l.outputs is None else connection_mask(ins, label_sets[l.outputs])
+        )
     return out
 
 
@@ -178,6 +184,7 @@ def full_masks(model: nn.Module, connections: Masks) -> Masks:
 
 
 # ---------------------------------------------------------------- enforcement
+
 
 class WeightMask(nn.Module):
     """Parametrization: weight = original * mask (mask is a persistent bool buffer)."""
@@ -204,11 +211,14 @@ def apply_masks(model: nn.Module, masks: Masks) -> nn.Module:
     params = dict(model.named_parameters())
     for path, mask in masks.items():
         if path not in params:
-            raise PruneError(f"{path}: no such parameter in the model (already masked parameters "
-                             f"appear as ...parametrizations.<name>.original)")
+            raise PruneError(
+                f"{path}: no such parameter in the model (already masked parameters "
+                f"appear as ...parametrizations.<name>.original)"
+            )
         if tuple(mask.shape) != tuple(params[path].shape):
-            raise PruneError(f"{path}: mask shape {list(mask.shape)} does not fit parameter shape "
-                             f"{list(params[path].shape)}")
+            raise PruneError(
+                f"{path}: mask shape {list(mask.shape)} does not fit parameter shape {list(params[path].shape)}"
+            )
     for path, mask in masks.items():
         module_path, name = _split(path)
         module = model.get_submodule(module_path)
@@ -236,8 +246,7 @@ def save_masks(path: str | Path, masks: Masks) -> None:
 def load_masks(path: str | Path) -> Masks:
     """Read masks written by ``save_masks`` (``weights_only`` load)."""
     masks = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(masks, dict) or not all(isinstance(m, Tensor) and m.dtype == torch.bool
-                                              for m in masks.values()):
+    if not isinstance(masks, dict) or not all(isinstance(m, Tensor) and m.dtype == torch.bool for m in masks.values()):
         raise PruneError(f"masks file {path}: expected a dict of bool tensors")
     return masks
 
@@ -254,8 +263,7 @@ def rebuild_pruned(spec: dict[str, Any], state_dict: dict[str, Tensor], masks: M
 
 def mask_stats(model: nn.Module, masks: Masks) -> dict[str, Any]:
     """Per-layer kept / total / dilution, and parameter counts of the whole model."""
-    layers = {p: {"kept": int(m.sum()), "total": m.numel(), "dilution": dilution(m)}
-              for p, m in masks.items()}
+    layers = {p: {"kept": int(m.sum()), "total": m.numel(), "dilution": dilution(m)} for p, m in masks.items()}
     total = sum(p.numel() for p in model.parameters())
     removed = sum(l["total"] - l["kept"] for l in layers.values())
     masked_total = sum(l["total"] for l in layers.values())

@@ -12,7 +12,7 @@ float32) and set ``max_bytes`` to fail early with a clear message instead of run
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ Batch = Tensor | np.ndarray | tuple | list
 def _batches(data: Tensor | np.ndarray | Iterable[Batch], batch_size: int) -> Iterable[Batch]:
     if isinstance(data, (Tensor, np.ndarray)):
         for start in range(0, len(data), batch_size):
-            yield data[start:start + batch_size]
+            yield data[start : start + batch_size]
     else:
         yield from data
 
@@ -79,15 +79,17 @@ def collect_features(
                 per_sample = sum(feats[t][0].numel() for t in taps) * torch.empty((), dtype=dtype).element_size()
                 need = per_sample * (total if total is not None else n)
                 if need > max_bytes:
-                    raise MemoryError(f"feature cache needs {need / 2**30:.2f} GiB for taps {taps}, "
-                                      f"limit {max_bytes / 2**30:.2f} GiB: use fewer taps, fewer samples "
-                                      f"or dtype=torch.float16")
+                    raise MemoryError(
+                        f"feature cache needs {need / 2**30:.2f} GiB for taps {taps}, "
+                        f"limit {max_bytes / 2**30:.2f} GiB: use fewer taps, fewer samples "
+                        f"or dtype=torch.float16"
+                    )
             for t in taps:
                 f = feats[t].to(storage_device, dtype)
                 if total is not None:  # preallocate once the shapes are known
                     if t not in out:
                         out[t] = torch.empty((total, *f.shape[1:]), dtype=dtype, device=storage_device)
-                    out[t][seen:seen + n] = f
+                    out[t][seen : seen + n] = f
                 else:
                     chunks[t].append(f)
             seen += n

@@ -31,9 +31,12 @@ def cluster_order(clusters: list[list[int]], num_labels: int) -> list[int]:
 def plot_depth(result: AnalysisResult, path: Path) -> None:
     taps = list(result.taps)
     rows = [result.taps[t]["kinds"][primary_kind(result.taps[t])]["summary"] for t in taps]
-    panels = [("SNR", [r["snr"] for r in rows]), ("labels per unit", [r["mean_labels_per_unit"] for r in rows]),
-              ("noise per unit", [r["mean_noise_per_unit"] for r in rows]),
-              ("readout accuracy", [result.taps[t]["accuracy"] for t in taps])]
+    panels = [
+        ("SNR", [r["snr"] for r in rows]),
+        ("labels per unit", [r["mean_labels_per_unit"] for r in rows]),
+        ("noise per unit", [r["mean_noise_per_unit"] for r in rows]),
+        ("readout accuracy", [result.taps[t]["accuracy"] for t in taps]),
+    ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.5 * len(taps)), 2.2 * len(panels)), sharex=True)
     x = np.arange(len(taps))
     for ax, (name, values) in zip(axes, panels):
@@ -81,8 +84,15 @@ def plot_shp_grid(result: AnalysisResult, tap: str, path: Path) -> None:
 
 
 def plot_heads_labels(result: AnalysisResult, head_taps: list[str], path: Path) -> None:
-    fig, axes = plt.subplots(len(head_taps), 1, figsize=(10, 1.2 + 0.35 * max(
-        len(result.taps[t]["heads_structure"]["node_counts"]) for t in head_taps) * len(head_taps)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(head_taps),
+        1,
+        figsize=(
+            10,
+            1.2 + 0.35 * max(len(result.taps[t]["heads_structure"]["node_counts"]) for t in head_taps) * len(head_taps),
+        ),
+        squeeze=False,
+    )
     for ax, tap in zip(axes[:, 0], head_taps):
         counts = np.asarray(result.taps[tap]["heads_structure"]["node_counts"])
         order = np.lexsort((-counts.max(axis=0), counts.argmax(axis=0)))

@@ -47,9 +47,16 @@ def _lbfgs(params: list[Tensor], closure, max_iter: int, tol: float) -> int:
         calls += 1
         return closure()
 
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.5),
-                            tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=int(max_iter * 1.5),
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
     opt.step(counted)
     return calls
 
@@ -72,8 +79,9 @@ def fit_linear(r: Tensor, y: Tensor, weight: Tensor, lam: float, max_iter: int, 
 
 
 @torch.enable_grad()
-def solve_conv(readout: nn.Module, x: Tensor, y: Tensor, lam: float, max_iter: int, tol: float,
-               chunk: int = 2048) -> LbfgsReport:
+def solve_conv(
+    readout: nn.Module, x: Tensor, y: Tensor, lam: float, max_iter: int, tol: float, chunk: int = 2048
+) -> LbfgsReport:
     """Fit a conv readout's ``W`` to the optimum of ``J`` on features ``x`` (N, C, H, W)."""
     weight = readout.fc.weight
     n, device = x.shape[0], weight.device
@@ -98,13 +106,20 @@ def solve_conv(readout: nn.Module, x: Tensor, y: Tensor, lam: float, max_iter: i
 @torch.no_grad()
 def _pooled(readout: nn.Module, x: Tensor, chunk: int) -> Tensor:
     device = readout.fc.weight.device
-    return torch.cat([readout.readout_input(x[part].to(device, torch.float32))
-                      for part in _chunks(x.shape[0], chunk)])
+    return torch.cat([readout.readout_input(x[part].to(device, torch.float32)) for part in _chunks(x.shape[0], chunk)])
 
 
 @torch.enable_grad()
-def solve_token(readout: nn.Module, x: Tensor, y: Tensor, lam: float, max_iter: int, tol: float,
-                inner_max_iter: int = 500, chunk: int = 512) -> LbfgsReport:
+def solve_token(
+    readout: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    lam: float,
+    max_iter: int,
+    tol: float,
+    inner_max_iter: int = 500,
+    chunk: int = 512,
+) -> LbfgsReport:
     """Fit a token readout's pooling vector and ``W`` to a stationary point of ``J`` (variable projection)."""
     pool, weight = readout.pool, readout.fc.weight
     n, device = x.shape[0], weight.device
@@ -128,5 +143,6 @@ def solve_token(readout: nn.Module, x: Tensor, y: Tensor, lam: float, max_iter: 
     weight.requires_grad_(True)
     calls = _lbfgs([pool], closure, max_iter, tol)
     final = float(closure())
-    return LbfgsReport(objective=final, grad_norm=float(pool.grad.norm()), evaluations=calls + 1,
-                       inner_iterations=inner)
+    return LbfgsReport(
+        objective=final, grad_norm=float(pool.grad.norm()), evaluations=calls + 1, inner_iterations=inner
+    )

@@ -31,8 +31,14 @@ from .readout import Readout
 
 
 @torch.no_grad()
-def class_means(readout: Readout, x: Tensor, y: Tensor, num_labels: int, batch_size: int = 256,
-                device: str | torch.device | None = None) -> np.ndarray:
+def class_means(
+    readout: Readout,
+    x: Tensor,
+    y: Tensor,
+    num_labels: int,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
     """Class-conditional means ``m`` (L, F) of the readout input, accumulated in float64.
 
     A label with no samples gets a row of zeros (so its row of every unit matrix is zero).
@@ -42,8 +48,8 @@ def class_means(readout: Readout, x: Tensor, y: Tensor, num_labels: int, batch_s
     sums = torch.zeros(num_labels, readout.fc.in_features, dtype=torch.float64, device=device)
     counts = torch.zeros(num_labels, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
-        r = readout.readout_input(x[start:start + batch_size].to(device)).double()
-        yb = y[start:start + batch_size].to(device).long()
+        r = readout.readout_input(x[start : start + batch_size].to(device)).double()
+        yb = y[start : start + batch_size].to(device).long()
         sums.index_add_(0, yb, r)
         counts.index_add_(0, yb, torch.ones_like(yb, dtype=torch.float64))
     return (sums / counts.clamp(min=1.0)[:, None]).cpu().numpy()
@@ -97,8 +103,14 @@ def unit_groups(kind: str, feature_shape: tuple[int, ...], head_dim: int | None 
     raise ValueError(f"kind must be 'conv' or 'token', got {kind!r}")
 
 
-def kind_matrices(means: np.ndarray, weight: np.ndarray, kind: str, feature_shape: tuple[int, ...],
-                  head_dim: int | None = None, rtol: float = 1e-6) -> dict[str, np.ndarray]:
+def kind_matrices(
+    means: np.ndarray,
+    weight: np.ndarray,
+    kind: str,
+    feature_shape: tuple[int, ...],
+    head_dim: int | None = None,
+    rtol: float = 1e-6,
+) -> dict[str, np.ndarray]:
     """Unit matrices (U, L, C) by unit kind, checked in float64 to sum to the full field, as float32."""
     full = full_field(means, weight)
     units = {}
@@ -109,9 +121,16 @@ def kind_matrices(means: np.ndarray, weight: np.ndarray, kind: str, feature_shap
     return units
 
 
-def tap_unit_matrices(readout: Readout, test_x: Tensor, test_y: Tensor, num_labels: int,
-                      head_dim: int | None = None, batch_size: int = 256,
-                      device: str | torch.device | None = None, rtol: float = 1e-6) -> TapMatrices:
+def tap_unit_matrices(
+    readout: Readout,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_labels: int,
+    head_dim: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    rtol: float = 1e-6,
+) -> TapMatrices:
     """All unit matrices of a tap from its test features and trained readout (``kind_matrices``)."""
     means = class_means(readout, test_x, test_y, num_labels, batch_size, device)
     weight = readout.fc.weight.detach().double().cpu().numpy()

@@ -15,8 +15,8 @@ Imports only torch and numpy (no ray, mlflow or optuna).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,8 +72,10 @@ class AnalysisConfig(Settings):
     @property
     def readout_options(self) -> dict | None:
         """Overrides of the readout recipe (``readout.readout_config``), None when none are set."""
-        out = {**({"epochs": self.readout_epochs} if self.readout_epochs else {}),
-               **({"max_iter": self.readout_max_iter} if self.readout_max_iter else {})}
+        out = {
+            **({"epochs": self.readout_epochs} if self.readout_epochs else {}),
+            **({"max_iter": self.readout_max_iter} if self.readout_max_iter else {}),
+        }
         return out or None
 
     @property
@@ -119,8 +121,9 @@ def tap_shapes(model: nn.Module, sample: Tensor, taps: Sequence[str]) -> dict[st
     return {t: tuple(feats[t].shape[1:]) for t in taps}
 
 
-def plan_groups(shapes: dict[str, tuple[int, ...]], n_samples: int, max_bytes: int,
-                bytes_per_value: int = 2) -> list[list[str]]:
+def plan_groups(
+    shapes: dict[str, tuple[int, ...]], n_samples: int, max_bytes: int, bytes_per_value: int = 2
+) -> list[list[str]]:
     """Pack taps, in order, into groups whose cached features of ``n_samples`` fit ``max_bytes``.
 
     Raises ``MemoryError`` naming the tap when one tap alone does not fit.
@@ -130,9 +133,11 @@ def plan_groups(shapes: dict[str, tuple[int, ...]], n_samples: int, max_bytes: i
     for tap, shape in shapes.items():
         need = int(np.prod(shape)) * bytes_per_value * n_samples
         if need > max_bytes:
-            raise MemoryError(f"tap {tap}: {n_samples} training samples need {need / 2**30:.2f} GiB of "
-                              f"features, over the {max_bytes / 2**30:.2f} GiB limit (fewer training "
-                              f"images or a larger limit)")
+            raise MemoryError(
+                f"tap {tap}: {n_samples} training samples need {need / 2**30:.2f} GiB of "
+                f"features, over the {max_bytes / 2**30:.2f} GiB limit (fewer training "
+                f"images or a larger limit)"
+            )
         if used + need > max_bytes:
             groups.append([])
             used = 0
@@ -166,24 +171,37 @@ class TapAccumulator:
         return self.correct / max(int(self.counts.sum()), 1)
 
 
-def matrices_from_means(readout: Readout, means: np.ndarray, kind: str, feature_shape: tuple[int, ...],
-                        head_dim: int | None, rtol: float = 1e-6) -> dict[str, np.ndarray]:
+def matrices_from_means(
+    readout: Readout,
+    means: np.ndarray,
+    kind: str,
+    feature_shape: tuple[int, ...],
+    head_dim: int | None,
+    rtol: float = 1e-6,
+) -> dict[str, np.ndarray]:
     """Float32 unit matrices of every unit kind of a tap (``matrices.kind_matrices``)."""
     weight = readout.fc.weight.detach().double().cpu().numpy()
     return kind_matrices(means, weight, kind, (1, *feature_shape), head_dim, rtol)
 
 
 @torch.no_grad()
-def accumulate_test_split(model: nn.Module, images: np.ndarray, labels: np.ndarray, transform: Transform,
-              accumulators: dict[str, TapAccumulator], device: torch.device, batch_size: int) -> None:
+def accumulate_test_split(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    transform: Transform,
+    accumulators: dict[str, TapAccumulator],
+    device: torch.device,
+    batch_size: int,
+) -> None:
     """One forward pass over the test split feeding every tap's accumulator."""
     was_training = model.training
     model.eval()
     taps = list(accumulators)
     try:
         for start in range(0, len(labels), batch_size):
-            x = transform(images[start:start + batch_size])
-            y = torch.from_numpy(np.asarray(labels[start:start + batch_size])).to(device)
+            x = transform(images[start : start + batch_size])
+            y = torch.from_numpy(np.asarray(labels[start : start + batch_size])).to(device)
             _, feats = model(x, taps=taps)
             for tap in taps:
                 accumulators[tap].add(feats[tap].float(), y)
@@ -222,12 +240,28 @@ def analyse(
     for i, group in enumerate(groups):
         log(f"train features {i + 1}/{len(groups)}: {', '.join(group)}")
         start = time.perf_counter()
-        feats = collect_features(model, train_x, group, batch_size=batch_size, device=device,
-                                 transform=transform, dtype=torch.float16, storage_device=device)
+        feats = collect_features(
+            model,
+            train_x,
+            group,
+            batch_size=batch_size,
+            device=device,
+            transform=transform,
+            dtype=torch.float16,
+            storage_device=device,
+        )
         timings["train_features_s"] += time.perf_counter() - start
         start = time.perf_counter()
-        trained = train_readouts(feats, {t: model.taps[t].kind for t in group}, train_labels, num_labels, recipe,
-                                 device=device, seed=seed, **(config.readout_options or {}))
+        trained = train_readouts(
+            feats,
+            {t: model.taps[t].kind for t in group},
+            train_labels,
+            num_labels,
+            recipe,
+            device=device,
+            seed=seed,
+            **(config.readout_options or {}),
+        )
         for tap in group:
             log(f"readout {tap}: train accuracy {trained[tap].train_accuracy:.3f}")
         readouts.update(trained)
@@ -245,21 +279,37 @@ def analyse(
     for tap in taps:
         info, acc = model.taps[tap], accumulators[tap]
         readouts[tap].test_accuracy = acc.accuracy
-        matrices[tap] = matrices_from_means(readouts[tap].readout, acc.means(), info.kind, shapes[tap],
-                                               info.head_dim)
-        summary = summarise_tap(matrices[tap], num_labels, acc.accuracy, head_dim=info.head_dim,
-                                threshold=threshold, n_control=n_control, seed=seed)
+        matrices[tap] = matrices_from_means(readouts[tap].readout, acc.means(), info.kind, shapes[tap], info.head_dim)
+        summary = summarise_tap(
+            matrices[tap],
+            num_labels,
+            acc.accuracy,
+            head_dim=info.head_dim,
+            threshold=threshold,
+            n_control=n_control,
+            seed=seed,
+        )
         results[tap] = {
-            "kind": info.kind, "heads": info.heads, "head_dim": info.head_dim,
-            "feature_shape": list(shapes[tap]), "train_accuracy": readouts[tap].train_accuracy,
-            "heads_structure": summary.pop("heads", None), **summary,
+            "kind": info.kind,
+            "heads": info.heads,
+            "head_dim": info.head_dim,
+            "feature_shape": list(shapes[tap]),
+            "train_accuracy": readouts[tap].train_accuracy,
+            "heads_structure": summary.pop("heads", None),
+            **summary,
         }
     timings["summary_s"] = time.perf_counter() - start
     meta = {
-        "threshold": threshold, "recipe": recipe,
-        "readout": {**readout_cfg,
-                    "solver_reports": {t: r.recipe.get("solver_report") for t, r in readouts.items()}},
-        "num_classes": num_labels, "train_size": len(train_y), "test_size": len(test_y),
-        "taps": list(taps), "groups": groups, "timings": timings, "seed": seed, "n_control": n_control,
+        "threshold": threshold,
+        "recipe": recipe,
+        "readout": {**readout_cfg, "solver_reports": {t: r.recipe.get("solver_report") for t, r in readouts.items()}},
+        "num_classes": num_labels,
+        "train_size": len(train_y),
+        "test_size": len(test_y),
+        "taps": list(taps),
+        "groups": groups,
+        "timings": timings,
+        "seed": seed,
+        "n_control": n_control,
     }
     return AnalysisResult(taps=results, matrices=matrices, readouts=readouts, meta=meta)

@@ -44,8 +44,17 @@ from torch import Tensor, nn
 from .lbfgs import solve_conv, solve_token
 from .stacked import StackedReadouts, train_stacked
 
-_PAPER = dict(solver="minibatch", optimizer="sgd_nesterov", lr=0.01, momentum=0.975, weight_decay=1e-3,
-              batch_size=100, epochs=200, schedule="exp0.975", scale_features=False)
+_PAPER = dict(
+    solver="minibatch",
+    optimizer="sgd_nesterov",
+    lr=0.01,
+    momentum=0.975,
+    weight_decay=1e-3,
+    batch_size=100,
+    epochs=200,
+    schedule="exp0.975",
+    scale_features=False,
+)
 RECIPES: dict[str, dict] = {
     "paper100": {**_PAPER, "epochs": 100},
     "paper": _PAPER,
@@ -53,8 +62,16 @@ RECIPES: dict[str, dict] = {
 }
 DEFAULT_RECIPE = "paper100"
 # Options a recipe may be given beyond its own (the minibatch solver's knobs, for ablations).
-MINIBATCH_OPTIONS = {"optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs", "schedule",
-                     "scale_features"}
+MINIBATCH_OPTIONS = {
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "schedule",
+    "scale_features",
+}
 
 
 class Readout(nn.Module):
@@ -106,7 +123,7 @@ def feature_rms(x: Tensor, chunk: int = 256) -> float:
     """Root mean square of a (possibly float16, possibly huge) feature tensor, computed in chunks."""
     total, count = 0.0, 0
     for start in range(0, x.shape[0], chunk):
-        part = x[start:start + chunk].float()
+        part = x[start : start + chunk].float()
         total += float(part.square().sum(dtype=torch.float64))
         count += part.numel()
     rms = math.sqrt(total / max(count, 1))
@@ -114,15 +131,16 @@ def feature_rms(x: Tensor, chunk: int = 256) -> float:
 
 
 @torch.no_grad()
-def evaluate(readout: Readout, x: Tensor, y: Tensor, batch_size: int = 512,
-             device: str | torch.device | None = None) -> float:
+def evaluate(
+    readout: Readout, x: Tensor, y: Tensor, batch_size: int = 512, device: str | torch.device | None = None
+) -> float:
     """Top-1 accuracy of the readout on features ``x`` with labels ``y``."""
     device = device or readout.fc.weight.device
     readout.eval()
     correct = 0
     for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size].to(device)
-        yb = y[start:start + batch_size].to(device)
+        xb = x[start : start + batch_size].to(device)
+        yb = y[start : start + batch_size].to(device)
         correct += int((readout(xb).argmax(1) == yb).sum())
     return correct / max(x.shape[0], 1)
 
@@ -136,8 +154,9 @@ def readout_config(recipe: str, overrides: dict | None = None) -> dict:
         allowed |= MINIBATCH_OPTIONS
     unknown = sorted(set(overrides or {}) - allowed)
     if unknown:
-        raise ValueError(f"readout option {unknown[0]!r} does not apply to recipe {recipe!r} "
-                         f"(options: {', '.join(sorted(allowed))})")
+        raise ValueError(
+            f"readout option {unknown[0]!r} does not apply to recipe {recipe!r} (options: {', '.join(sorted(allowed))})"
+        )
     return {**RECIPES[recipe], **(overrides or {}), "recipe": recipe}
 
 
@@ -187,9 +206,13 @@ def train_readouts(
                 readout.fc.weight.copy_(stacked.weight[i])
                 if kind == "token":
                     readout.pool.copy_(stacked.pool[i])
-            results[tap] = ReadoutResult(readout=readout.eval(), test_accuracy=0.0,
-                                         train_accuracy=evaluate(readout, features[tap], train_y),
-                                         recipe={**cfg, "stacked_with": len(taps)}, losses=losses)
+            results[tap] = ReadoutResult(
+                readout=readout.eval(),
+                test_accuracy=0.0,
+                train_accuracy=evaluate(readout, features[tap], train_y),
+                recipe={**cfg, "stacked_with": len(taps)},
+                losses=losses,
+            )
     return results
 
 
@@ -199,8 +222,13 @@ def _fit_lbfgs(x: Tensor, y: Tensor, kind: str, num_classes: int, cfg: dict, dev
     readout = Readout(kind, in_features, num_classes, scale=scale).to(device)
     solve = solve_conv if kind == "conv" else solve_token
     report = solve(readout, x, y, cfg["weight_decay"] / scale**2, int(cfg["max_iter"]), float(cfg["tolerance"]))
-    return ReadoutResult(readout=readout.eval(), test_accuracy=0.0, train_accuracy=evaluate(readout, x, y),
-                         recipe={**cfg, "solver_report": asdict(report)}, losses=[report.objective])
+    return ReadoutResult(
+        readout=readout.eval(),
+        test_accuracy=0.0,
+        train_accuracy=evaluate(readout, x, y),
+        recipe={**cfg, "solver_report": asdict(report)},
+        losses=[report.objective],
+    )
 
 
 def train_readout(
@@ -223,7 +251,8 @@ def train_readout(
     ``recipe`` picks the defaults in ``RECIPES``; keyword ``overrides`` replace any of them (see
     ``readout_config``).
     """
-    result = train_readouts({"tap": train_x}, {"tap": kind}, train_y, num_classes, recipe, device=device,
-                            seed=seed, **overrides)["tap"]
+    result = train_readouts(
+        {"tap": train_x}, {"tap": kind}, train_y, num_classes, recipe, device=device, seed=seed, **overrides
+    )["tap"]
     result.test_accuracy = evaluate(result.readout, test_x, test_y.long(), device=device)
     return result

@@ -16,8 +16,7 @@ from torch import Tensor
 from .readout import Readout
 
 
-def _unit_masks(readout: Readout, unit: str, feature_shape: tuple[int, ...],
-                head_dim: int | None) -> list[Tensor]:
+def _unit_masks(readout: Readout, unit: str, feature_shape: tuple[int, ...], head_dim: int | None) -> list[Tensor]:
     """One 0/1 mask per unit, shaped like the readout weight (C, F)."""
     C, F = readout.fc.weight.shape
     masks = []
@@ -35,7 +34,7 @@ def _unit_masks(readout: Readout, unit: str, feature_shape: tuple[int, ...],
     elif unit == "head":
         for h in range(F // head_dim):
             m = torch.zeros(C, F)
-            m[:, h * head_dim:(h + 1) * head_dim] = 1.0
+            m[:, h * head_dim : (h + 1) * head_dim] = 1.0
             masks.append(m)
     else:
         raise ValueError(f"unknown unit kind {unit!r}")
@@ -43,15 +42,21 @@ def _unit_masks(readout: Readout, unit: str, feature_shape: tuple[int, ...],
 
 
 @torch.no_grad()
-def reference_unit_matrices(readout: Readout, test_x: Tensor, test_y: Tensor, num_labels: int,
-                            unit: str, head_dim: int | None = None,
-                            batch_size: int = 256) -> np.ndarray:
+def reference_unit_matrices(
+    readout: Readout,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_labels: int,
+    unit: str,
+    head_dim: int | None = None,
+    batch_size: int = 256,
+) -> np.ndarray:
     """Unit matrices (U, L, C) by silencing all other units and running the readout forward."""
     results = []
     for mask in _unit_masks(readout, unit, tuple(test_x.shape), head_dim):
         silenced = copy.deepcopy(readout).eval()
         silenced.fc.weight.mul_(mask.to(silenced.fc.weight))
-        outputs = torch.cat([silenced(test_x[s:s + batch_size]) for s in range(0, len(test_x), batch_size)])
+        outputs = torch.cat([silenced(test_x[s : s + batch_size]) for s in range(0, len(test_x), batch_size)])
         rows = []
         for label in range(num_labels):
             picked = outputs[test_y == label]

@@ -45,9 +45,18 @@ from trainables.schema import InputError
 from .pipeline import AnalysisResult
 from .summary import primary_kind
 
-SUMMARY_COLUMNS = ("n_units", "n_units_with_cluster", "mean_labels_per_unit", "mean_noise_per_unit",
-                   "mean_signal_per_unit", "mean_clusters_per_unit", "mean_cluster_size",
-                   "unit_cluster_fraction", "snr", "labels_uncovered")
+SUMMARY_COLUMNS = (
+    "n_units",
+    "n_units_with_cluster",
+    "mean_labels_per_unit",
+    "mean_noise_per_unit",
+    "mean_signal_per_unit",
+    "mean_clusters_per_unit",
+    "mean_cluster_size",
+    "unit_cluster_fraction",
+    "snr",
+    "labels_uncovered",
+)
 HEAD_COLUMNS = ("mean_max_share", "mean_entropy", "jaccard")
 
 
@@ -56,9 +65,21 @@ def unit_rows(result: AnalysisResult) -> list[dict]:
     for depth, (tap, info) in enumerate(result.taps.items()):
         for kind, block in info["kinds"].items():
             for i, u in enumerate(block["units"]):
-                rows.append({"tap": tap, "depth": depth, "unit_kind": kind, "unit": i, "n_labels": u["n_labels"],
-                             "labels": u["labels"], "clusters": u["clusters"], "n_clusters": u["n_clusters"],
-                             "signal": u["signal"], "noise": u["noise"], "has_cluster": u["has_cluster"]})
+                rows.append(
+                    {
+                        "tap": tap,
+                        "depth": depth,
+                        "unit_kind": kind,
+                        "unit": i,
+                        "n_labels": u["n_labels"],
+                        "labels": u["labels"],
+                        "clusters": u["clusters"],
+                        "n_clusters": u["n_clusters"],
+                        "signal": u["signal"],
+                        "noise": u["noise"],
+                        "has_cluster": u["has_cluster"],
+                    }
+                )
     return rows
 
 
@@ -67,10 +88,18 @@ def tap_rows(result: AnalysisResult) -> list[dict]:
     for depth, (tap, info) in enumerate(result.taps.items()):
         for kind, block in info["kinds"].items():
             s = block["summary"]
-            row = {"tap": tap, "depth": depth, "tap_kind": info["kind"], "unit_kind": kind,
-                   "primary": kind == primary_kind(info), "heads": info["heads"], "head_dim": info["head_dim"],
-                   "readout_acc": info["accuracy"], "readout_train_acc": info["train_accuracy"],
-                   **{c: s[c] for c in SUMMARY_COLUMNS}}
+            row = {
+                "tap": tap,
+                "depth": depth,
+                "tap_kind": info["kind"],
+                "unit_kind": kind,
+                "primary": kind == primary_kind(info),
+                "heads": info["heads"],
+                "head_dim": info["head_dim"],
+                "readout_acc": info["accuracy"],
+                "readout_train_acc": info["train_accuracy"],
+                **{c: s[c] for c in SUMMARY_COLUMNS},
+            }
             heads = info.get("heads_structure") if kind == "head" else None
             row["mean_heads_per_label"] = heads["shp"]["mean_heads_per_label"] if heads else None
             for c in HEAD_COLUMNS:
@@ -81,30 +110,40 @@ def tap_rows(result: AnalysisResult) -> list[dict]:
 
 
 def coverage_rows(result: AnalysisResult) -> list[dict]:
-    return [{"tap": tap, "unit_kind": kind, "label": label, "units": count}
-            for tap, info in result.taps.items() for kind, block in info["kinds"].items()
-            for label, count in enumerate(block["summary"]["coverage"])]
+    return [
+        {"tap": tap, "unit_kind": kind, "label": label, "units": count}
+        for tap, info in result.taps.items()
+        for kind, block in info["kinds"].items()
+        for label, count in enumerate(block["summary"]["coverage"])
+    ]
 
 
 def label_set_layout(result: AnalysisResult) -> dict[str, dict[str, list[set[int]]]]:
     """``{tap: {unit_kind: [set of labels per unit]}}`` of an analysis."""
-    return {tap: {kind: [set(u["labels"]) for u in block["units"]] for kind, block in info["kinds"].items()}
-            for tap, info in result.taps.items()}
+    return {
+        tap: {kind: [set(u["labels"]) for u in block["units"]] for kind, block in info["kinds"].items()}
+        for tap, info in result.taps.items()
+    }
 
 
-def save_label_sets(path: str | Path, layout: dict[str, dict[str, list[set[int]]]], threshold: float,
-                    num_classes: int) -> None:
+def save_label_sets(
+    path: str | Path, layout: dict[str, dict[str, list[set[int]]]], threshold: float, num_classes: int
+) -> None:
     """Write ``label_sets.json`` (the one layout, read back by ``load_label_sets``)."""
-    taps = {tap: {kind: [sorted(int(l) for l in unit) for unit in units] for kind, units in kinds.items()}
-            for tap, kinds in layout.items()}
+    taps = {
+        tap: {kind: [sorted(int(l) for l in unit) for unit in units] for kind, units in kinds.items()}
+        for tap, kinds in layout.items()
+    }
     Path(path).write_text(json.dumps({"threshold": threshold, "num_classes": num_classes, "taps": taps}))
 
 
 def tap_json(result: AnalysisResult) -> dict:
     taps = {}
     for tap, info in result.taps.items():
-        taps[tap] = {**{k: v for k, v in info.items() if k != "kinds"},
-                     "kinds": {kind: block["summary"] for kind, block in info["kinds"].items()}}
+        taps[tap] = {
+            **{k: v for k, v in info.items() if k != "kinds"},
+            "kinds": {kind: block["summary"] for kind, block in info["kinds"].items()},
+        }
     return {"meta": result.meta, "taps": taps}
 
 
@@ -119,8 +158,9 @@ def _table(rows: list[dict], path: Path) -> None:
             writer.writerow({k: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in row.items()})
 
 
-def write_results(result: AnalysisResult, out_dir: str | Path, save_matrices: bool = True,
-                  figures: bool = True) -> Path:
+def write_results(
+    result: AnalysisResult, out_dir: str | Path, save_matrices: bool = True, figures: bool = True
+) -> Path:
     """Write the results folder (created if needed); returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,27 +168,30 @@ def write_results(result: AnalysisResult, out_dir: str | Path, save_matrices: bo
     _table(tap_rows(result), out / "taps.parquet")
     _table(coverage_rows(result), out / "coverage.parquet")
     (out / "taps.json").write_text(json.dumps(tap_json(result), indent=1))
-    save_label_sets(out / LABEL_SETS, label_set_layout(result), result.meta["threshold"],
-                    result.meta["num_classes"])
+    save_label_sets(out / LABEL_SETS, label_set_layout(result), result.meta["threshold"], result.meta["num_classes"])
     if save_matrices:
         np.savez_compressed(out / "matrices.npz", **matrix_arrays(result.matrices))
     np.savez_compressed(out / "readouts.npz", **readout_arrays(result))
     if figures:
         from .figures import write_figures  # matplotlib only when figures are wanted
+
         write_figures(result, out / "figures")
     return out
 
 
 def matrix_arrays(matrices: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The arrays of ``matrices.npz``: ``"TAP/KIND"`` -> the analysis's own float32 unit matrices."""
-    return {f"{tap}/{kind}": np.asarray(m, dtype=np.float32) for tap, kinds in matrices.items()
-            for kind, m in kinds.items()}
+    return {
+        f"{tap}/{kind}": np.asarray(m, dtype=np.float32) for tap, kinds in matrices.items() for kind, m in kinds.items()
+    }
 
 
 def readout_arrays(result: AnalysisResult) -> dict[str, np.ndarray]:
     """The arrays of ``readouts.npz``: each tap's readout parameters plus the train and test rows."""
-    arrays = {"test_rows": np.asarray(result.test_rows, dtype=np.int64),
-              "train_rows": np.asarray(result.train_rows, dtype=np.int64)}
+    arrays = {
+        "test_rows": np.asarray(result.test_rows, dtype=np.int64),
+        "train_rows": np.asarray(result.train_rows, dtype=np.int64),
+    }
     for tap, res in result.readouts.items():
         arrays[f"{tap}/weight"] = res.readout.fc.weight.detach().float().cpu().numpy()
         arrays[f"{tap}/scale"] = np.float32(res.readout.scale)
@@ -192,8 +235,10 @@ def load_label_sets(path: str | Path) -> dict[str, dict[str, list[set[int]]]]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        return {tap: {kind: [set(int(l) for l in labels) for labels in units] for kind, units in kinds.items()}
-                for tap, kinds in data["taps"].items()}
+        return {
+            tap: {kind: [set(int(l) for l in labels) for labels in units] for kind, units in kinds.items()}
+            for tap, kinds in data["taps"].items()
+        }
     except FileNotFoundError:
         raise InputError(str(path), "not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:

@@ -16,8 +16,8 @@ before anything is written. See ``results.py`` for the files written.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -103,14 +103,17 @@ def balanced_subset(labels: np.ndarray, size: int | None, num_labels: int) -> np
         return np.arange(len(labels))
     per_label = size // num_labels
     if per_label < 1:
-        raise InputError("analysis.test_size", f"a class-balanced subset needs at least one image per label "
-                         f"({num_labels}), got {size}")
+        raise InputError(
+            "analysis.test_size",
+            f"a class-balanced subset needs at least one image per label ({num_labels}), got {size}",
+        )
     per_label = min(per_label, min(int((labels == l).sum()) for l in range(num_labels)))
     picked = [np.flatnonzero(labels == l)[:per_label] for l in range(num_labels)]
     return np.sort(np.concatenate(picked))
 
 
 # ---------------------------------------------------------------- inputs from files
+
 
 def data_config(data: str, data_dir: str | None = None) -> DataConfig:
     """A validated data config from a dataset name or a YAML file (a data mapping or a job config)."""
@@ -138,8 +141,15 @@ def norm_of(data_cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]
     return ((0.5,) * 3, (0.5,) * 3) if data_cfg.normalize == "unit" else None
 
 
-def analyze_files(spec_path: str | Path, checkpoint_path: str | Path, data_cfg: DataConfig, out_dir: str | Path,
-                  config: AnalysisConfig, seed: int = 0, **options) -> AnalysisResult:
+def analyze_files(
+    spec_path: str | Path,
+    checkpoint_path: str | Path,
+    data_cfg: DataConfig,
+    out_dir: str | Path,
+    config: AnalysisConfig,
+    seed: int = 0,
+    **options,
+) -> AnalysisResult:
     """Validate everything cheap first (model, options, data shape), then load data and analyse."""
     model = load_model(spec_path, checkpoint_path)
     config.model_taps(model)
@@ -157,12 +167,15 @@ def analyze_run_dir(run_dir: str | Path, out_dir: str | Path, config: AnalysisCo
 
 # ---------------------------------------------------------------- CLI
 
+
 def print_table(result: AnalysisResult) -> None:
     print(f"{'tap':<20} {'units':>5} {'acc':>6} {'labels/unit':>11} {'noise/unit':>10} {'SNR':>7}")
     for tap, info in result.taps.items():
         s = info["kinds"][primary_kind(info)]["summary"]
-        print(f"{tap:<20} {s['n_units']:>5} {info['accuracy']:>6.3f} {s['mean_labels_per_unit']:>11.2f} "
-              f"{s['mean_noise_per_unit']:>10.2f} {s['snr']:>7.3f}")
+        print(
+            f"{tap:<20} {s['n_units']:>5} {info['accuracy']:>6.3f} {s['mean_labels_per_unit']:>11.2f} "
+            f"{s['mean_noise_per_unit']:>10.2f} {s['snr']:>7.3f}"
+        )
 
 
 def build_parser() -> OneLineParser:
@@ -194,11 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise InputError("give --run-dir, or all of --checkpoint, --spec and --data")
         out = output_folder(args.out)
-        result = analyze_files(spec_path, checkpoint_path, data_cfg, out, config, seed=seed,
-                               log=lambda m: print(m, file=sys.stderr, flush=True))
+        result = analyze_files(
+            spec_path,
+            checkpoint_path,
+            data_cfg,
+            out,
+            config,
+            seed=seed,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
     except (InputError, MemoryError) as exc:
         return refuse(exc)
     print_table(result)
     print(f"results -> {args.out}")
     return 0
-

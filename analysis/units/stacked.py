@@ -13,7 +13,7 @@ small token readout is mostly framework overhead, which K taps now share.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +44,9 @@ def optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     if cfg["optimizer"] == "adamw":
         return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if cfg["optimizer"] == "sgd_nesterov":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
-                               weight_decay=cfg["weight_decay"])
+        return torch.optim.SGD(
+            params, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True, weight_decay=cfg["weight_decay"]
+        )
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}")
 
 
@@ -55,14 +56,20 @@ def lr_factor(cfg: dict, epoch: int, step: int, steps_per_epoch: int) -> float:
         progress = (epoch * steps_per_epoch + step) / (cfg["epochs"] * steps_per_epoch)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if cfg["schedule"] == "exp0.975":
-        return 0.975 ** epoch
+        return 0.975**epoch
     if cfg["schedule"] == "constant":
         return 1.0
     raise ValueError(f"unknown schedule {cfg['schedule']!r}")
 
 
-def train_stacked(features: Tensor, labels: Tensor, stacked: StackedReadouts, cfg: dict, seed: int,
-                  on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+def train_stacked(
+    features: Tensor,
+    labels: Tensor,
+    stacked: StackedReadouts,
+    cfg: dict,
+    seed: int,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Train ``stacked`` on cached features (K, N, ...) of K taps; mean loss per tap and epoch.
 
     ``labels`` (N,) lives on the readouts' device; features may be float16 anywhere (each batch is
@@ -83,12 +90,14 @@ def train_stacked(features: Tensor, labels: Tensor, stacked: StackedReadouts, cf
             factor = lr_factor(cfg, epoch, step, steps)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * factor
-            idx = order[step * bs:(step + 1) * bs]
+            idx = order[step * bs : (step + 1) * bs]
             xb = features[:, idx.to(features.device)].to(device, torch.float32)
             yb = labels[idx.to(device)]
             logits = stacked(xb)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.repeat(k),
-                                               reduction="sum") / idx.numel()  # sum over taps of mean CE
+            loss = (
+                nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.repeat(k), reduction="sum")
+                / idx.numel()
+            )  # sum over taps of mean CE
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -42,9 +42,15 @@ def analyse_unit(M: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> UnitRes
     B = binarize(M, threshold)
     clusters = greedy_clusters(B) if B is not None else []
     stats = unit_stats(B, clusters)
-    return UnitResult(clusters=clusters, labels=sorted(l for c in clusters for l in c),
-                      n_labels=stats.labels, n_clusters=stats.n_clusters, signal=stats.signal,
-                      noise=stats.noise, has_cluster=stats.n_clusters > 0)
+    return UnitResult(
+        clusters=clusters,
+        labels=sorted(l for c in clusters for l in c),
+        n_labels=stats.labels,
+        n_clusters=stats.n_clusters,
+        signal=stats.signal,
+        noise=stats.noise,
+        has_cluster=stats.n_clusters > 0,
+    )
 
 
 def analyse_units(matrices: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> list[UnitResult]:
@@ -135,8 +141,15 @@ def node_counts(node_units: list[UnitResult], node_head: np.ndarray, heads: int,
     return counts
 
 
-def head_structure(head_units: list[UnitResult], node_units: list[UnitResult], head_dim: int,
-                   num_labels: int, n_control: int = 20, seed: int = 0, min_nodes: int = 1) -> dict:
+def head_structure(
+    head_units: list[UnitResult],
+    node_units: list[UnitResult],
+    head_dim: int,
+    num_labels: int,
+    n_control: int = 20,
+    seed: int = 0,
+    min_nodes: int = 1,
+) -> dict:
     """Head structure of an MHA tap (docs/methods.md 2.9).
 
     (a) SHP: labels recognised per head, heads recognising each label, Jaccard between heads'
@@ -163,8 +176,10 @@ def head_structure(head_units: list[UnitResult], node_units: list[UnitResult], h
     owner = np.arange(heads * head_dim) // head_dim
     counts = node_counts(node_units, owner, heads, num_labels)
     rng = np.random.default_rng(seed)
-    controls = [symmetry_measures(node_counts(node_units, rng.permutation(owner), heads, num_labels), min_nodes)
-                for _ in range(n_control)]
+    controls = [
+        symmetry_measures(node_counts(node_units, rng.permutation(owner), heads, num_labels), min_nodes)
+        for _ in range(n_control)
+    ]
     keys = ("mean_max_share", "mean_entropy", "jaccard")
     return {
         "shp": shp,
@@ -177,9 +192,15 @@ def head_structure(head_units: list[UnitResult], node_units: list[UnitResult], h
     }
 
 
-def summarise_tap(units: dict[str, np.ndarray], num_labels: int, accuracy: float | None = None,
-                  head_dim: int | None = None, threshold: float = DEFAULT_THRESHOLD,
-                  n_control: int = 20, seed: int = 0) -> dict:
+def summarise_tap(
+    units: dict[str, np.ndarray],
+    num_labels: int,
+    accuracy: float | None = None,
+    head_dim: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    n_control: int = 20,
+    seed: int = 0,
+) -> dict:
     """Everything for one tap from its unit matrices (``TapMatrices.units``).
 
     Returns ``{"threshold", "accuracy", "kinds": {kind: {"summary": tap_summary,
@@ -190,11 +211,14 @@ def summarise_tap(units: dict[str, np.ndarray], num_labels: int, accuracy: float
     out = {
         "threshold": threshold,
         "accuracy": accuracy,
-        "kinds": {kind: {"summary": tap_summary(res, num_labels, accuracy),
-                         "units": [asdict(u) for u in res]} for kind, res in results.items()},
+        "kinds": {
+            kind: {"summary": tap_summary(res, num_labels, accuracy), "units": [asdict(u) for u in res]}
+            for kind, res in results.items()
+        },
     }
     if "head" in results and "node" in results:
         head_dim = head_dim or len(results["node"]) // len(results["head"])
-        out["heads"] = head_structure(results["head"], results["node"], head_dim, num_labels,
-                                      n_control=n_control, seed=seed)
+        out["heads"] = head_structure(
+            results["head"], results["node"], head_dim, num_labels, n_control=n_control, seed=seed
+        )
     return out

@@ -7,6 +7,7 @@ uint8 images (N, H, W, 3) and returns ``probs`` (N, num_classes, float32: the we
 members' temperature-scaled softmax outputs) and ``label`` (N, int64: its argmax). The param
 ``device`` (cpu, cuda or auto; default cpu) chooses where the members run.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ class CommitteeModel(mlflow.pyfunc.PythonModel):
         for member in layout["members"]:
             folder = root / member["name"]
             model = load_model(folder / SPEC, folder / WEIGHTS)
-            self.members.append((model, json.loads((folder / "norm.json").read_text()), float(member["weight"]),
-                                 float(member["temperature"])))
+            self.members.append(
+                (
+                    model,
+                    json.loads((folder / "norm.json").read_text()),
+                    float(member["weight"]),
+                    float(member["temperature"]),
+                )
+            )
 
     def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
         from trainables.infer import image_probs, inference_device

@@ -6,6 +6,7 @@ batch of uint8 images (N, H, W, 3) as the dataset stores them and returns the cl
 (N, num_classes) as float32; the signature says so. The param ``device`` (cpu, cuda or auto;
 default cpu) chooses where it runs.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Model zoo built from specs: CCT (LS-MHA, conv-replaced blocks), VGG and EfficientNet-B0."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,5 +19,13 @@ def build_model(spec: dict[str, Any]) -> TappedModel:
     return _FAMILIES[spec["family"]](spec)
 
 
-__all__ = ["PRESETS", "SpecError", "TapInfo", "TappedModel", "build_model", "count_macs",
-           "count_params", "resolve_spec"]
+__all__ = [
+    "PRESETS",
+    "SpecError",
+    "TapInfo",
+    "TappedModel",
+    "build_model",
+    "count_macs",
+    "count_params",
+    "resolve_spec",
+]

@@ -7,6 +7,7 @@ Attention width is heads * head_dim, independent of the embedding width (large-s
 projected back to the width. Blocks are numbered by absolute depth in both module paths and taps:
 with k conv blocks, `conv_blocks` holds "0".."k-1" and `blocks` holds "k".."blocks-1".
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,15 +46,13 @@ class ConvBlock(nn.Sequential):
     """A transformer block replaced by a 3x3 same-padding conv, BN and ReLU on the token map."""
 
     def __init__(self, width: int) -> None:
-        super().__init__(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                         nn.ReLU())
+        super().__init__(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with inner size heads * head_dim, projected back to `width`."""
 
-    def __init__(self, width: int, heads: int, head_dim: int, attn_dropout: float,
-                 dropout: float) -> None:
+    def __init__(self, width: int, heads: int, head_dim: int, attn_dropout: float, dropout: float) -> None:
         super().__init__()
         self.heads, self.head_dim, self.attn_dropout = heads, head_dim, attn_dropout
         self.qkv = nn.Linear(width, 3 * heads * head_dim, bias=False)
@@ -94,8 +93,7 @@ class Block(nn.Module):
         super().__init__()
         width = spec["width"]
         self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, spec["heads"], spec["head_dim"], spec["attn_dropout"],
-                              spec["dropout"])
+        self.attn = Attention(width, spec["heads"], spec["head_dim"], spec["attn_dropout"], spec["dropout"])
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, cct_hidden(spec), spec["dropout"])
         self.drop_path = StochasticDepth(drop_path, mode="row")
@@ -131,8 +129,7 @@ class CCT(TappedModel):
         else:
             self.pos_embedding = None
         self.dropout = nn.Dropout(spec["dropout"])
-        self.blocks = nn.ModuleDict({str(i): Block(spec, drop_paths[i])
-                                     for i in range(n_conv, depth)})
+        self.blocks = nn.ModuleDict({str(i): Block(spec, drop_paths[i]) for i in range(n_conv, depth)})
         self.norm = nn.LayerNorm(width)
         self.attention_pool = nn.Linear(width, 1) if spec["seq_pool"] else None
         self.head = nn.Linear(width, spec["num_classes"])

@@ -1,4 +1,5 @@
 """EfficientNet-B0 from torchvision with a stride-1 stem for 32 px images."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,9 +16,12 @@ class EfficientNet(TappedModel):
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
-        net = efficientnet_b0(weights=None, num_classes=spec["num_classes"],
-                              dropout=spec["dropout"],
-                              stochastic_depth_prob=spec["stochastic_depth"])
+        net = efficientnet_b0(
+            weights=None,
+            num_classes=spec["num_classes"],
+            dropout=spec["dropout"],
+            stochastic_depth_prob=spec["stochastic_depth"],
+        )
         old = net.features[0][0]
         stem = nn.Conv2d(spec["in_channels"], old.out_channels, 3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(stem.weight, mode="fan_out")  # torchvision's conv init

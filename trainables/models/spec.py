@@ -4,6 +4,7 @@ A spec is a plain JSON-serialisable dict. `resolve_spec` expands `{"preset": NAM
 `{"family": NAME, ...}` into a complete spec and checks every field, so a bad value fails with one
 line naming the field (`model.heads: must be >= 1, got 0`) before any tensor is allocated.
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,21 +81,41 @@ def _lsmha(heads: int, head_dim: int) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     "cct_7_3x1": _CCT_7_3X1,
     # Flowers-102: CCT-7/7x2 with sine positions like Compact-Transformers' model; 64 px here.
-    "cct_7_7x2": {**_CCT_7_3X1, "num_classes": 102, "image_size": 64, "tokenizer_layers": 2,
-                  "tokenizer_kernel": 7, "pos_embedding": "sine"},
+    "cct_7_7x2": {
+        **_CCT_7_3X1,
+        "num_classes": 102,
+        "image_size": 64,
+        "tokenizer_layers": 2,
+        "tokenizer_kernel": 7,
+        "pos_embedding": "sine",
+    },
     "cct_lsmha_16x16": _lsmha(16, 16),
     "cct_lsmha_25x4": _lsmha(25, 4),
     "cct_lsmha_32x8": _lsmha(32, 8),
     "cct_lsmha_64x4": _lsmha(64, 4),
     "cct_narrow": {**_CCT_7_3X1, "width": 128, "blocks": 2, "heads": 4, "head_dim": 32},
     "cct_narrow_lsmha": {**_CCT_7_3X1, "width": 128, "blocks": 2, "heads": 16, "head_dim": 8},
-    "cct_tiny": {**_CCT_7_3X1, "width": 32, "blocks": 1, "heads": 2, "head_dim": 16,
-                 "tokenizer_layers": 2, "tokenizer_channels": 8},
-    "vgg11_afcc": {"family": "vgg", "fc_bias": False,
-                   "layers": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"]},
+    "cct_tiny": {
+        **_CCT_7_3X1,
+        "width": 32,
+        "blocks": 1,
+        "heads": 2,
+        "head_dim": 16,
+        "tokenizer_layers": 2,
+        "tokenizer_channels": 8,
+    },
+    "vgg11_afcc": {
+        "family": "vgg",
+        "fc_bias": False,
+        "layers": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"],
+    },
     # Two hidden FC layers (widths scaled by width_mult like the convs), for nodal pruning.
-    "vgg11_fc": {"family": "vgg", "fc_bias": False, "fc_hidden": [512, 512],
-                 "layers": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"]},
+    "vgg11_fc": {
+        "family": "vgg",
+        "fc_bias": False,
+        "fc_hidden": [512, 512],
+        "layers": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"],
+    },
     "vgg11_cifar": {"family": "vgg"},
     "efficientnet_b0": {"family": "efficientnet"},
 }
@@ -111,8 +132,9 @@ def resolve_spec(spec: dict[str, Any]) -> dict[str, Any]:
             raise SpecError(f"model.preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
         out.update(copy.deepcopy(PRESETS[name]), preset=name)
         if "family" in spec and spec["family"] != out["family"]:
-            raise SpecError(f"model.family: {spec['family']!r} conflicts with preset {name!r} "
-                            f"(family {out['family']!r})")
+            raise SpecError(
+                f"model.family: {spec['family']!r} conflicts with preset {name!r} (family {out['family']!r})"
+            )
     out.update(copy.deepcopy(spec))
     family = out.get("family")
     if family not in DEFAULTS:
@@ -120,13 +142,13 @@ def resolve_spec(spec: dict[str, Any]) -> dict[str, Any]:
     unknown = [k for k in out if k not in DEFAULTS[family] and k not in ("family", "preset")]
     if unknown:
         raise SpecError(f"model.{unknown[0]}: unknown key for family {family}")
-    out = {"family": family, **({"preset": out["preset"]} if "preset" in out else {}),
-           **DEFAULTS[family], **out}
+    out = {"family": family, **({"preset": out["preset"]} if "preset" in out else {}), **DEFAULTS[family], **out}
     _VALIDATORS[family](out)
     return out
 
 
 # ---------------------------------------------------------------- field checks (mutate in place)
+
 
 def _int(spec: dict, key: str, low: int) -> None:
     value = spec[key]
@@ -165,6 +187,7 @@ def _common(spec: dict) -> None:
 
 # ---------------------------------------------------------------- CCT
 
+
 def cct_tokenizer_stages(spec: dict) -> list[tuple[str, int, int, int]]:
     """The tokenizer's windows in order as ("conv" | "pool", kernel, stride, padding)."""
     k = spec["tokenizer_kernel"]
@@ -178,9 +201,11 @@ def cct_grid(spec: dict) -> int:
     size = spec["image_size"]
     for i, (kind, kernel, stride, padding) in enumerate(cct_tokenizer_stages(spec)):
         if size < kernel:
-            raise SpecError(f"model.image_size: {spec['image_size']} is not usable by the "
-                            f"tokenizer (its layer {i}, a {kernel}x{kernel} {kind}, "
-                            f"gets {size} px)")
+            raise SpecError(
+                f"model.image_size: {spec['image_size']} is not usable by the "
+                f"tokenizer (its layer {i}, a {kernel}x{kernel} {kind}, "
+                f"gets {size} px)"
+            )
         size = (size + 2 * padding - kernel) // stride + 1
     return size
 
@@ -192,8 +217,7 @@ def cct_hidden(spec: dict) -> int:
 
 def _validate_cct(spec: dict) -> None:
     _common(spec)
-    for key in ("width", "blocks", "heads", "head_dim", "tokenizer_layers", "tokenizer_kernel",
-                "tokenizer_channels"):
+    for key in ("width", "blocks", "heads", "head_dim", "tokenizer_layers", "tokenizer_kernel", "tokenizer_channels"):
         _int(spec, key, 1)
     if spec["tokenizer_stride"] is None:
         spec["tokenizer_stride"] = max(1, spec["tokenizer_kernel"] // 2 - 1)
@@ -208,12 +232,12 @@ def _validate_cct(spec: dict) -> None:
         _float(spec, key, 0.0, 1.0, high_open=True)
     _int(spec, "n_conv_blocks", 0)
     if spec["n_conv_blocks"] > spec["blocks"]:
-        raise SpecError(f"model.n_conv_blocks: {spec['n_conv_blocks']} exceeds model.blocks "
-                        f"({spec['blocks']})")
+        raise SpecError(f"model.n_conv_blocks: {spec['n_conv_blocks']} exceeds model.blocks ({spec['blocks']})")
     cct_grid(spec)
 
 
 # ---------------------------------------------------------------- VGG
+
 
 def vgg_channels(spec: dict) -> list[int | str]:
     """`layers` with every conv width scaled by `width_mult` (at least one channel)."""
@@ -231,8 +255,10 @@ def vgg_grid(spec: dict) -> int:
     for i, item in enumerate(spec["layers"]):
         if item == "M":
             if size % 2:
-                raise SpecError(f"model.image_size: {spec['image_size']} is not usable by the "
-                                f"max-pools (layers[{i}] halves an odd size {size})")
+                raise SpecError(
+                    f"model.image_size: {spec['image_size']} is not usable by the "
+                    f"max-pools (layers[{i}] halves an odd size {size})"
+                )
             size //= 2
     return size
 
@@ -243,8 +269,7 @@ def _validate_vgg(spec: dict) -> None:
     _float(spec, "width_mult", 0.0, float("inf"))
     layers = spec["layers"]
     if not isinstance(layers, list) or not any(x != "M" for x in layers):
-        raise SpecError(f"model.layers: must be a list with at least one conv width, "
-                        f"got {layers!r}")
+        raise SpecError(f"model.layers: must be a list with at least one conv width, got {layers!r}")
     for i, item in enumerate(layers):
         if item != "M" and (isinstance(item, bool) or not isinstance(item, int) or item < 1):
             raise SpecError(f"model.layers[{i}]: must be a positive integer or 'M', got {item!r}")
@@ -260,6 +285,7 @@ def _validate_vgg(spec: dict) -> None:
 
 
 # ---------------------------------------------------------------- EfficientNet
+
 
 def _validate_efficientnet(spec: dict) -> None:
     _common(spec)

@@ -6,6 +6,7 @@ forward pass and returns `(logits, {name: output})`. Next to its taps a model de
 that cluster-guided pruning may cut (`add_connection`): which parameter connects which tap's units
 to which, grouped by pruning method, so pruning code needs no family's module paths.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -55,8 +56,7 @@ class TappedModel(nn.Module):
     def forward_logits(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor,
-                taps: Sequence[str] | None = None) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, taps: Sequence[str] | None = None) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Logits, or `(logits, {name: output})` when tap names are given."""
         if taps is None:
             return self.forward_logits(x)
@@ -76,8 +76,7 @@ class TappedModel(nn.Module):
         return logits, {name: captured[name] for name in taps}
 
 
-def _store(captured: dict[str, Tensor], name: str, module: nn.Module, args: Any,
-           output: Tensor) -> None:
+def _store(captured: dict[str, Tensor], name: str, module: nn.Module, args: Any, output: Tensor) -> None:
     captured[name] = output
 
 
@@ -113,8 +112,7 @@ def count_macs(model: TappedModel) -> int:
         elif hasattr(module, "matmul_macs"):
             handles.append(module.register_forward_hook(matmuls))
     param = next(model.parameters())
-    x = torch.zeros(1, model.in_channels, model.image_size, model.image_size,
-                    device=param.device, dtype=param.dtype)
+    x = torch.zeros(1, model.in_channels, model.image_size, model.image_size, device=param.device, dtype=param.dtype)
     was_training = model.training
     try:
         model.eval()

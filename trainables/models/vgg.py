@@ -4,6 +4,7 @@
 last map is flattened into the optional hidden FC layers `fc_hidden` (Linear + ReLU, taps `fc.{i}`)
 and one linear classifier (bias-free for `vgg11_afcc`).
 """
+
 from __future__ import annotations
 
 from typing import Any
