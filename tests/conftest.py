@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # gwN folders share a parent
     monkeypatch.setenv("UNITLAB_CACHE", str(shared / "cache"))
     monkeypatch.setenv("UNITLAB_DOWNLOAD", "0")
+
+
+def stop_process(proc: subprocess.Popen, group: bool = False, grace_s: float = 30) -> None:
+    """SIGTERM ``proc`` (its whole process group with ``group``: a server's workers too), then SIGKILL if
+    it has not exited within ``grace_s``; a loaded machine can take longer than that to shut down."""
+    send = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal
+    with contextlib.suppress(ProcessLookupError):
+        send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            send(signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def synthetic_job(**overrides) -> dict:

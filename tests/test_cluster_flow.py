@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, stop_process
 from mlflow import MlflowClient
 from test_multinode import BIN, agent_ports, free_port, port_open, stop_processes_matching, wait_for
 
@@ -201,8 +201,7 @@ def autoscaling_cluster(tmp_path, s3):
         }
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_process(server)
         # the head's client server names neither the temp folder nor 127.0.0.1 (it takes the host's IP)
         stop_processes_matching((str(ray_tmp), f"127.0.0.1:{gcs_port}", f":{gcs_port} "))
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_args, sweep_spec, write
+from conftest import REPO, cli_args, stop_process, sweep_spec, write
 from mlflow import MlflowClient
 from test_multinode import BIN, free_port, port_open, wait_for
 
@@ -46,8 +46,7 @@ def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
 
 
 def stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)  # the server's gunicorn/uvicorn workers too
-    server.wait(timeout=30)
+    stop_process(server, group=True)  # the server's gunicorn/uvicorn workers too
 
 
 def sweep_runs(client: MlflowClient, name: str) -> tuple[list, list]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -14,7 +13,7 @@ import urllib.request
 import mlflow
 import numpy as np
 import pytest
-from conftest import REPO, synthetic_job
+from conftest import REPO, stop_process, synthetic_job
 from mlflow import MlflowClient
 from test_multinode import BIN, free_port, port_open, wait_for
 
@@ -111,8 +110,7 @@ def served(model_uri: str, tracking_uri: str):
         wait_for(lambda: port_open(port), 120, "mlflow models serve")
         yield post
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_process(server, group=True)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, stop_process
 from mlflow import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -134,8 +134,7 @@ def cluster(tmp_path):
     finally:
         for item in started:
             if isinstance(item, subprocess.Popen):
-                item.terminate()
-                item.wait(timeout=30)
+                stop_process(item)
         stop_processes_matching((str(ray_tmp), f"127.0.0.1:{gcs_port}"))
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
