@@ -24,6 +24,7 @@ from PIL import Image
 from analysis.pruning.cli import main as prune_main
 from analysis.units.run import main as analysis_main
 from orchestrator.cli import main as orchestrator_main
+from orchestrator.tracking import ARTIFACTS
 from trainables.config import prepare
 from trainables.train import main as train_main
 from trainables.train import run_job
@@ -566,14 +567,7 @@ def test_storage_path_comes_from_the_flag_then_the_cluster_env_then_the_spec(ass
 
 # ---------------------------------------------------------------- bad inputs against a tracking store
 
-TRIAL_FILES = {
-    "spec.json": "model",
-    "model.pt": "model",
-    "probs_val.parquet": "probs",
-    "probs_test.parquet": "probs",
-    "summary.json": None,
-    "config.json": None,
-}
+TRIAL_FILES = {name: folder for name, folder in ARTIFACTS.items() if name != "curves.png"}  # what run_job writes
 
 
 @pytest.fixture(scope="module")
