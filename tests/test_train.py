@@ -18,7 +18,8 @@ from trainables.device import native_bf16
 from trainables.infer import image_probs
 from trainables.models import build_model
 from trainables.probs import read_probs
-from trainables.train import device_flags, evaluate, main, make_loaders, run_job
+from trainables.schema import InputError
+from trainables.train import device_flags, evaluate, main, make_loaders, run_job, train_epoch
 
 
 class StopAfterFirstEpoch(Exception):
@@ -210,3 +211,21 @@ def test_sgd_cosine_recipe_warms_up_then_decays_with_nesterov_sgd():
     assert factor(10) == pytest.approx(1.0) and factor(39) < 0.01
     optimizer = make_optimizer(build_model({"preset": "cct_tiny", "num_classes": 4, "image_size": 16}), cfg)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+
+
+def test_gradient_clipping_bounds_the_update_norm():
+    """grad_clip: one field on JobConfig and one line in train_epoch (the numeric rule and the flag walk
+    cover it without a test of their own)."""
+    cfg = prepare(synthetic_job(grad_clip=1e-3, recipe={"name": "sgd_cosine", "lr": 1.0, "warmup_epochs": 0}))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    loader = make_loaders(load_splits(cfg.data), cfg, torch.device("cpu"), False)["train"]
+    loader.labels = loader.labels[:32]  # one step
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_epoch(model, loader, optimizer, scheduler, cfg, autocast=False)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < float((after - before).norm()) <= 1e-3 * (1 + 1e-5)
+    with pytest.raises(InputError, match="config.grad_clip: must be > 0"):
+        prepare(synthetic_job(grad_clip=0))

@@ -68,6 +68,7 @@ class JobConfig(Settings):
     eval_batch_size: int = setting(500, low=1)
     seed: int = seed_setting(0, "training seed (initialisation, order, augmentation)")
     label_smoothing: float = setting(0.1, low=0, lt=1)
+    grad_clip: float | None = setting(None, "clip the gradients' global L2 norm to this (null: off)", gt=0)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     bf16: Any = setting(
         "auto", "bf16 autocast: auto (where the device has native bf16), true or false", choices=TRI_STATE

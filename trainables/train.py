@@ -126,6 +126,8 @@ def train_epoch(model, loader, optimizer, scheduler, cfg: JobConfig, autocast: b
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         hard = y.argmax(1) if y.ndim == 2 else y
