@@ -24,8 +24,8 @@ import ray
 import torch
 import yaml
 
-from orchestrator.sweep import run_sweep
-from orchestrator.sweep_spec import load_spec
+from orchestrator.sweeps.run import run_sweep
+from orchestrator.sweeps.spec import load_spec
 from trainables.config import JobConfig
 from trainables.train import run_job
 

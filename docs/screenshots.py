@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.tracking import BEST_RUN, find_parent, open_client, resolve_tracking_uri  # noqa: E402
+from orchestrator.workbench.tracking import BEST_RUN, find_parent, open_client, resolve_tracking_uri  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

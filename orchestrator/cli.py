@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.analyze import add_analyze_parser
-from orchestrator.committee import add_committee_parser
-from orchestrator.prune_cmd import add_prune_parser
-from orchestrator.report import add_report_parser
-from orchestrator.runs import format_runs
-from orchestrator.sweep import resume_sweep, run_sweep
-from orchestrator.tracking import add_tracking_uri, open_client
+from orchestrator.committees.command import add_committee_parser
+from orchestrator.stages.analyze import add_analyze_parser
+from orchestrator.stages.prune import add_prune_parser
+from orchestrator.sweeps.run import resume_sweep, run_sweep
+from orchestrator.workbench.report import add_report_parser
+from orchestrator.workbench.runs import format_runs
+from orchestrator.workbench.tracking import add_tracking_uri, open_client
 from trainables.schema import InputError, OneLineParser, refuse
 
 

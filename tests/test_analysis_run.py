@@ -211,8 +211,8 @@ def test_bad_input_exits_2_with_one_line(case, names, trained, tmp_path, capsys)
 def test_orchestrator_logs_into_trial_run(trained, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.analyze import config_from_params, depth_series
     from orchestrator.cli import main as cli
+    from orchestrator.workbench.analysis_log import config_from_params, depth_series
 
     def orchestrate(argv: list[str]) -> int:
         return cli(["analyze", *argv])
@@ -288,7 +288,7 @@ def test_a_retried_log_analysis_logs_each_series_point_once(results, tmp_path):
 
     from mlflow import MlflowClient
 
-    from orchestrator.analyze import log_analysis
+    from orchestrator.workbench.analysis_log import log_analysis
 
     folder = tmp_path / "results"
     shutil.copytree(results, folder)

@@ -24,7 +24,7 @@ from PIL import Image
 from analysis.pruning.cli import main as prune_main
 from analysis.units.run import main as analysis_main
 from orchestrator.cli import main as orchestrator_main
-from orchestrator.tracking import ARTIFACTS
+from orchestrator.workbench.tracking import ARTIFACTS
 from trainables.config import prepare
 from trainables.train import main as train_main
 from trainables.train import run_job
@@ -412,7 +412,7 @@ CASES = {
         "--alias needs --register NAME",
     ),
 }
-# Every verb opens its tracking store through orchestrator.tracking: a URI MLflow cannot track to, or a
+# Every verb opens its tracking store through orchestrator.workbench.tracking: a URI MLflow cannot track to, or a
 # SQLite file that is not a database, is one line naming the URI (and where it came from).
 TARGETS = {
     "sweep": ["{root}/sweep.yaml"],
@@ -509,7 +509,7 @@ def argv_of(case: str) -> list[str]:
 def test_a_second_sweep_of_the_same_name_elsewhere_is_refused(assets, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import ROLE, STORAGE, SWEEP
+    from orchestrator.workbench.tracking import ROLE, STORAGE, SWEEP
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -526,9 +526,9 @@ def test_a_second_sweep_of_the_same_name_elsewhere_is_refused(assets, tmp_path, 
 def test_new_picks_the_first_free_name(assets, tmp_path):
     from mlflow import MlflowClient
 
-    from orchestrator.sweep import free_name
-    from orchestrator.sweep_spec import load_spec
-    from orchestrator.tracking import ROLE, STORAGE, SWEEP
+    from orchestrator.sweeps.run import free_name
+    from orchestrator.sweeps.spec import load_spec
+    from orchestrator.workbench.tracking import ROLE, STORAGE, SWEEP
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     for name in ("corpus", "corpus-2"):
@@ -542,7 +542,7 @@ def test_new_picks_the_first_free_name(assets, tmp_path):
 def test_prune_best_of_an_unclosed_sweep_is_one_line(tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import ROLE, STORAGE, SWEEP
+    from orchestrator.workbench.tracking import ROLE, STORAGE, SWEEP
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -555,7 +555,7 @@ def test_prune_best_of_an_unclosed_sweep_is_one_line(tmp_path, capsys):
 
 
 def test_storage_path_comes_from_the_flag_then_the_cluster_env_then_the_spec(assets, tmp_path, monkeypatch):
-    from orchestrator.sweep_spec import load_spec
+    from orchestrator.sweeps.spec import load_spec
 
     spec_file = assets["root"] / "sweep.yaml"
     monkeypatch.delenv("UNITLAB_STORAGE_PATH", raising=False)
@@ -576,8 +576,8 @@ def registry(assets, tmp_path_factory) -> dict:
     first with its logged MLflow Model), a pruned run of the first, and bad inputs of ``committee predict``."""
     from mlflow import MlflowClient
 
-    from orchestrator.logged_model import log_trial_model
-    from orchestrator.tracking import CELL, LINEAGE, PARENT_TAG, ROLE, STORAGE, SWEEP, TRIAL_ID
+    from orchestrator.workbench.logged_model import log_trial_model
+    from orchestrator.workbench.tracking import CELL, LINEAGE, PARENT_TAG, ROLE, STORAGE, SWEEP, TRIAL_ID
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"

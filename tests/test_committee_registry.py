@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from orchestrator.cli import main
-from orchestrator.tracking import ARTIFACTS
+from orchestrator.workbench.tracking import ARTIFACTS
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.train import run_job

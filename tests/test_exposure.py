@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 DRIVER = """
 import json, time
 import ray
-from orchestrator.cluster import connect_ray
+from orchestrator.sweeps.cluster import connect_ray
 connect_ray(None)
 node = ray._private.worker.global_worker.node
 print(json.dumps({"gcs": node.gcs_address, "dashboard": node.address_info["webui_url"]}), flush=True)

@@ -17,7 +17,7 @@ from conftest import REPO, stop_process, synthetic_job
 from mlflow import MlflowClient
 from test_multinode import BIN, free_port, port_open, wait_for
 
-from orchestrator.logged_model import MODEL_NAME, log_dataset, log_trial_model
+from orchestrator.workbench.logged_model import MODEL_NAME, log_dataset, log_trial_model
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.probs import read_probs

@@ -21,7 +21,7 @@ SETTINGS_MODULES = (
     "analysis.units.pipeline",
     "analysis.pruning.job",
     "analysis.committees.selection",
-    "orchestrator.sweep_spec",
+    "orchestrator.sweeps.spec",
 )
 SIGNED = {"Distribution.low", "Distribution.high"}  # the only numeric settings that may be negative
 

@@ -23,7 +23,7 @@ from conftest import REPO, cli_args, sweep_spec, write
 from mlflow import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.sweep_spec import FINAL_METRICS, load_spec, point_key
+from orchestrator.sweeps.spec import FINAL_METRICS, load_spec, point_key
 from trainables.config import JobConfig, prepare
 from trainables.data import load_splits
 from trainables.models import build_model

@@ -101,7 +101,7 @@ def test_resolution_fills_recipe_defaults_and_sizes_the_model_to_the_data():
 
 
 def test_sweep_spec_sections_use_the_same_checker(tmp_path):
-    from orchestrator.sweep_spec import SpecFile
+    from orchestrator.sweeps.spec import SpecFile
 
     with pytest.raises(InputError, match=r"^sweep\.name: required"):
         SpecFile.parse({"data": {}, "axes": {}})

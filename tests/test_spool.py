@@ -10,7 +10,7 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from orchestrator.spool import Spool, TrackingUnavailable, call_when_up, is_transient
+from orchestrator.workbench.spool import Spool, TrackingUnavailable, call_when_up, is_transient
 
 
 class Server:
@@ -104,8 +104,8 @@ def test_call_when_up_retries_until_the_server_answers(capsys):
 def test_a_retried_finish_logs_final_metrics_once_and_clears_the_old_error(tmp_path):
     """A first finish fails on an unwritable artifact store (a file where its folder should be); the
     retried attempt finishes the same run: final metrics once, no stale error tag."""
-    from orchestrator.sweep_spec import FINAL_METRICS
-    from orchestrator.tracking import ERROR, ChildRun
+    from orchestrator.sweeps.spec import FINAL_METRICS
+    from orchestrator.workbench.tracking import ERROR, ChildRun
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     blocker = tmp_path / "artifacts"

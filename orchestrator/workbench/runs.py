@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from orchestrator.sweep_spec import SweepError
-from orchestrator.tracking import (
+from orchestrator.schema import SweepError
+from orchestrator.workbench.tracking import (
     CELL,
     ERROR,
     METRICS,

@@ -39,14 +39,14 @@ from analysis.committees.selection import (
     seed_control,
     select,
 )
-from orchestrator.committee_model import (
+from orchestrator.committees.predict import predict_images
+from orchestrator.committees.register import (
     check_registry_names,
     gather_members,
     register_committee,
 )
-from orchestrator.predict import predict_images
 from orchestrator.schema import CommitteeError
-from orchestrator.tracking import (
+from orchestrator.workbench.tracking import (
     CELL,
     DATASET,
     MEMBERS,

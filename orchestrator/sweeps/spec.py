@@ -43,12 +43,13 @@ from typing import Any
 
 from analysis.units.pipeline import AnalysisConfig
 from orchestrator.schema import SweepError
-from orchestrator.stage_spec import (
+from orchestrator.sweeps.stage_spec import (
     PruneSpec,
     check_analyze_taps,
     parse_analyze,
     parse_prune,
 )
+from orchestrator.workbench.tracking import EPOCH_METRICS, FINAL_METRICS
 from trainables.config import DEFAULT_MODEL, JobConfig, prepare, set_dotted
 from trainables.data import DataError, check_data_available
 from trainables.models import build_model
@@ -63,8 +64,6 @@ from trainables.schema import (
 )
 
 # Metrics every epoch reports, and those known only when a trial ends.
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")
-FINAL_METRICS = ("test_acc", "test_loss", "latency_ms_b1", "latency_ms_per_image_large_batch", "params", "macs")
 SCHEDULER_METRIC = "val_acc"
 
 STORAGE_ENV = "UNITLAB_STORAGE_PATH"  # the cluster head's shared Tune storage, below --storage-path, above the spec

@@ -38,10 +38,11 @@ from analysis.pruning.job import (
 )
 from analysis.pruning.masks import needed_taps
 from analysis.units.results import load_label_sets
-from orchestrator.analyze import analysed_at, fetch_run_dir
-from orchestrator.callbacks import ChildRunCloser, trial_dirname
-from orchestrator.sweep_spec import SweepSpec
-from orchestrator.tracking import (
+from orchestrator.sweeps.callbacks import ChildRunCloser, trial_dirname
+from orchestrator.sweeps.spec import SweepSpec
+from orchestrator.sweeps.trainable import take_trial_share
+from orchestrator.workbench.analysis_log import analysed_at, fetch_run_dir
+from orchestrator.workbench.tracking import (
     CELL,
     DATASET,
     LINEAGE,
@@ -60,7 +61,6 @@ from orchestrator.tracking import (
     find_child,
     flatten,
 )
-from orchestrator.trainable import take_trial_share
 from trainables.models import build_model
 from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, PROBS, SPEC, SUMMARY, WEIGHTS, RunFolder
 

@@ -20,15 +20,15 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from orchestrator.tracking import MODEL_URI
+from orchestrator.workbench.tracking import MODEL_URI
 from trainables.config import JobConfig
 from trainables.data import resolve_data_dir
 from trainables.run_folder import SPEC, WEIGHTS
 
 MODEL_NAME = "pyfunc"  # the logged model's name; its URI (models:/m-...) is the run's unitlab.model_uri tag
-CODE = Path(__file__).parent / "served" / "trial_model.py"
+CODE = Path(__file__).parents[1] / "served" / "trial_model.py"
 DEVICE_PARAM = ParamSchema([ParamSpec("device", "string", "cpu")])  # predict(..., params={"device": "cuda"})
-TRAINABLES = Path(__file__).resolve().parents[1] / "trainables"
+TRAINABLES = Path(__file__).resolve().parents[2] / "trainables"
 
 
 def signature(image_size: int, num_classes: int) -> ModelSignature:

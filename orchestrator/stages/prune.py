@@ -24,14 +24,14 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from analysis.pruning.job import PruneConfig, PrunePlan
-from orchestrator.analyze import analysed_at
-from orchestrator.cluster import check_resources, connect_ray
-from orchestrator.prune_stage import PruneContext, run_prune_stage
-from orchestrator.runs import format_runs
 from orchestrator.schema import SweepError
-from orchestrator.stage_spec import PruneSpec, parse_prune
-from orchestrator.sweep import logged_spec
-from orchestrator.tracking import (
+from orchestrator.sweeps.cluster import check_resources, connect_ray
+from orchestrator.sweeps.prune_stage import PruneContext, run_prune_stage
+from orchestrator.sweeps.run import logged_spec
+from orchestrator.sweeps.stage_spec import PruneSpec, parse_prune
+from orchestrator.workbench.analysis_log import analysed_at
+from orchestrator.workbench.runs import format_runs
+from orchestrator.workbench.tracking import (
     ANALYSIS,
     ANALYSIS_THRESHOLD,
     BEST_RUN,

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,8 +21,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
-from orchestrator.spool import TRIAL_HTTP_DEFAULTS, Spool, call_when_up
-from orchestrator.sweep_spec import EPOCH_METRICS, FINAL_METRICS, SweepError, SweepSpec
+from orchestrator.schema import SweepError
+from orchestrator.workbench.spool import TRIAL_HTTP_DEFAULTS, Spool, call_when_up
 from trainables.device import ENVIRONMENT_KEYS
 from trainables.run_folder import CONFIG, PROBS, SPEC, SUMMARY, WEIGHTS
 
@@ -48,6 +47,9 @@ SEED_VARIANT, SEED_MEMBERS = "unitlab.seed_variant", "unitlab.seed_members"
 ENDED = ("FINISHED", "FAILED", "KILLED")  # run statuses of a trial that will not run again
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REACH_SECONDS = 10.0  # how long a tracking server may take to answer before a command gives up
+# What every trial run records: metrics at each epoch (step = epoch), and those known when it ends.
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_sec", "lr")
+FINAL_METRICS = ("test_acc", "test_loss", "latency_ms_b1", "latency_ms_per_image_large_batch", "params", "macs")
 MODEL_FOLDER = "model"  # where a run keeps spec.json and model.pt among its artifacts
 # Files of a finished job (trainables.train.run_job) and where they go in the child run.
 ARTIFACTS = {
@@ -153,7 +155,7 @@ def connect(uri: str) -> MlflowClient:
     """A client for an already resolved tracking URI (inside trials, stages and Tune callbacks).
 
     MLflow's own per-request retries are cut to about a minute in this process (unless set): these
-    callers retry on their own (``orchestrator.spool``) instead of blocking for minutes per call."""
+    callers retry on their own (``orchestrator.workbench.spool``) instead of blocking for minutes per call."""
     for key, value in TRIAL_HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     return MlflowClient(uri)
@@ -181,39 +183,6 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:///"):
         location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
     return client.create_experiment(name, artifact_location=location)
-
-
-def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec) -> str:
-    """Create the sweep's parent run with its tags, settings and the spec text; returns its id."""
-    run = client.create_run(
-        exp_id,
-        run_name=spec.name,
-        tags={
-            ROLE: ROLE_SWEEP,
-            SWEEP: spec.name,
-            STORAGE: spec.storage_path,
-            METRICS: ",".join(f"{k}:{v}" for k, v in spec.metrics.items()),
-        },
-    )
-    params = {
-        "search.mode": spec.mode,
-        "search.num_samples": spec.num_samples,
-        "search.metrics": spec.metrics,
-        "scheduler": spec.scheduler,
-        "resources.cpus": spec.cpus,
-        "resources.gpus": spec.gpus,
-        "max_concurrent": spec.max_concurrent,
-        "max_failures": spec.max_failures,
-        "analyze": spec.analyze is not None,
-        "prune": ",".join(spec.prune.cells) if spec.prune else "",
-        "trials": spec.num_trials(),
-        "axes": ",".join(a.name for a in spec.axes),
-    }
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spec.yaml").write_text(spec.source)
-        client.log_artifact(run.info.run_id, str(Path(tmp) / "spec.yaml"), "sweep")
-    return run.info.run_id
 
 
 def find_parent(client: MlflowClient, name: str) -> Run | None:

@@ -10,7 +10,9 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.sweep_spec import EPOCH_METRICS, SweepError, SweepSpec
+from orchestrator.schema import SweepError
+from orchestrator.sweeps.spec import SweepSpec
+from orchestrator.workbench.tracking import EPOCH_METRICS
 from trainables.data import DataConfig, DataError, load_splits
 
 LOCAL_IP = "127.0.0.1"

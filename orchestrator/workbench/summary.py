@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Run, RunTag  # noqa: E402
 
-from orchestrator.runs import pareto_front, trial_rows  # noqa: E402
-from orchestrator.tracking import ANALYSIS, BEST_RUN, child_runs  # noqa: E402
+from orchestrator.workbench.runs import pareto_front, trial_rows  # noqa: E402
+from orchestrator.workbench.tracking import ANALYSIS, BEST_RUN, child_runs  # noqa: E402
 
 NOTE = "mlflow.note.content"
 MAX_NOTE_ROWS = 30  # the description stays within MLflow's tag size; trials.csv holds every trial

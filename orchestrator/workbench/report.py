@@ -1,6 +1,6 @@
 """``python -m orchestrator report NAME [--out DIR]``: one self-contained HTML page about a sweep.
 
-It refreshes the sweep summary on the parent run (``orchestrator.summary``) and writes
+It refreshes the sweep summary on the parent run (``orchestrator.workbench.summary``) and writes
 ``report.html``: the summary and trials table, the sweep figures, each analysed trial's depth
 figure, the pruned trials with accuracy vs dilution against their random controls, and the
 committees built from the sweep. Figures are inlined (base64 PNG), so the page needs no network
@@ -23,9 +23,9 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from orchestrator.runs import PRUNE_ACCURACIES, prune_rows  # noqa: E402
-from orchestrator.summary import TABLE, SweepSummary, finish, summarize_sweep  # noqa: E402
-from orchestrator.tracking import (  # noqa: E402
+from orchestrator.workbench.runs import PRUNE_ACCURACIES, prune_rows  # noqa: E402
+from orchestrator.workbench.summary import TABLE, SweepSummary, finish, summarize_sweep  # noqa: E402
+from orchestrator.workbench.tracking import (  # noqa: E402
     MEMBERS,
     METHOD,
     ROLE,

@@ -17,15 +17,15 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils import validation
 
-from orchestrator.logged_model import DEVICE_PARAM, TRAINABLES, use_run_experiment
 from orchestrator.schema import CommitteeError
-from orchestrator.tracking import MODEL_FOLDER
+from orchestrator.workbench.logged_model import DEVICE_PARAM, TRAINABLES, use_run_experiment
+from orchestrator.workbench.tracking import MODEL_FOLDER
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.run_folder import CONFIG, MODEL_FILES, SPEC, SUMMARY, WEIGHTS, load_model, read_json
 from trainables.train import norm_stats
 
-CODE = Path(__file__).parent / "served" / "committee_model.py"
+CODE = Path(__file__).parents[1] / "served" / "committee_model.py"
 MODEL_NAME = "committee"
 
 

@@ -17,12 +17,13 @@ import torch
 from ray import tune
 
 from analysis.units.run import analyze_run_dir
-from orchestrator.analyze import log_analysis
-from orchestrator.figures import plot_curves
-from orchestrator.logged_model import log_dataset, log_trial_model
-from orchestrator.sweep_spec import FINAL_METRICS, SweepSpec
-from orchestrator.tracking import (
+from orchestrator.sweeps.spec import SweepSpec
+from orchestrator.workbench.analysis_log import log_analysis
+from orchestrator.workbench.figures import plot_curves
+from orchestrator.workbench.logged_model import log_dataset, log_trial_model
+from orchestrator.workbench.tracking import (
     DATASET,
+    FINAL_METRICS,
     NODE_ID,
     NUM_CLASSES,
     SEED,

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from ray import tune
 
-from orchestrator.tracking import ERROR, STOPPED, connect, end_run
+from orchestrator.workbench.tracking import ERROR, STOPPED, connect, end_run
 
 Locate = Callable[[MlflowClient, "tune.experiment.Trial"], "Run | None"]
 

@@ -13,20 +13,16 @@ from pathlib import Path
 
 import optuna.distributions as od
 from mlflow import MlflowClient
-from mlflow.entities import Run
+from mlflow.entities import Param, Run
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.callbacks import ChildRunCloser, trial_dirname
-from orchestrator.cluster import start_driver
-from orchestrator.prune_stage import PruneContext, run_prune_stage
-from orchestrator.runs import format_runs
-from orchestrator.spool import call_when_up
-from orchestrator.storage import check_remote_storage
-from orchestrator.summary import summarize_sweep
-from orchestrator.sweep_spec import (
+from orchestrator.sweeps.callbacks import ChildRunCloser, trial_dirname
+from orchestrator.sweeps.cluster import start_driver
+from orchestrator.sweeps.prune_stage import PruneContext, run_prune_stage
+from orchestrator.sweeps.spec import (
     SCHEDULER_METRIC,
     Distribution,
     SweepError,
@@ -34,10 +30,18 @@ from orchestrator.sweep_spec import (
     load_spec,
     parse_spec,
 )
-from orchestrator.tracking import (
+from orchestrator.sweeps.storage import check_remote_storage
+from orchestrator.sweeps.trainable import TrialContext, train_trial
+from orchestrator.workbench.runs import format_runs
+from orchestrator.workbench.spool import call_when_up
+from orchestrator.workbench.summary import summarize_sweep
+from orchestrator.workbench.tracking import (
     CELL,
     ENDED,
     ERROR,
+    METRICS,
+    ROLE,
+    ROLE_SWEEP,
     STOPPED,
     STORAGE,
     SWEEP,
@@ -48,12 +52,43 @@ from orchestrator.tracking import (
     find_child,
     find_parent,
     open_client,
-    open_parent,
     prune_runs,
     resolve_tracking_uri,
     store_exists,
 )
-from orchestrator.trainable import TrialContext, train_trial
+
+
+def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec) -> str:
+    """Create the sweep's parent run with its tags, settings and the spec text; returns its id."""
+    run = client.create_run(
+        exp_id,
+        run_name=spec.name,
+        tags={
+            ROLE: ROLE_SWEEP,
+            SWEEP: spec.name,
+            STORAGE: spec.storage_path,
+            METRICS: ",".join(f"{k}:{v}" for k, v in spec.metrics.items()),
+        },
+    )
+    params = {
+        "search.mode": spec.mode,
+        "search.num_samples": spec.num_samples,
+        "search.metrics": spec.metrics,
+        "scheduler": spec.scheduler,
+        "resources.cpus": spec.cpus,
+        "resources.gpus": spec.gpus,
+        "max_concurrent": spec.max_concurrent,
+        "max_failures": spec.max_failures,
+        "analyze": spec.analyze is not None,
+        "prune": ",".join(spec.prune.cells) if spec.prune else "",
+        "trials": spec.num_trials(),
+        "axes": ",".join(a.name for a in spec.axes),
+    }
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spec.yaml").write_text(spec.source)
+        client.log_artifact(run.info.run_id, str(Path(tmp) / "spec.yaml"), "sweep")
+    return run.info.run_id
 
 
 def make_trainable(context: TrialContext):

@@ -1,0 +1,1 @@
+"""The stages a user runs on finished trials: ``analyze`` and ``prune`` (command lines)."""
