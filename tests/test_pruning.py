@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import synthetic_job
+from torch.nn.utils import prune
 
 from analysis.pruning.cli import main as prune_main
 from analysis.pruning.cli import split_config
@@ -17,12 +18,14 @@ from analysis.pruning.masks import (
     Connection,
     PruneError,
     apply_masks,
+    connection_l1,
     connection_mask,
     dilution,
     expand,
     full_masks,
     layer_connections,
     load_masks,
+    magnitude_connections,
     model_masks,
     output_mask,
     plan_layers,
@@ -145,6 +148,33 @@ def test_random_controls_keep_per_layer_dilution():
     assert all(s <= set(range(10)) for s in labels["t"])
     with pytest.raises(PruneError, match="random_labels_k"):
         random_label_sets({"t": 6}, num_labels=4, k=5)
+
+
+def test_magnitude_baselines_match_l1_unstructured_at_the_guided_dilution():
+    """Per layer: the connections of largest L1 norm, as many as the guided mask keeps, exactly what
+    torch's l1_unstructured prunes on the connections' L1 norms; global: one threshold, same total."""
+    torch.manual_seed(0)
+    conv, fc = torch.nn.Conv2d(6, 8, 3), torch.nn.Linear(5 * 4, 3)  # a classifier over 5 units x 4 positions
+    model = torch.nn.ModuleDict({"conv": conv, "fc": fc})
+    gen = torch.Generator().manual_seed(1)
+    guided = {"conv.weight": torch.rand(8, 6, generator=gen) > 0.6, "fc.weight": torch.rand(3, 5, generator=gen) > 0.4}
+    kept = magnitude_connections(model, guided)
+    for path, weight in (("conv.weight", conv.weight), ("fc.weight", fc.weight)):
+        scores = connection_l1(weight, guided[path].shape)
+        holder = torch.nn.Linear(1, 1)
+        holder.weight = torch.nn.Parameter(scores.clone())
+        prune.l1_unstructured(holder, "weight", amount=int((~guided[path]).sum()))
+        assert torch.equal(kept[path], holder.weight_mask.bool()), path
+        assert int(kept[path].sum()) == int(guided[path].sum())
+    assert torch.allclose(connection_l1(conv.weight, (8, 6)), conv.weight.detach().abs().sum(dim=(2, 3)))
+    assert torch.allclose(connection_l1(fc.weight, (3, 5))[:, 0], fc.weight.detach().abs()[:, :4].sum(1))
+    both = magnitude_connections(model, guided, per_layer=False)
+    assert sum(int(m.sum()) for m in both.values()) == sum(int(m.sum()) for m in guided.values())
+    per_entry = torch.cat(
+        [connection_l1(conv.weight, (8, 6)).flatten() / 9, connection_l1(fc.weight, (3, 5)).flatten() / 4]
+    )
+    chosen = torch.cat([both["conv.weight"].flatten(), both["fc.weight"].flatten()])
+    assert per_entry[chosen].min() >= per_entry[~chosen].max()
 
 
 # ---------------------------------------------------------------- enforcement
@@ -323,6 +353,14 @@ def test_prune_job_vgg_afcc_and_random_control(parents, tmp_path):
         load_masks(tmp_path / "random" / "masks.pt")["classifier.weight"],
         load_masks(tmp_path / "afcc" / "masks.pt")["classifier.weight"],
     )
+    magnitude = run_prune_job(
+        parents["vgg"],
+        tmp_path / "magnitude",
+        job(method="magnitude", finetune_epochs=0),
+        label_sets=load_label_sets(tmp_path / "afcc" / "label_sets.json"),
+    )
+    for param, layer in guided["layers"].items():
+        assert magnitude["layers"][param]["kept"] == layer["kept"]
     labels = run_prune_job(
         parents["vgg"], tmp_path / "labels", job(method="random_labels", random_labels_k=2, finetune_epochs=0)
     )

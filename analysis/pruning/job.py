@@ -27,6 +27,7 @@ from analysis.pruning.masks import (
     family_method,
     full_masks,
     layer_connections,
+    magnitude_connections,
     mask_stats,
     needed_taps,
     plan_layers,
@@ -49,8 +50,9 @@ from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, SPEC, SUMMARY, RunF
 from trainables.schema import InputError, Settings, seed_setting, setting
 from trainables.train import device_flags, evaluate, fit, make_loaders, select_device
 
-METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels")
+METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels", "magnitude", "magnitude_global")
 GUIDED_METHODS = ("afcc", "andc", "nodal")
+MAGNITUDE_METHODS = ("magnitude", "magnitude_global")  # baselines at the guided mask's dilution
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,10 @@ class PruneConfig(Settings):
     (VGG FC layers), ``andc`` (CCT), ``random`` (the layers of the guided method ``control_of``, by
     default the family's, each with a random mask of the guided mask's dilution, or of ``level``
     when set), ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random
-    labels, then the guided rule). ``analysis`` computes the label sets (its ``threshold`` is the
-    binarisation threshold of docs/methods.md 2.5).
+    labels, then the guided rule), ``magnitude`` (the guided method's layers, each keeping as many
+    connections as the guided mask, those of largest L1 norm), ``magnitude_global`` (the same total
+    kept, one threshold across the layers). ``analysis`` computes the label sets (its ``threshold`` is
+    the binarisation threshold of docs/methods.md 2.5).
     """
 
     SECTION = "prune"
@@ -76,7 +80,7 @@ class PruneConfig(Settings):
     start_tap: str | None = setting(None, "prune only layers fed by this tap or deeper ones")
     random_labels_k: int = setting(5, "labels per unit (method random_labels)", low=1)
     control_of: str | None = setting(
-        None, "random: copy this guided method's layers and dilution", choices=GUIDED_METHODS
+        None, "random, magnitude: copy this guided method's layers and dilution", choices=GUIDED_METHODS
     )
     analysis: AnalysisConfig = setting(factory=lambda: AnalysisConfig(train_size=5000))
 
@@ -90,7 +94,7 @@ class PruneConfig(Settings):
 
     @property
     def needs_label_sets(self) -> bool:
-        return self.method in GUIDED_METHODS or (self.method == "random" and self.level is None)
+        return self.method in GUIDED_METHODS + MAGNITUDE_METHODS or (self.method == "random" and self.level is None)
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ class PrunePlan(Settings):
             base = base.replace(control_of=guided[0])
         configs = []
         for method in self.methods:
-            if method in GUIDED_METHODS + ("random",):
+            if method in GUIDED_METHODS + MAGNITUDE_METHODS + ("random",):
                 configs += [base.replace(method=method, analysis=source.replace(threshold=t)) for t in thresholds]
             else:
                 configs.append(base.replace(method=method, analysis=source))
@@ -280,6 +284,8 @@ def build_prune_masks(
     connections = layer_connections(layers, label_sets, model.num_classes)
     if config.method == "random":
         connections = random_connections(connections, config.seed)
+    elif config.method in MAGNITUDE_METHODS:
+        connections = magnitude_connections(model, connections, per_layer=config.method == "magnitude")
     return full_masks(model, connections)
 
 

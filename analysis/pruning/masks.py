@@ -174,6 +174,39 @@ def random_connections(connections: Masks, seed: int = 0) -> Masks:
     return {p: random_like(k, gen) for p, k in connections.items()}
 
 
+def connection_l1(weight: Tensor, shape: Sequence[int]) -> Tensor:
+    """Each unit connection's L1 norm: the summed |w| of the parameter entries ``expand`` gives it (a
+    conv kernel, a classifier's group of flattened columns, or one weight)."""
+    out_units, in_units = shape
+    w = weight.detach().abs().float().cpu()
+    return w.sum(dim=(2, 3)) if w.ndim == 4 else w.reshape(out_units, in_units, -1).sum(-1)
+
+
+def top_k_mask(scores: Tensor, k: int) -> Tensor:
+    """A bool mask of ``scores``' shape keeping its ``k`` largest entries (ties: the earlier entry)."""
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[torch.argsort(scores.flatten(), descending=True, stable=True)[:k]] = True
+    return keep.view(scores.shape)
+
+
+def magnitude_connections(model: nn.Module, connections: Masks, per_layer: bool = True) -> Masks:
+    """Magnitude pruning at the dilution of ``connections``: keep the connections of largest L1 norm,
+    as many per layer as ``connections`` keeps (``per_layer``), or as many in all with one threshold
+    across the layers on the mean |w| per entry (so a 3x3 kernel and a single weight compare)."""
+    params = dict(model.named_parameters())
+    scores = {p: connection_l1(params[p], k.shape) for p, k in connections.items()}
+    if per_layer:
+        return {p: top_k_mask(scores[p], int(k.sum())) for p, k in connections.items()}
+    per_entry = {p: s / (params[p].numel() // s.numel()) for p, s in scores.items()}
+    flat = top_k_mask(
+        torch.cat([s.flatten() for s in per_entry.values()]), sum(int(k.sum()) for k in connections.values())
+    )
+    out, start = {}, 0
+    for p, s in per_entry.items():
+        out[p], start = flat[start : start + s.numel()].view(s.shape), start + s.numel()
+    return out
+
+
 def full_masks(model: nn.Module, connections: Masks) -> Masks:
     """Expand connection masks to the shapes of the model's parameters."""
     params = dict(model.named_parameters())
