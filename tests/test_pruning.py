@@ -169,7 +169,8 @@ def test_magnitude_baselines_match_l1_unstructured_at_the_guided_dilution():
     assert torch.allclose(connection_l1(conv.weight, (8, 6)), conv.weight.detach().abs().sum(dim=(2, 3)))
     assert torch.allclose(connection_l1(fc.weight, (3, 5))[:, 0], fc.weight.detach().abs()[:, :4].sum(1))
     both = magnitude_connections(model, guided, per_layer=False)
-    assert sum(int(m.sum()) for m in both.values()) == sum(int(m.sum()) for m in guided.values())
+    budget = 9 * int(guided["conv.weight"].sum()) + 4 * int(guided["fc.weight"].sum())  # parameters kept
+    assert budget - 9 < 9 * int(both["conv.weight"].sum()) + 4 * int(both["fc.weight"].sum()) <= budget
     per_entry = torch.cat(
         [connection_l1(conv.weight, (8, 6)).flatten() / 9, connection_l1(fc.weight, (3, 5)).flatten() / 4]
     )

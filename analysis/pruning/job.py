@@ -64,7 +64,7 @@ class PruneConfig(Settings):
     default the family's, each with a random mask of the guided mask's dilution, or of ``level``
     when set), ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random
     labels, then the guided rule), ``magnitude`` (the guided method's layers, each keeping as many
-    connections as the guided mask, those of largest L1 norm), ``magnitude_global`` (the same total
+    connections as the guided mask, those of largest L1 norm), ``magnitude_global`` (as many parameters
     kept, one threshold across the layers). ``analysis`` computes the label sets (its ``threshold`` is
     the binarisation threshold of docs/methods.md 2.5).
     """

@@ -191,18 +191,22 @@ def top_k_mask(scores: Tensor, k: int) -> Tensor:
 
 def magnitude_connections(model: nn.Module, connections: Masks, per_layer: bool = True) -> Masks:
     """Magnitude pruning at the dilution of ``connections``: keep the connections of largest L1 norm,
-    as many per layer as ``connections`` keeps (``per_layer``), or as many in all with one threshold
-    across the layers on the mean |w| per entry (so a 3x3 kernel and a single weight compare)."""
+    as many per layer as ``connections`` keeps (``per_layer``), or, with one threshold across the
+    layers on the mean |w| per entry (so a 3x3 kernel and a single weight compare), the best
+    connections until they hold as many parameters as ``connections`` keeps in all."""
     params = dict(model.named_parameters())
     scores = {p: connection_l1(params[p], k.shape) for p, k in connections.items()}
     if per_layer:
         return {p: top_k_mask(scores[p], int(k.sum())) for p, k in connections.items()}
-    per_entry = {p: s / (params[p].numel() // s.numel()) for p, s in scores.items()}
-    flat = top_k_mask(
-        torch.cat([s.flatten() for s in per_entry.values()]), sum(int(k.sum()) for k in connections.values())
-    )
+    entries = {p: params[p].numel() // s.numel() for p, s in scores.items()}  # parameters per connection
+    per_entry = torch.cat([(s / entries[p]).flatten() for p, s in scores.items()])
+    sizes = torch.cat([torch.full((s.numel(),), entries[p]) for p, s in scores.items()])
+    budget = sum(int(k.sum()) * entries[p] for p, k in connections.items())
+    order = torch.argsort(per_entry, descending=True, stable=True)
+    flat = torch.zeros(per_entry.numel(), dtype=torch.bool)
+    flat[order[torch.cumsum(sizes[order], 0) <= budget]] = True
     out, start = {}, 0
-    for p, s in per_entry.items():
+    for p, s in scores.items():
         out[p], start = flat[start : start + s.numel()].view(s.shape), start + s.numel()
     return out
 
