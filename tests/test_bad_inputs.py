@@ -661,22 +661,6 @@ STORE_CASES = {
         lambda r, a, out: _committee(r, "--register", "good", "--alias", "my champ!"),
         "--alias: Invalid alias name: 'my champ!'",
     ),
-    "committee: pruned member registered": (
-        lambda r, a, out: [
-            "committee",
-            "--runs",
-            f"{r['runs']['pruned']},{r['runs']['trial']}",
-            "--size",
-            "2",
-            "--method",
-            "topk",
-            "--tracking-uri",
-            r["uri"],
-            "--register",
-            "good",
-        ],
-        "pruned members cannot be registered yet",
-    ),
     "analyze: --out is a file": (
         lambda r, a, out: [
             "analyze",

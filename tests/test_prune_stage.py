@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 import ray
 import torch
@@ -21,6 +23,8 @@ from analysis.pruning.masks import load_masks, rebuild_pruned
 from orchestrator.cli import main
 from trainables.config import prepare
 from trainables.data import load_splits
+from trainables.probs import read_probs
+from trainables.run_folder import load_model
 from trainables.train import evaluate, make_loaders
 
 pytestmark = pytest.mark.slow
@@ -116,6 +120,15 @@ def test_pruned_model_rebuilds_from_its_artifacts(swept):
     assert acc == run.data.metrics["test_acc"] == run.data.metrics["acc_finetuned_test"]
     mask = masks["blocks.0.mlp.fc1.weight"]
     assert 0 < int(mask.sum()) < mask.numel() and not model.get_submodule("blocks.0.mlp.fc1").weight[~mask].any()
+    # deployable: the plain weights load like any trained model, and the run logged an MLflow Model
+    plain = load_model(local / "model/spec.json", local / "model/model.pt")
+    assert evaluate(plain, loaders["test"])[1] == acc
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model(run.data.tags["unitlab.model_uri"])
+    _, labels, stored, _ = read_probs(local / "probs/probs_test.parquet")
+    probs = served.predict(load_splits(cfg.data, cfg.seed).test.images)
+    np.testing.assert_allclose(probs, stored, atol=1e-5, rtol=0)
+    assert float((probs.argmax(1) == labels).mean()) == acc
 
 
 def test_resume_of_a_finished_sweep_adds_no_runs(swept, capsys):
@@ -196,11 +209,14 @@ def test_pruned_trials_are_committee_candidates(swept, capsys):
                 "topk",
                 "--tracking-uri",
                 uri,
+                "--register",
+                "with-pruned",
             ]
         )
         == 0
     )
     (committee,) = [r for r in client.search_runs([exp_id]) if r.data.tags.get("unitlab.role") == "committee"]
+    assert "registered: models:/with-pruned/1" in capsys.readouterr().out
     pruned = [r for r in runs_by_role(client, exp_id)["prune"] if r.info.status == "FINISHED"]
     assert len(pruned) >= len(CELLS) and committee.data.metrics["valid_runs"] == 1 + len(pruned)
     members = committee.data.tags["unitlab.members"].split(",")

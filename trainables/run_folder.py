@@ -58,8 +58,9 @@ class RunFolder:
         """A JSON file of the folder; missing or damaged is an ``InputError`` naming it."""
         return read_json(self.path / name)
 
-    def write_weights(self, model: nn.Module) -> Path:
-        torch.save(model.state_dict(), self.path / WEIGHTS)
+    def write_weights(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """model.pt: ``state`` if given (a pruned model's plain weights), else ``model.state_dict()``."""
+        torch.save(model.state_dict() if state is None else state, self.path / WEIGHTS)
         return self.path / WEIGHTS
 
     def missing(self, names: tuple[str, ...] = (SPEC, CONFIG, WEIGHTS)) -> list[str]:

@@ -2,8 +2,9 @@
 
 ``run_prune_job(parent_dir, out_dir, config)`` needs only torch (no Ray, no MLflow). It reads the
 parent's ``spec.json``, ``config.json`` and ``model.pt`` (the ``run_job`` layout) and writes into
-``out_dir``: ``masks.pt``, ``model.pt`` (state_dict with the parametrization originals and masks;
-``pruning.rebuild_pruned(spec, state_dict, masks)`` restores it), ``spec.json``, ``config.json``
+``out_dir``: ``masks.pt``, ``model.pt`` (plain weights with the masks folded in, so
+``run_folder.load_model`` and the served models load it like any trained model;
+``masks.rebuild_pruned(spec, state_dict, masks)`` also enforces the masks again), ``spec.json``, ``config.json``
 (the fine-tuning job config), ``label_sets.json`` (when label sets were used),
 ``probs_val.parquet``, ``probs_test.parquet`` and ``summary.json``.
 """
@@ -30,6 +31,7 @@ from analysis.pruning.masks import (
     magnitude_connections,
     mask_stats,
     needed_taps,
+    plain_state_dict,
     plan_layers,
     random_at_level,
     random_connections,
@@ -48,7 +50,7 @@ from trainables.models.taps import TappedModel
 from trainables.probs import write_probs
 from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, SPEC, SUMMARY, RunFolder
 from trainables.schema import InputError, Settings, seed_setting, setting
-from trainables.train import device_flags, evaluate, fit, make_loaders, select_device
+from trainables.train import device_flags, evaluate, fit, make_loaders, norm_stats, select_device
 
 METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels", "magnitude", "magnitude_global")
 GUIDED_METHODS = ("afcc", "andc", "nodal")
@@ -251,6 +253,11 @@ def _accuracies(model, loaders) -> dict[str, Any]:
     return out
 
 
+def _norm(splits: Splits, cfg: JobConfig) -> dict[str, list[float]]:
+    mean, std = norm_stats(splits, cfg)
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
 def prune_layers(model: TappedModel, config: PruneConfig) -> list[Connection]:
     """The layers ``config.method`` prunes: its own plan, or the family's guided plan for controls."""
     if config.method == "none":
@@ -354,7 +361,7 @@ def run_prune_job(
     final = _accuracies(model, loaders) if history else pruned
 
     save_masks(out / MASKS, masks)
-    out.write_weights(model)
+    out.write_weights(model, plain_state_dict(model))  # masks folded in: loads like any trained model
     out.write_json(SPEC, cfg.model)
     out.write_json(CONFIG, ft_cfg.to_dict())
     if label_sets is not None:
@@ -383,6 +390,7 @@ def run_prune_job(
         "label_stats": label_stats,
         "history": history,
         "seconds": seconds,
+        "norm": _norm(splits, cfg),  # what a served model applies
         **describe(device, autocast),
     }
     out.write_json(SUMMARY, summary)

@@ -20,6 +20,7 @@ carries both the original and the mask (``rebuild_pruned`` restores the model ex
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -288,10 +289,26 @@ def load_masks(path: str | Path) -> Masks:
     return masks
 
 
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state_dict of ``model`` with every mask folded into its weight (masked entries 0): what
+    ``build_model(spec)`` loads, so a pruned model rebuilds and serves like any other."""
+    plain = copy.deepcopy(model)
+    for path in model_masks(plain):
+        module, name = _split(path)
+        parametrize.remove_parametrizations(plain.get_submodule(module), name, leave_parametrized=True)
+    return plain.state_dict()
+
+
 def rebuild_pruned(spec: dict[str, Any], state_dict: dict[str, Tensor], masks: Masks) -> TappedModel:
-    """Rebuild a pruned model from its spec, its (parametrized) state_dict and its masks."""
-    model = apply_masks(build_model(spec), masks)
-    model.load_state_dict(state_dict)
+    """Rebuild a pruned model, masks enforced, from its spec, its state_dict (plain, as prune jobs
+    write it, or parametrized, as ``model.state_dict()`` of a masked model holds it) and its masks."""
+    if any(".parametrizations." in key for key in state_dict):
+        model = apply_masks(build_model(spec), masks)
+        model.load_state_dict(state_dict)
+    else:
+        model = build_model(spec)
+        model.load_state_dict(state_dict)
+        apply_masks(model, masks)
     for path, mask in model_masks(model).items():
         if not torch.equal(mask, masks[path].bool()):
             raise PruneError(f"{path}: the state_dict's mask differs from the masks given")

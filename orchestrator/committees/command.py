@@ -424,14 +424,6 @@ def build(
             ids.append(exp.experiment_id)
         runs, home, label = trial_runs(client, ids, user_filter, include_pruned), ids[0], ",".join(names)
     record = compose(client, runs, label, user_filter, config)
-    if register:
-        roles = {r.info.run_id: r.data.tags.get(ROLE) for r in runs}
-        pruned = [m["run_id"] for m in record.members if roles[m["run_id"]] == ROLE_PRUNE]
-        if pruned:
-            raise CommitteeError(
-                f"--register: member {pruned[0]} is a pruned trial run; pruned members cannot be "
-                f"registered yet (leave out --include-pruned, or --register)"
-            )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "committee"
         shape = gather_members(client, record.members, folder) if register else None  # before anything is logged

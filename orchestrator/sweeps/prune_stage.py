@@ -42,6 +42,7 @@ from orchestrator.sweeps.callbacks import ChildRunCloser, trial_dirname
 from orchestrator.sweeps.spec import SweepSpec
 from orchestrator.sweeps.trainable import take_trial_share
 from orchestrator.workbench.analysis_log import analysed_at, fetch_run_dir
+from orchestrator.workbench.logged_model import log_trial_model
 from orchestrator.workbench.tracking import (
     CELL,
     DATASET,
@@ -186,7 +187,12 @@ def prune_trial(config: dict, context: PruneContext) -> None:
             summary = run_prune_job(parent_dir, Path(tmp) / "job", cell, label_sets=label_sets, on_epoch=on_epoch)
             if label_sets is not None:
                 run.submit("label sets tag", lambda: client.set_tag(run.run_id, PRUNE_LABEL_SETS, "parent analysis"))
-            run.finish(summary, Path(tmp) / "job")
+            job = RunFolder(Path(tmp) / "job")
+            run.submit(
+                "model",
+                lambda: log_trial_model(context.tracking_uri, run.run_id, job.path, job.job_config(), summary["norm"]),
+            )
+            run.finish(summary, job.path)
         except Exception as exc:
             run.fail(exc)
             raise
