@@ -117,8 +117,13 @@ def test_fractional_gpu_trials_share_one_gpu(tmp_path: Path, capsys):
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
     try:
-        spec = sweep_spec(
-            "packed", epochs=2, axes={"seed": [0, 1]}, resources={"cpus": 1, "gpus": 0.5}, max_concurrent=2
+        spec = sweep_spec(  # trials long enough (about 10 s) that a loaded machine still starts both together
+            "packed",
+            epochs=3,
+            train_size=2048,
+            axes={"seed": [0, 1]},
+            resources={"cpus": 1, "gpus": 0.5},
+            max_concurrent=2,
         )
         assert main(["sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)]) == 0
     finally:

@@ -100,7 +100,7 @@ BAD_SPECS = {
         "sweep.prune.levels: must be in [0, 1]",
     ),
     "unknown prune method": (
-        lambda s: s.update(analyze=True, prune={"methods": ["magnitude"]}),
+        lambda s: s.update(analyze=True, prune={"methods": ["snip"]}),
         "sweep.prune.methods: must be one of",
     ),
 }
