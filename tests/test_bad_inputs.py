@@ -24,7 +24,7 @@ from PIL import Image
 from analysis.pruning.cli import main as prune_main
 from analysis.units.run import main as analysis_main
 from orchestrator.cli import main as orchestrator_main
-from orchestrator.workbench.tracking import ARTIFACTS
+from orchestrator.workbench.tracking import JOB_ARTIFACTS
 from trainables.config import prepare
 from trainables.train import main as train_main
 from trainables.train import run_job
@@ -567,8 +567,6 @@ def test_storage_path_comes_from_the_flag_then_the_cluster_env_then_the_spec(ass
 
 # ---------------------------------------------------------------- bad inputs against a tracking store
 
-TRIAL_FILES = {name: folder for name, folder in ARTIFACTS.items() if name != "curves.png"}  # what run_job writes
-
 
 @pytest.fixture(scope="module")
 def registry(assets, tmp_path_factory) -> dict:
@@ -601,7 +599,7 @@ def registry(assets, tmp_path_factory) -> dict:
         if role == "prune":
             tags.update({PARENT_TAG: runs["trial"], LINEAGE: runs["trial"], CELL: "none"})
         runs[key] = client.create_run(exp, run_name=key, tags=tags).info.run_id
-        for name, where in TRIAL_FILES.items():
+        for name, where in JOB_ARTIFACTS.items():
             client.log_artifact(runs[key], str(assets["root"] / folder / name), where)
         client.set_terminated(runs[key])
     job = assets["root"] / "run"

@@ -15,12 +15,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from orchestrator.cli import main
-from orchestrator.workbench.tracking import ARTIFACTS
+from orchestrator.workbench.tracking import JOB_ARTIFACTS
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.train import run_job
-
-JOB_FILES = {name: folder for name, folder in ARTIFACTS.items() if name != "curves.png"}  # what run_job writes
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +57,7 @@ def store(tmp_path_factory):
                 "unitlab.seed": str(seed),
             },
         ).info.run_id
-        for name, where in JOB_FILES.items():
+        for name, where in JOB_ARTIFACTS.items():
             client.log_artifact(run_id, str(folder / name), where)
         client.set_terminated(run_id)
         runs.append(run_id)

@@ -54,6 +54,13 @@ def norm_stats(splits: Splits, cfg: JobConfig) -> tuple[tuple, tuple]:
     return splits.mean, splits.std
 
 
+def norm_record(splits: Splits, cfg: JobConfig) -> dict[str, list[float]]:
+    """The training normalisation as summary.json records it (``{"mean": [...], "std": [...]}``):
+    what a served model applies."""
+    mean, std = norm_stats(splits, cfg)
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
 def make_loaders(splits: Splits, cfg: JobConfig, device: torch.device, channels_last: bool) -> dict[str, DeviceLoader]:
     """Device-resident loaders for train (augmented, shuffled, ``channels_last`` when asked), val and
     test (contiguous batches: the evaluation of record runs as a rebuilt model does)."""
@@ -336,8 +343,7 @@ def finish_job(model, cfg: JobConfig, splits, loaders, history, folder: RunFolde
     summary["macs"] = count_macs(model)
     summary.update(environment)
     summary["train_images_per_sec"] = float(np.mean([h["images_per_sec"] for h in history])) if history else 0.0
-    mean, std = norm_stats(splits, cfg)
-    summary["norm"] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # what a served model applies
+    summary["norm"] = norm_record(splits, cfg)
     summary["history"] = history
     folder.write_weights(model)
     folder.write_json(SUMMARY, summary)

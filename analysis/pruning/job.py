@@ -50,7 +50,7 @@ from trainables.models.taps import TappedModel
 from trainables.probs import write_probs
 from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, SPEC, SUMMARY, RunFolder
 from trainables.schema import InputError, Settings, seed_setting, setting
-from trainables.train import device_flags, evaluate, fit, make_loaders, norm_stats, select_device
+from trainables.train import device_flags, evaluate, fit, make_loaders, norm_record, select_device
 
 METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels", "magnitude", "magnitude_global")
 GUIDED_METHODS = ("afcc", "andc", "nodal")
@@ -253,11 +253,6 @@ def _accuracies(model, loaders) -> dict[str, Any]:
     return out
 
 
-def _norm(splits: Splits, cfg: JobConfig) -> dict[str, list[float]]:
-    mean, std = norm_stats(splits, cfg)
-    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-
-
 def prune_layers(model: TappedModel, config: PruneConfig) -> list[Connection]:
     """The layers ``config.method`` prunes: its own plan, or the family's guided plan for controls."""
     if config.method == "none":
@@ -390,7 +385,7 @@ def run_prune_job(
         "label_stats": label_stats,
         "history": history,
         "seconds": seconds,
-        "norm": _norm(splits, cfg),  # what a served model applies
+        "norm": norm_record(splits, cfg),
         **describe(device, autocast),
     }
     out.write_json(SUMMARY, summary)

@@ -23,7 +23,7 @@ from orchestrator.workbench.tracking import MODEL_FOLDER
 from trainables.config import prepare
 from trainables.data import load_splits
 from trainables.run_folder import CONFIG, MODEL_FILES, SPEC, SUMMARY, WEIGHTS, load_model, read_json
-from trainables.train import norm_stats
+from trainables.train import norm_record
 
 CODE = Path(__file__).parents[1] / "served" / "committee_model.py"
 MODEL_NAME = "committee"
@@ -35,8 +35,7 @@ def member_norm(client: MlflowClient, run_id: str, folder: Path) -> dict:
     if "norm" in summary:
         return summary["norm"]
     config = prepare(read_json(client.download_artifacts(run_id, CONFIG, str(folder))))
-    mean, std = norm_stats(load_splits(config.data, config.seed), config)
-    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    return norm_record(load_splits(config.data, config.seed), config)
 
 
 def gather_members(client: MlflowClient, members: list[dict], folder: Path) -> dict:

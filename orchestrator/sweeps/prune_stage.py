@@ -46,6 +46,7 @@ from orchestrator.workbench.logged_model import log_trial_model
 from orchestrator.workbench.tracking import (
     CELL,
     DATASET,
+    JOB_ARTIFACTS,
     LINEAGE,
     MODEL_FOLDER,
     NODE_ID,
@@ -63,19 +64,10 @@ from orchestrator.workbench.tracking import (
     flatten,
 )
 from trainables.models import build_model
-from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, PROBS, SPEC, SUMMARY, WEIGHTS, RunFolder
+from trainables.run_folder import LABEL_SETS, MASKS, SPEC, RunFolder
 
 # Files of a finished prune job and where they go in its run.
-PRUNE_ARTIFACTS = {
-    SPEC: MODEL_FOLDER,
-    WEIGHTS: MODEL_FOLDER,
-    MASKS: MODEL_FOLDER,
-    PROBS["val"]: "probs",
-    PROBS["test"]: "probs",
-    CONFIG: None,
-    SUMMARY: None,
-    LABEL_SETS: "analysis",
-}
+PRUNE_ARTIFACTS = {**JOB_ARTIFACTS, MASKS: MODEL_FOLDER, LABEL_SETS: "analysis"}
 COPIED_TAGS = (VARIANT, SEED, DATASET, NUM_CLASSES)
 
 

@@ -52,15 +52,15 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_second
 FINAL_METRICS = ("test_acc", "test_loss", "latency_ms_b1", "latency_ms_per_image_large_batch", "params", "macs")
 MODEL_FOLDER = "model"  # where a run keeps spec.json and model.pt among its artifacts
 # Files of a finished job (trainables.train.run_job) and where they go in the child run.
-ARTIFACTS = {
+JOB_ARTIFACTS = {  # what every job folder (run_job, a prune job) holds, and where it goes in the run
     SPEC: MODEL_FOLDER,
     WEIGHTS: MODEL_FOLDER,
     PROBS["val"]: "probs",
     PROBS["test"]: "probs",
-    "curves.png": "figures",
     SUMMARY: None,
     CONFIG: None,  # the resolved job config, which the analysis rebuilds the data from
 }
+ARTIFACTS = {**JOB_ARTIFACTS, "curves.png": "figures"}  # a trial adds its training curves
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
