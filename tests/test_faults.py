@@ -1,6 +1,6 @@
-"""Injected faults on real parts: an MLflow server outage longer than MLflow's own retry budget, and
-a driver stopped with SIGTERM. Nothing finished is lost, nothing is logged twice, nothing is left
-RUNNING."""
+"""Injected faults on real parts: an MLflow server outage longer than MLflow's own retry budget.
+Nothing finished is lost, nothing is logged twice, nothing is left RUNNING. (A driver stopped with
+SIGTERM: tests/test_sigterm.py; a killed driver: tests/test_driver_kill.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_args, stop_process, sweep_spec, write
+from conftest import REPO, stop_process, sweep_spec, write
 from mlflow import MlflowClient
 from test_multinode import BIN, free_port, port_open, wait_for
 
@@ -122,46 +122,3 @@ def test_sweep_survives_an_mlflow_outage_longer_than_the_retry_budget(tmp_path):
             }
     finally:
         stop_server(server)
-
-
-def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path):
-    spec = sweep_spec("sigterm", epochs=4, train_size=4096)
-    store = tmp_path / "store" / "sigterm"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)), *cli_args(tmp_path)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: list(store.glob("*/checkpoint_000001")) or driver.poll() is not None, 240, "two epochs")
-        assert driver.poll() is None, "the sweep ended before it could be stopped"
-        driver.send_signal(signal.SIGTERM)
-        output, _ = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    assert driver.returncode == 130, output[-4000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parents, children = sweep_runs(client, "sigterm")
-    assert parents[0].info.status == "KILLED" and "unitlab.stopped" in parents[0].data.tags
-    assert not [r for r in children if r.info.status == "RUNNING"]
-    stopped = [r for r in children if r.info.status == "KILLED"]
-    assert stopped and all("unitlab.stopped" in r.data.tags for r in stopped)
-
-    result = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "resume", "sigterm", *cli_args(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    parents, children = sweep_runs(client, "sigterm")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 4
-    for run in children:
-        assert run.info.status == "FINISHED"
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [0, 1, 2, 3]

@@ -184,7 +184,7 @@ def raylets() -> dict[int, str]:
 def test_a_lost_worker_node_moves_its_trial_to_the_head_in_the_same_run(cluster, tmp_path):
     spec = {
         "name": "lostnode",
-        # long enough (12 epochs) that the second node's trial is still training when its node dies
+        # long enough (8 epochs) that the second node's trial is still training when its node dies
         "data": {
             "name": "synthetic",
             "num_classes": 4,
@@ -195,7 +195,7 @@ def test_a_lost_worker_node_moves_its_trial_to_the_head_in_the_same_run(cluster,
         },
         "base": {
             "model": {"preset": "cct_tiny"},
-            "epochs": 12,
+            "epochs": 8,
             "batch_size": 32,
             "recipe": {"name": "adamw_cosine", "lr": 0.003, "warmup_epochs": 0},
             "latency": {"large_batch": 8, "repeats": 2},
@@ -257,4 +257,4 @@ def test_a_lost_worker_node_moves_its_trial_to_the_head_in_the_same_run(cluster,
     assert len(moved) == 1 and moved[0].data.tags["unitlab.attempts"] == "2"
     assert int(moved[0].data.tags["unitlab.start_epoch"]) >= 1, "the moved trial did not restart from its checkpoint"
     for run in runs:
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == list(range(12))
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == list(range(8))

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import StochasticDepth
 
 from .spec import TapInfo, cct_grid, cct_hidden, cct_tokenizer_stages
 from .taps import TappedModel
@@ -86,6 +85,25 @@ class MLP(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample: in training, zero a whole residual branch for each image with
+    probability ``p`` and scale the kept ones by 1 / (1 - p); the identity in evaluation."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return x * mask.div_(keep) if keep > 0.0 else x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Block(nn.Module):
     """Pre-norm transformer encoder block with stochastic depth on both residual branches."""
 
@@ -96,7 +114,7 @@ class Block(nn.Module):
         self.attn = Attention(width, spec["heads"], spec["head_dim"], spec["attn_dropout"], spec["dropout"])
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, cct_hidden(spec), spec["dropout"])
-        self.drop_path = StochasticDepth(drop_path, mode="row")
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))

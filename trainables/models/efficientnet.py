@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torchvision.models import efficientnet_b0
 
 from .spec import TapInfo
 from .taps import TappedModel
@@ -16,6 +15,8 @@ class EfficientNet(TappedModel):
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
+        from torchvision.models import efficientnet_b0  # here: torchvision.models costs 1.5 s to import
+
         net = efficientnet_b0(
             weights=None,
             num_classes=spec["num_classes"],
