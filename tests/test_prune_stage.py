@@ -187,10 +187,23 @@ def test_prune_command_needs_the_analysis_or_computes_it(swept, capsys):
         assert len(new) == 1 and new[0].info.status == "FINISHED"
         assert new[0].data.tags["unitlab.lineage.parent_run"] == trial.info.run_id
         assert main(args) == 0  # the same command again: reported, not rerun
+        budgets = ["--methods", "structured", "--thresholds", "0.3", "--finetune-budgets", "0,2"]
+        assert main(["prune", trial.info.run_id, *budgets, *cli_args(tmp)]) == 0
     finally:
         ray.shutdown()
-    assert len(runs_by_role(client, exp_id)["prune"]) == len(CELLS) + 1
-    assert "7 pruned trials" in capsys.readouterr().out
+    twins = {
+        r.data.tags["unitlab.prune.cell"]: r
+        for r in runs_by_role(client, exp_id)["prune"]
+        if r.data.tags["unitlab.prune.method"] == "structured"
+    }
+    assert set(twins) == {"structured,threshold=0.3,epochs=0", "structured,threshold=0.3,epochs=2"}
+    for cell, epochs in (("structured,threshold=0.3,epochs=0", 0), ("structured,threshold=0.3,epochs=2", 2)):
+        run = twins[cell]
+        assert run.info.status == "FINISHED" and run.data.params["prune.finetune_epochs"] == str(epochs)
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == max(epochs, 1)  # the curve
+        assert any(k.startswith("units_emptied/block.") for k in run.data.metrics)
+    assert len(runs_by_role(client, exp_id)["prune"]) == len(CELLS) + 3
+    assert "9 pruned trials" in capsys.readouterr().out
 
 
 def test_pruned_trials_are_committee_candidates(swept, capsys):

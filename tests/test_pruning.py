@@ -21,6 +21,7 @@ from analysis.pruning.masks import (
     connection_l1,
     connection_mask,
     dilution,
+    emptied_units,
     expand,
     full_masks,
     layer_connections,
@@ -34,6 +35,7 @@ from analysis.pruning.masks import (
     random_label_sets,
     rebuild_pruned,
     save_masks,
+    structured_connections,
 )
 from analysis.units.pipeline import AnalysisConfig
 from analysis.units.results import load_label_sets
@@ -176,6 +178,66 @@ def test_magnitude_baselines_match_l1_unstructured_at_the_guided_dilution():
     )
     chosen = torch.cat([both["conv.weight"].flatten(), both["fc.weight"].flatten()])
     assert per_entry[chosen].min() >= per_entry[~chosen].max()
+
+
+def test_structured_twin_removes_the_emptied_count_of_smallest_l1_units():
+    """Brute force: at each inner tap the guided mask empties some units; the twin removes as many
+    whole units, those whose incoming weights have the smallest summed |w|, in and out."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {"a": torch.nn.Conv2d(3, 6, 3), "b": torch.nn.Conv2d(6, 5, 3), "fc": torch.nn.Linear(5 * 4, 4)}
+    )
+    layers = [
+        Connection("a.weight", "t0", "t1"),
+        Connection("b.weight", "t1", "t2"),
+        Connection("fc.weight", "t2", None),
+    ]
+    guided = {"a.weight": torch.ones(6, 3, dtype=torch.bool), "b.weight": torch.ones(5, 6, dtype=torch.bool)}
+    guided["fc.weight"] = torch.ones(4, 5, dtype=torch.bool)
+    guided["a.weight"][1] = False  # t1 unit 1 gets no input
+    guided["b.weight"][:, 4] = False  # t1 unit 4 feeds nothing
+    guided["b.weight"][2] = False  # t2 unit 2 gets no input
+    dead = emptied_units(layers, guided)
+    assert set(dead) == {"t1", "t2"} and dead["t1"].tolist() == [F_, T, F_, F_, T, F_]
+    assert dead["t2"].tolist() == [F_, F_, T, F_, F_]
+    twin = structured_connections(model, layers, guided)
+    params = dict(model.named_parameters())
+    removed = {}
+    for tap, producer, count in (("t1", "a", 2), ("t2", "b", 1)):
+        weight = params[f"{producer}.weight"].detach()
+        l1 = [float(weight[u].abs().sum()) for u in range(weight.shape[0])]
+        removed[tap] = torch.zeros(len(l1), dtype=torch.bool)
+        removed[tap][sorted(range(len(l1)), key=lambda u: (l1[u], u))[:count]] = True
+    expected = {
+        "a.weight": ~removed["t1"][:, None].expand(6, 3),
+        "b.weight": ~removed["t2"][:, None] & ~removed["t1"][None, :],
+        "fc.weight": ~removed["t2"][None, :].expand(4, 5),
+    }
+    for path, mask in expected.items():
+        assert torch.equal(twin[path], mask), path
+    assert twin["fc.weight"].sum() == 4 * 4  # the classifier loses only the removed unit's inputs
+    full = full_masks(model, twin)
+    assert {t: int(d.sum()) for t, d in emptied_units(layers, full).items()} == {"t1": 2, "t2": 1}
+    nothing = structured_connections(model, layers, {p: torch.ones_like(k) for p, k in guided.items()})
+    assert all(k.all() for k in nothing.values())
+
+
+def test_finetune_budgets_make_one_cell_per_budget():
+    plan = PrunePlan.parse({"methods": ["none", "andc", "magnitude"], "thresholds": [0.3], "finetune_budgets": [1, 5]})
+    cells = plan.cells()
+    assert list(cells) == [
+        "none,epochs=1",
+        "none,epochs=5",
+        "andc,threshold=0.3,epochs=1",
+        "andc,threshold=0.3,epochs=5",
+        "magnitude,threshold=0.3,epochs=1",
+        "magnitude,threshold=0.3,epochs=5",
+    ]
+    assert [c.finetune_epochs for c in cells.values()] == [1, 5] * 3
+    assert plan.to_dict()["finetune_budgets"] == [1, 5]
+    for bad, match in (([], "at least one"), ([1, 1], "duplicate"), ([-1], ">= 0")):
+        with pytest.raises(InputError, match=match):
+            PrunePlan.parse({"methods": ["none"], "finetune_budgets": bad})
 
 
 # ---------------------------------------------------------------- enforcement
@@ -362,6 +424,13 @@ def test_prune_job_vgg_afcc_and_random_control(parents, tmp_path):
     )
     for param, layer in guided["layers"].items():
         assert magnitude["layers"][param]["kept"] == layer["kept"]
+    structured = run_prune_job(
+        parents["vgg"],
+        tmp_path / "structured",
+        job(method="structured", finetune_epochs=0),
+        label_sets=load_label_sets(tmp_path / "afcc" / "label_sets.json"),
+    )
+    assert structured["units_emptied"] == guided["units_emptied"]  # the same count, other units
     labels = run_prune_job(
         parents["vgg"], tmp_path / "labels", job(method="random_labels", random_labels_k=2, finetune_epochs=0)
     )

@@ -25,6 +25,7 @@ from analysis.pruning.masks import (
     Masks,
     PruneError,
     apply_masks,
+    emptied_units,
     family_method,
     full_masks,
     layer_connections,
@@ -37,6 +38,7 @@ from analysis.pruning.masks import (
     random_connections,
     random_label_sets,
     save_masks,
+    structured_connections,
 )
 from analysis.units.pipeline import AnalysisConfig, AnalysisResult, tap_shapes
 from analysis.units.results import label_set_layout, save_label_sets
@@ -52,9 +54,20 @@ from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, SPEC, SUMMARY, RunF
 from trainables.schema import InputError, Settings, seed_setting, setting
 from trainables.train import device_flags, evaluate, fit, make_loaders, norm_record, select_device
 
-METHODS = ("none", "afcc", "andc", "nodal", "random", "random_labels", "magnitude", "magnitude_global")
+METHODS = (
+    "none",
+    "afcc",
+    "andc",
+    "nodal",
+    "random",
+    "random_labels",
+    "magnitude",
+    "magnitude_global",
+    "structured",
+)
 GUIDED_METHODS = ("afcc", "andc", "nodal")
-MAGNITUDE_METHODS = ("magnitude", "magnitude_global")  # baselines at the guided mask's dilution
+# Baselines derived from the guided mask: the same dilution (magnitude*), the same count of emptied units
+MAGNITUDE_METHODS = ("magnitude", "magnitude_global", "structured")
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,9 @@ class PruneConfig(Settings):
     when set), ``random_labels`` (the authors' control: every unit gets ``random_labels_k`` random
     labels, then the guided rule), ``magnitude`` (the guided method's layers, each keeping as many
     connections as the guided mask, those of largest L1 norm), ``magnitude_global`` (as many parameters
-    kept, one threshold across the layers). ``analysis`` computes the label sets (its ``threshold`` is
+    kept, one threshold across the layers), ``structured`` (as many whole units removed at each inner
+    tap as the guided mask empties there, those whose incoming weights have the smallest L1 norm, Li
+    et al. 2017). ``analysis`` computes the label sets (its ``threshold`` is
     the binarisation threshold of docs/methods.md 2.5).
     """
 
@@ -102,19 +117,23 @@ class PruneConfig(Settings):
 @dataclass(frozen=True)
 class PrunePlan(Settings):
     """A ``prune:`` section (a sweep's prune stage, ``analysis.pruning.cli --config``): one pruning job
-    per method x threshold, plus fixed-dilution ``random`` cells at ``levels``. Every other key is a
-    ``PruneConfig`` field shared by all cells (``base``), written flat beside ``methods``.
+    per method x threshold, plus fixed-dilution ``random`` cells at ``levels``, each once per
+    fine-tuning budget of ``finetune_budgets`` (when given; else the base's ``finetune_epochs``). Every
+    other key is a ``PruneConfig`` field shared by all cells (``base``), written flat beside ``methods``.
 
     ``random`` copies the first guided method's layers and per-layer dilution (else the family's
     guided method); ``thresholds`` default to the analysis threshold.
     """
 
     SECTION = "prune"
-    OWN = ("methods", "thresholds", "levels")
+    OWN = ("methods", "thresholds", "levels", "finetune_budgets")
 
     methods: tuple[str, ...] = setting(("afcc",), f"comma-separated: {', '.join(METHODS)}")
     thresholds: tuple[float, ...] | None = setting(None, "cluster thresholds (default: the analysis threshold)")
     levels: tuple[float, ...] = setting((), "fixed dilutions for extra method-random cells")
+    finetune_budgets: tuple[int, ...] | None = setting(
+        None, "fine-tuning epochs, one cell per budget (each its own cosine schedule; default: finetune_epochs)"
+    )
     base: PruneConfig = setting(factory=PruneConfig, flag=False)
 
     @classmethod
@@ -162,6 +181,12 @@ class PrunePlan(Settings):
         for level in self.levels:
             if not 0 <= level <= 1:
                 raise InputError("levels", f"must be in [0, 1], got {level}")
+        if self.finetune_budgets is not None:
+            if not self.finetune_budgets:
+                raise InputError("finetune_budgets", "needs at least one budget (or leave it out)")
+            for epochs in self.finetune_budgets:
+                if epochs < 0:
+                    raise InputError("finetune_budgets", f"must be >= 0, got {epochs}")
         if self.levels and "random" not in self.methods:
             raise InputError("levels", "fixed dilutions are cells of method random; add it to methods")
         guided = [m for m in self.methods if m in GUIDED_METHODS]
@@ -185,16 +210,22 @@ class PrunePlan(Settings):
         configs += [base.replace(method="random", level=level, analysis=source) for level in self.levels]
         if not configs:
             raise InputError(f"{self.SECTION}", "no cells (method random with no thresholds and no levels)")
-        return {cell_label(c): c for c in configs}
+        if self.finetune_budgets is None:
+            return {cell_label(c): c for c in configs}
+        budgeted = [c.replace(finetune_epochs=e) for c in configs for e in self.finetune_budgets]
+        return {cell_label(c, budget=True): c for c in budgeted}
 
 
-def cell_label(config: PruneConfig) -> str:
-    """``afcc,threshold=0.3``, ``random,level=0.5``, ``random_labels``, ``none``."""
+def cell_label(config: PruneConfig, budget: bool = False) -> str:
+    """``afcc,threshold=0.3``, ``random,level=0.5``, ``random_labels``, ``none``; with ``budget`` the
+    fine-tuning epochs follow (``afcc,threshold=0.3,epochs=5``)."""
     if config.method == "random" and config.level is not None:
-        return f"random,level={config.level:g}"
-    if config.needs_label_sets:
-        return f"{config.method},threshold={config.threshold:g}"
-    return config.method
+        label = f"random,level={config.level:g}"
+    elif config.needs_label_sets:
+        label = f"{config.method},threshold={config.threshold:g}"
+    else:
+        label = config.method
+    return f"{label},epochs={config.finetune_epochs}" if budget else label
 
 
 # ---------------------------------------------------------------- label sets from the analysis
@@ -286,6 +317,8 @@ def build_prune_masks(
     connections = layer_connections(layers, label_sets, model.num_classes)
     if config.method == "random":
         connections = random_connections(connections, config.seed)
+    elif config.method == "structured":
+        connections = structured_connections(model, layers, connections)
     elif config.method in MAGNITUDE_METHODS:
         connections = magnitude_connections(model, connections, per_layer=config.method == "magnitude")
     return full_masks(model, connections)
@@ -365,6 +398,7 @@ def run_prune_job(
         source = getattr(splits, split)
         write_probs(out.probs(split), final[split]["probs"], source.labels, source.indices, splits.name, split)
     stats = mask_stats(model, masks)
+    stats["units_emptied"] = {tap: int(dead.sum()) for tap, dead in emptied_units(layers, masks).items()}
     for layer in layers:
         stats["layers"][layer.param].update(inputs=layer.inputs, outputs=layer.outputs)
     summary = {

@@ -212,6 +212,55 @@ def magnitude_connections(model: nn.Module, connections: Masks, per_layer: bool 
     return out
 
 
+def inner_taps(layers: Sequence[Connection]) -> dict[str, tuple[list[Connection], list[Connection]]]:
+    """Taps that a pruned layer writes and another reads: {tap: (its producers, its consumers)}. Their
+    units can be removed whole (a filter or a node with its incoming and outgoing weights)."""
+    out = {}
+    for tap in needed_taps(layers):
+        producers = [l for l in layers if l.outputs == tap]
+        consumers = [l for l in layers if l.inputs == tap]
+        if producers and consumers:
+            out[tap] = (producers, consumers)
+    return out
+
+
+def emptied_units(layers: Sequence[Connection], masks: Masks) -> dict[str, Tensor]:
+    """Per inner tap, a bool vector of the units the masks cut off: every weight into them or every
+    weight out of them removed. ``masks`` may be connection masks (O, U) or full parameter masks."""
+    out = {}
+    for tap, (producers, consumers) in inner_taps(layers).items():
+        units = masks[producers[0].param].shape[0]
+        dead = torch.zeros(units, dtype=torch.bool)
+        for l in producers:
+            dead |= ~masks[l.param].reshape(units, -1).any(dim=1)
+        for l in consumers:
+            m = masks[l.param]
+            dead |= ~m.reshape(m.shape[0], units, -1).any(dim=2).any(dim=0)
+        out[tap] = dead
+    return out
+
+
+def structured_connections(model: nn.Module, layers: Sequence[Connection], connections: Masks) -> Masks:
+    """The structured twin of ``connections`` (L1-norm unit pruning, Li et al. 2017): at each inner tap
+    remove as many whole units as ``connections`` empties there, those whose incoming weights have the
+    smallest L1 norm (ties: the earlier unit), with every weight into and out of them; keep the rest
+    dense. Taps where nothing is emptied keep all their units."""
+    params = dict(model.named_parameters())
+    out = {p: torch.ones_like(k, dtype=torch.bool) for p, k in connections.items()}
+    taps = inner_taps(layers)
+    for tap, dead in emptied_units(layers, connections).items():
+        producers, consumers = taps[tap]
+        if not dead.any():
+            continue
+        norms = sum(connection_l1(params[l.param], connections[l.param].shape).sum(dim=1) for l in producers)
+        removed = top_k_mask(-norms, int(dead.sum()))
+        for l in producers:
+            out[l.param][removed, :] = False
+        for l in consumers:
+            out[l.param][:, removed] = False
+    return out
+
+
 def full_masks(model: nn.Module, connections: Masks) -> Masks:
     """Expand connection masks to the shapes of the model's parameters."""
     params = dict(model.named_parameters())

@@ -10,7 +10,7 @@ nested under the parent trial's run:
   ``unitlab.variant`` / ``unitlab.seed`` / ``unitlab.dataset``;
 - params ``prune.*``; metrics per fine-tuning epoch (step = epoch), then ``acc_before_val``,
   ``acc_pruned_val``, ``val_acc`` (after fine-tuning) and their ``test`` twins, ``dilution``,
-  ``dilution/<parameter>``, ``params_kept``, ``params_total``;
+  ``dilution/<parameter>``, ``units_emptied/<tap>``, ``params_kept``, ``params_total``;
 - artifacts: ``model/`` (spec, parametrized state_dict, ``masks.pt``), ``probs/``, ``config.json``,
   ``summary.json``, ``analysis/label_sets.json``.
 
@@ -94,6 +94,7 @@ def prune_metrics(summary: dict) -> dict[str, float]:
     out.update({k: summary[k] for k in keys})
     out["dilution"] = summary["dilution_pruned_layers"]
     out.update({f"dilution/{param}": layer["dilution"] for param, layer in summary["layers"].items()})
+    out.update({f"units_emptied/{tap}": n for tap, n in summary.get("units_emptied", {}).items()})
     out.update({f"seconds_{k}": v for k, v in summary["seconds"].items()})
     return {k: float(v) for k, v in out.items()}
 
@@ -111,7 +112,8 @@ def parent_label_sets(client: MlflowClient, parent: Run, config: PruneConfig, sp
 
 
 def cell_label_short(cell: str) -> str:
-    """A prune cell's label for run names: ``andc,threshold=0.3`` -> ``andc@0.3``, ``none`` -> ``none``."""
+    """A prune cell's label for run names: ``andc,threshold=0.3`` -> ``andc@0.3``, ``none`` -> ``none``,
+    ``andc,threshold=0.3,epochs=5`` -> ``andc@0.3/5``."""
     method, *settings = cell.split(",")
     return method + ("@" + "/".join(s.split("=", 1)[1] for s in settings) if settings else "")
 
