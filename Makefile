@@ -7,8 +7,11 @@ DATA_DIR ?= $(if $(wildcard ../shared/data/cifar100),$(abspath ../shared/data),)
 export DATA_DIR
 
 # Test workers: independent test files run in parallel (many tests wait on Ray, MLflow servers and
-# subprocesses, so 3 workers keep 2 cores busy); each file stays on one worker with its fixtures.
+# subprocesses, so 3 workers keep 2 cores busy); each file stays on one worker with its fixtures, and
+# the longest files start first (tests/conftest.py LONGEST_FIRST; xdist keeps that order with
+# --no-loadscope-reorder).
 TEST_WORKERS ?= 3
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test quick lint install clean-runs
 
@@ -25,10 +28,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 quick: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 # Every stage on a CIFAR-100 subset: a sweep (4 variants, analysed), ANDC and its random control on
 # the best trial, a committee, and the HTML report; then the MLflow UI command and links.

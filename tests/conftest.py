@@ -61,22 +61,24 @@ def pytest_report_header(config):
 
 
 # The files that take longest (worker-seconds from `pytest -n 3 --dist loadfile --durations=0`,
-# 2026-12-07), longest first: xdist hands out whole files in collection order, so starting these
-# first keeps one long file from running alone at the end.
+# 2026-12-07), longest first. xdist hands out whole files in collection order when run with
+# `--no-loadscope-reorder` (as `make test` does; by default it starts the files with the most tests
+# first, which left a one-test file of a minute and more to run alone at the end).
 LONGEST_FIRST = (
+    "test_prune_stage.py",
     "test_cluster_flow.py",
     "test_orchestrator.py",
-    "test_faults.py",
-    "test_sigterm.py",
-    "test_prune_stage.py",
     "test_workbench.py",
-    "test_driver_kill.py",
+    "test_faults.py",
     "test_multinode.py",
+    "test_sigterm.py",
+    "test_driver_kill.py",
     "test_bad_inputs.py",
-    "test_gpu_paths.py",
     "test_exposure.py",
-    "test_gpu_suite.py",
+    "test_gpu_paths.py",
     "test_readout_fidelity.py",
+    "test_gpu_suite.py",
+    "test_train.py",
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,7 @@ def served_sweep(tmp_path_factory):
             "uri": uri,
             "tmp": tmp,
             "sweep_out": swept.stdout,
+            "sweep_console": swept.stdout + swept.stderr,
             "report_out": report.stdout,
         }
     finally:
@@ -90,6 +92,23 @@ def served_sweep(tmp_path_factory):
 def runs_of(client: MlflowClient, role: str) -> list:
     exp = client.get_experiment_by_name("bench")
     return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("unitlab.role") == role]
+
+
+def test_console_has_a_line_per_epoch_and_no_noise(served_sweep):
+    """What a person watching the sweep reads: a line per epoch of each trial and of each pruned trial,
+    with accuracy and time left; not Tune's tables, per-checkpoint lines or MLflow's warnings."""
+    console = served_sweep["sweep_console"]
+    epochs = re.findall(r"\[(\w+)\] epoch (\d)/2  val_acc \d\.\d{4}  [\d.]+ s/epoch", console)
+    assert len({trial for trial, _ in epochs}) == 2 and {e for _, e in epochs} == {"1", "2"}, console[-3000:]
+    assert re.search(r"none of \w{8} \[\w+\] epoch 1/1  val_acc", console), console[-3000:]
+    for noise in (
+        "Trial status",
+        "Checkpoint successfully created",
+        "Add type hints",
+        "interpreted in multiple ways",
+        "TensorBoard",
+    ):
+        assert noise not in console, noise
 
 
 def test_parent_run_summarises_the_sweep(served_sweep, tmp_path):
@@ -158,6 +177,9 @@ def test_report_is_one_self_contained_page_logged_to_the_parent(served_sweep):
     assert page.count("data:image/png;base64,") >= 5  # 4 sweep figures + a depth figure per trial + pruning
     assert "http://" not in page.replace(served_sweep["uri"], "") and "<script" not in page
     assert "Pruning" in page and "h2d16" in page and "h4d8" in page
+    assert re.search(r"<td>\d{1,3}\.\d\d %</td>", page) and not re.search(r"<td>\d+\.0000</td>", page)
+    assert re.search(r"<td>\d{1,3}(,\d{3})+</td>", page)  # parameter counts as integers
+    assert "Pareto front" in page and "rise with depth" in page  # a sentence under each figure
     assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     link = f"{served_sweep['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
     assert link in served_sweep["report_out"] and link in served_sweep["sweep_out"]

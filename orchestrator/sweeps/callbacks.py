@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable
 
 from mlflow import MlflowClient
@@ -52,3 +54,53 @@ class ChildRunCloser(tune.Callback):
 def trial_dirname(trial) -> str:
     """Trial folders named by trial id alone (the default name holds the whole config)."""
     return trial.trial_id
+
+
+class ProgressLines(tune.Callback):
+    """The console of a sweep stage: one line per finished epoch of a trial (epoch, validation
+    accuracy, seconds per epoch, time left for the trial) and one per ended trial, in place of Tune's
+    status tables (``UNITLAB_TUNE_TABLES=1`` brings those back, see ``tune_verbosity``).
+
+    ``name(trial)`` gives the short label a person recognises (the MLflow run name).
+    """
+
+    def __init__(self, name: Callable[[tune.experiment.Trial], str]):
+        self.name = name
+
+    def _print(self, trial, text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {self.name(trial)} [{trial.trial_id}] {text}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "epoch" not in result or "val_acc" not in result:
+            return
+        done, total = int(result["epoch"]) + 1, result.get("epochs")
+        seconds = result.get("epoch_seconds")
+        text = f"epoch {done}/{total or '?'}  val_acc {result['val_acc']:.4f}"
+        if seconds:
+            text += f"  {seconds:.1f} s/epoch"
+            if total and total > done:
+                text += f"  about {format_seconds(seconds * (total - done))} left"
+        if "test_acc" in result:
+            text += f"  test_acc {result['test_acc']:.4f}"
+        self._print(trial, text)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._print(trial, "ended")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        lines = [line for line in str(trial.get_error()).splitlines() if line.strip()]
+        self._print(trial, f"failed: {lines[-1][:200] if lines else 'unknown error'}")
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min``, ``1 h 5 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def tune_verbosity() -> int:
+    """Tune's own console output: silent (the sweep prints ``ProgressLines``), or its status tables and
+    results with ``UNITLAB_TUNE_TABLES=1``."""
+    return 2 if os.environ.get("UNITLAB_TUNE_TABLES", "") not in ("", "0") else 0

@@ -38,7 +38,7 @@ from analysis.pruning.job import (
 )
 from analysis.pruning.masks import needed_taps
 from analysis.units.results import load_label_sets
-from orchestrator.sweeps.callbacks import ChildRunCloser, trial_dirname
+from orchestrator.sweeps.callbacks import ChildRunCloser, ProgressLines, trial_dirname, tune_verbosity
 from orchestrator.sweeps.spec import SweepSpec
 from orchestrator.sweeps.trainable import take_trial_share
 from orchestrator.workbench.analysis_log import analysed_at, fetch_run_dir
@@ -169,7 +169,8 @@ def prune_trial(config: dict, context: PruneContext) -> None:
 
     def on_epoch(metrics: dict) -> None:
         run.log_epoch(metrics)
-        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        tune.report({**numbers, "epochs": cell.finetune_epochs})
 
     with tempfile.TemporaryDirectory(prefix="unitlab-prune-") as tmp:
         parent_dir = Path(tmp) / "parent"
@@ -219,7 +220,11 @@ def run_prune_stage(context: PruneContext, parents: list[Run]) -> None:
             name=f"prune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=f"{spec.experiment_path}.stages",
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=[ChildRunCloser(context.tracking_uri, locate)],
+            callbacks=[
+                ChildRunCloser(context.tracking_uri, locate),
+                ProgressLines(lambda t: f"{cell_label_short(t.config['cell'])} of {t.config['parent_run'][:8]}"),
+            ],
+            verbose=tune_verbosity(),
         ),
     )
     tuner.fit()

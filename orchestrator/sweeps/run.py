@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.sweeps.callbacks import ChildRunCloser, trial_dirname
+from orchestrator.sweeps.callbacks import ChildRunCloser, ProgressLines, trial_dirname, tune_verbosity
 from orchestrator.sweeps.cluster import start_driver
 from orchestrator.sweeps.prune_stage import PruneContext, run_prune_stage
 from orchestrator.sweeps.spec import (
@@ -159,8 +159,10 @@ def build_tuner(context: TrialContext) -> tune.Tuner:
                     lambda client, trial: find_child(
                         client, context.experiment_id, context.parent_run_id, trial.trial_id
                     ),
-                )
+                ),
+                ProgressLines(lambda trial: spec.run_name(trial.config)),
             ],
+            verbose=tune_verbosity(),
         ),
     )
 

@@ -7,6 +7,7 @@ retried or resumed trial continues from its last epoch in the same MLflow child 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -66,14 +67,14 @@ class EpochReporter:
         (ckpt_dir / RUN_ID_FILE).write_text(self.child.run_id)
         self.child.log_epoch(metrics)
         if metrics["epoch"] + 1 < self.epochs:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+            tune.report({**metrics, "epochs": self.epochs}, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
         else:
             self.last = (metrics, ckpt_dir)
 
     def report_last(self, summary: dict) -> None:
         metrics, ckpt_dir = self.last
         final = {k: summary[k] for k in FINAL_METRICS}
-        tune.report({**metrics, **final}, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+        tune.report({**metrics, **final, "epochs": self.epochs}, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
 
 
 def restore(checkpoint: tune.Checkpoint | None, folder: Path) -> tuple[Path | None, str | None, list[dict]]:
@@ -89,7 +90,10 @@ def take_trial_share(spec: SweepSpec) -> None:
     """Inside a trial process: torch threads = its CPU share; with a fraction of a GPU
     (``resources.gpus`` < 1, trials packed on one GPU) this process's CUDA memory is capped at that
     fraction, so one trial's allocator cannot starve the others (each trial is its own process with
-    its own CUDA context and default stream)."""
+    its own CUDA context and default stream). Ray's "Checkpoint successfully created" line, one per
+    epoch, is muted: the sweep's console prints one line per epoch already."""
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(spec.threads)
     if 0 < spec.gpus < 1 and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(spec.gpus)

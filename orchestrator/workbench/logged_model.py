@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -48,25 +49,31 @@ def log_trial_model(tracking_uri: str, run_id: str, job_dir: Path, cfg: JobConfi
         norm_path = Path(tmp) / "norm.json"
         norm_path.write_text(json.dumps(norm))
         example = np.full((2, size, size, 3), 128, dtype=np.uint8)
-        info = Model.log(
-            artifact_path=None,
-            name=MODEL_NAME,
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            python_model=str(CODE),
-            artifacts={"spec": str(job_dir / SPEC), "weights": str(job_dir / WEIGHTS), "norm": str(norm_path)},
-            code_paths=[str(TRAINABLES)],
-            signature=signature(size, classes),
-            input_example=example,
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"numpy=={np.__version__}",
-                f"mlflow=={mlflow.__version__}",
-                "pyarrow",
-            ],
-        )
+        with warnings.catch_warnings():  # the signature validates inputs; MLflow's hint about type hints is noise
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+            info = _log_model(run_id, job_dir, norm_path, size, classes, example)
     MlflowClient(tracking_uri).set_tag(run_id, MODEL_URI, info.model_uri)
     return info.model_uri
+
+
+def _log_model(run_id: str, job_dir: Path, norm_path: Path, size: int, classes: int, example: np.ndarray):
+    return Model.log(
+        artifact_path=None,
+        name=MODEL_NAME,
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        python_model=str(CODE),
+        artifacts={"spec": str(job_dir / SPEC), "weights": str(job_dir / WEIGHTS), "norm": str(norm_path)},
+        code_paths=[str(TRAINABLES)],
+        signature=signature(size, classes),
+        input_example=example,
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}",
+            f"mlflow=={mlflow.__version__}",
+            "pyarrow",
+        ],
+    )
 
 
 def use_run_experiment(tracking_uri: str, run_id: str) -> None:
@@ -91,7 +98,9 @@ def log_dataset(client: MlflowClient, run_id: str, cfg: JobConfig) -> None:
     if cfg.data.name == "synthetic" or root is None:
         source = CodeDatasetSource({"generator": "trainables.data synthetic", "seed": str(cfg.seed)})
     else:
-        source = resolve_dataset_source(str(root / cfg.data.name))
+        with warnings.catch_warnings():  # a local folder fits several source kinds; MLflow picks one
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(str(root / cfg.data.name))
     sizes = ", ".join(
         f"{k} {v}"
         for k, v in (("train", cfg.data.train_size), ("val", cfg.data.val_size), ("test", cfg.data.test_size))

@@ -49,18 +49,45 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _cell(value) -> str:
+# What each figure shows, in one sentence under it (keys: the summary's figure names).
+CAPTIONS = {
+    "accuracy_by_variant": "Test accuracy of each variant: a dot per seed, the bar at their mean.",
+    "accuracy_vs_latency": "Test accuracy against batch-1 latency per trial; the line joins the trials "
+    "that no other trial beats on both (the Pareto front).",
+    "snr_by_depth": "Signal-to-noise ratio of the units' performance matrices at each tap, shallow to deep, "
+    "one line per analysed trial: the papers expect it to rise with depth.",
+    "heads_per_label": "How many heads of a block recognise a label, on average, against the block's head "
+    "count; the dashed line is every head. Colour: the tap's depth.",
+    "pruning": "Validation accuracy after fine-tuning against the share of weights removed, per pruning "
+    "method; a guided mask should sit above the controls at its dilution.",
+}
+
+
+def _cell(column: str, value) -> str:
+    """A table cell as a person reads it: accuracies in %, counts as integers, other numbers short."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return html.escape(str(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    if "acc" in column:
+        return f"{100 * value:.2f} %"
+    if float(value).is_integer() and abs(value) >= 1 or column in ("seed", "epochs", "members"):
+        return f"{int(value):,}"
+    if "dilution" in column:
+        return f"{value:.3f}"
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
 def _table(columns: tuple[str, ...], rows: list[dict]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c, r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figure(path: Path, key: str) -> str:
+    """The image and, when known, the sentence that says what it shows."""
+    caption = CAPTIONS.get(key)
+    return _img(path, key) + (f'<p class="note">{html.escape(caption)}</p>' if caption else "")
 
 
 def plot_pruning(rows: list[dict], path: Path) -> Path | None:
@@ -146,7 +173,7 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Pa
             _markdown_lead(summary.markdown),
             _table(TABLE, summary.rows),
         ]
-        parts += [_img(path, key) for key, path in summary.figures.items()]
+        parts += [_figure(path, key) for key, path in summary.figures.items()]
         pruned = prune_rows(client, parent)
         if pruned:
             parts += [
@@ -158,13 +185,17 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Pa
             ]
             figure = plot_pruning(pruned, tmp / "pruning.png")
             if figure:
-                parts.append(_img(figure, "pruning"))
+                parts.append(_figure(figure, "pruning"))
         committees = committee_rows(client, parent)
         if committees:
             parts += ["<h2>Committees</h2>", _table(tuple(committees[0]), committees)]
         figures = analysis_figures(client, summary, tmp / "analysis")
         if figures:
-            parts.append("<h2>Single-unit analysis along depth</h2>")
+            parts += [
+                "<h2>Single-unit analysis along depth</h2>",
+                '<p class="note">Per analysed trial, at each tap from shallow to deep: the readout accuracy, '
+                "the labels each unit recognises and its signal-to-noise ratio (docs/methods.md 2).</p>",
+            ]
             for trial, path in figures:
                 parts += [f"<h3>{html.escape(trial)}</h3>", _img(path, trial)]
         page = (

@@ -227,7 +227,8 @@ def plot_heads_per_label(client: MlflowClient, rows: list[dict], path: Path) -> 
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter([p[0] for p in points], [p[1] for p in points], c=[p[2] for p in points], cmap="viridis", s=24)
+    dots = ax.scatter([p[0] for p in points], [p[1] for p in points], c=[p[2] for p in points], cmap="viridis", s=24)
+    fig.colorbar(dots, ax=ax, label="depth (tap index)")
     heads = sorted({p[0] for p in points})
     ax.plot(heads, heads, color="grey", lw=0.8, ls="--", label="every head")
     ax.set_xscale("log", base=2)
@@ -238,7 +239,7 @@ def plot_heads_per_label(client: MlflowClient, rows: list[dict], path: Path) -> 
         path,
         "heads per block",
         "heads recognising a label (mean)",
-        "heads per label vs head count (colour: depth)",
+        "heads per label vs head count",
     )
 
 
