@@ -11,11 +11,16 @@ members' temperature-scaled softmax outputs) and ``label`` (N, int64: its argmax
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
+
+# The signature (logged with the model) validates inputs; MLflow's advice to add type hints instead,
+# printed when this class is defined, is noise in a sweep's console.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class CommitteeModel(mlflow.pyfunc.PythonModel):

@@ -10,9 +10,14 @@ default cpu) chooses where it runs.
 from __future__ import annotations
 
 import json
+import warnings
 
 import mlflow
 import numpy as np
+
+# The signature (logged with the model) validates inputs; MLflow's advice to add type hints instead,
+# printed when this class is defined, is noise in a sweep's console.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class TrialModel(mlflow.pyfunc.PythonModel):

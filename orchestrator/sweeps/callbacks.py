@@ -101,6 +101,11 @@ def format_seconds(seconds: float) -> str:
 
 
 def tune_verbosity() -> int:
-    """Tune's own console output: silent (the sweep prints ``ProgressLines``), or its status tables and
-    results with ``UNITLAB_TUNE_TABLES=1``."""
-    return 2 if os.environ.get("UNITLAB_TUNE_TABLES", "") not in ("", "0") else 0
+    """Tune's own console output: its status tables and results with ``UNITLAB_TUNE_TABLES=1``, else
+    silent (the sweep prints ``ProgressLines``). Silent selects Tune's classic reporter
+    (``RAY_AIR_NEW_OUTPUT=0``): the new one prints its experiment header and a TensorBoard hint at
+    every verbosity."""
+    if os.environ.get("UNITLAB_TUNE_TABLES", "") not in ("", "0"):
+        return 2
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    return 0

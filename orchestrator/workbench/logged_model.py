@@ -49,9 +49,7 @@ def log_trial_model(tracking_uri: str, run_id: str, job_dir: Path, cfg: JobConfi
         norm_path = Path(tmp) / "norm.json"
         norm_path.write_text(json.dumps(norm))
         example = np.full((2, size, size, 3), 128, dtype=np.uint8)
-        with warnings.catch_warnings():  # the signature validates inputs; MLflow's hint about type hints is noise
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-            info = _log_model(run_id, job_dir, norm_path, size, classes, example)
+        info = _log_model(run_id, job_dir, norm_path, size, classes, example)
     MlflowClient(tracking_uri).set_tag(run_id, MODEL_URI, info.model_uri)
     return info.model_uri
 
