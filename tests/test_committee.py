@@ -366,6 +366,15 @@ def test_committee_run_logged_and_shown(sweep, capsys):
     assert tags["unitlab.seed_variant"] == "heads=4"
     assert tags["unitlab.seed_members"] == f"{ids['a']},{ids['a_seed1']}"
     assert m["seed_committee_test_acc"] == pytest.approx(2 / 3) and m["seed_gain"] == pytest.approx(0.0)
+    # the intervals, recomputed from the stored probabilities with the textbook paired bootstrap
+    best = (sweep["probs"]["a"].argmax(1) == LABELS).astype(float)
+    seed_avg = np.mean([sweep["probs"][k] for k in ("a", "a_seed1")], axis=0)
+    for key, other in (("gain", best), ("vs_seed", (seed_avg.argmax(1) == LABELS).astype(float))):
+        d = (avg.argmax(1) == LABELS).astype(float) - other
+        draws = np.random.default_rng(0).integers(0, d.size, size=(2000, d.size))
+        low, high = np.percentile(d[draws].mean(axis=1), [2.5, 97.5])
+        assert m.get(key, m["committee_test_acc"] - m["seed_committee_test_acc"]) == pytest.approx(d.mean())
+        assert (m[f"{key}_ci_low"], m[f"{key}_ci_high"]) == (pytest.approx(low), pytest.approx(high))
     history = sorted(client.get_metric_history(run.info.run_id, "test_acc_vs_size"), key=lambda h: h.step)
     assert [(h.step, round(h.value, 4)) for h in history] == [(1, 0.6667), (2, 1.0), (3, 1.0)]
 
@@ -396,6 +405,8 @@ def test_committee_run_logged_and_shown(sweep, capsys):
     shown = capsys.readouterr().out
     assert printed.startswith(shown) and f"runs/{run.info.run_id}" in printed[len(shown) :]  # then the UI links
     assert "gain +0.3333" in shown and "seed control (heads=4, 2 runs)" in shown
+    assert "gain over the best member +33.33 points (95 % CI" in shown
+    assert "committee minus seed committee +33.33 points" in shown
     assert all(r in shown for r in members) and "excluded runs: 6" in shown
 
 

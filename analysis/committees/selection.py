@@ -266,6 +266,21 @@ def weighted_curve(split: Split, order: list[int], weights: dict[int, float]) ->
     return curve
 
 
+def committee_correct(split: Split, order: list[int], weights: dict[int, float] | None = None) -> np.ndarray:
+    """Per-image correctness of the committee ``order`` (with ``weights``, else each entry counted
+    once), summed exactly as ``running_accuracy`` / ``weighted_curve`` do, so its mean is the
+    accuracy they report."""
+    if weights is None:
+        running = np.zeros_like(split.probs[0])
+        for j in order:
+            running += split.probs[j]
+    else:
+        running = np.zeros(split.probs[0].shape, dtype=np.float64)
+        for j in order:
+            running += weights[j] * split.probs[j]
+    return running.argmax(axis=1) == split.labels
+
+
 def committee_probs(split: Split, selection: Selection) -> np.ndarray:
     """The committee's averaged probabilities on a split (weights summing to 1)."""
     out = np.zeros(split.probs[0].shape, dtype=np.float64)

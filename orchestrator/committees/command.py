@@ -4,10 +4,12 @@
 the trial runs' stored ``probs/probs_{val,test}.parquet`` (no model is re-evaluated), selects
 members on validation only, evaluates on test, and logs a committee run in the same experiment:
 tags ``unitlab.role=committee``, ``unitlab.members``, ``unitlab.method``; metrics
-``committee_test_acc``, ``best_member_test_acc``, ``gain``, ``committee_val_acc``, ``size``; the
+``committee_test_acc``, ``best_member_test_acc``, ``gain`` with its paired bootstrap interval over
+the test images (``gain_ci_low`` / ``gain_ci_high``), ``committee_val_acc``, ``size``; the
 ``committee/`` artifacts ``members.csv``, ``excluded.csv``, ``curve.csv`` and
 ``accuracy_vs_size.png``. The seed control (the best variant with >= 2 valid runs, as an
-equal-weight committee of its seeds) is added whenever available. ``--method diverse`` adds
+equal-weight committee of its seeds) is added whenever available, with the committee's difference
+from it and that difference's interval (``vs_seed``, ``vs_seed_ci_low`` / ``_high``). ``--method diverse`` adds
 mechanism diversity from the runs' ``analysis/label_sets.json`` when every valid run has one
 (param ``mechanism_diversity`` says whether it was on, and why not).
 ``python -m orchestrator committee show RUN_ID`` prints a committee run.
@@ -33,12 +35,14 @@ from analysis.committees.inputs import SPLITS, Candidate, partition, read_files,
 from analysis.committees.selection import (
     CommitteeConfig,
     Split,
+    committee_correct,
     committee_probs,
     evaluate,
     label_set_profile,
     seed_control,
     select,
 )
+from analysis.stats import paired_bootstrap
 from orchestrator.committees.predict import predict_images
 from orchestrator.committees.register import (
     check_registry_names,
@@ -336,7 +340,15 @@ def compose(
         "committee_test_nll_raw": nll(committee_probs(raw_test, selection), labels),
         "committee_test_ece_raw": ece(committee_probs(raw_test, selection), labels),
     }
+    # Paired bootstrap intervals over the test images (analysis/stats.py): against the best member
+    # and, where it exists, against the seed committee.
+    correct = committee_correct(test, selection.order, selection.weights)
+    best = max(selection.members, key=lambda m: result.member_test_acc[m])
+    gain = paired_bootstrap(correct, test.correct[best])
+    metrics.update(gain_ci_low=gain.low, gain_ci_high=gain.high)
     if seed:
+        versus = paired_bootstrap(correct, committee_correct(test, seed["members"]))
+        metrics.update(vs_seed=versus.estimate, vs_seed_ci_low=versus.low, vs_seed_ci_high=versus.high)
         seed = {**seed, "size": len(seed["members"]), "members": [ids[i] for i in seed["members"]]}
         tags.update({SEED_VARIANT: seed["variant"], SEED_MEMBERS: ",".join(seed["members"])})
         metrics.update(
@@ -441,6 +453,11 @@ def _read_csv(client: MlflowClient, run_id: str, name: str, dst: str) -> list[di
         return list(csv.DictReader(f))
 
 
+def _points(estimate: float, low: float, high: float) -> str:
+    """An accuracy difference in points with its interval."""
+    return f"{100 * estimate:+.2f} points (95 % CI {100 * low:+.2f} to {100 * high:+.2f}, paired bootstrap over test images)"
+
+
 def show(client: MlflowClient, run_id: str) -> str:
     """A committee run as text: metrics, seed control, member table, excluded runs."""
     run = client.get_run(run_id)
@@ -457,6 +474,8 @@ def show(client: MlflowClient, run_id: str) -> str:
         f"  test acc {m['committee_test_acc']:.4f}  best member {m['best_member_test_acc']:.4f}  "
         f"gain {m['gain']:+.4f}  val acc {m['committee_val_acc']:.4f}",
     ]
+    if "gain_ci_low" in m:
+        lines.append(f"  gain over the best member {_points(m['gain'], m['gain_ci_low'], m['gain_ci_high'])}")
     if "committee_test_nll" in m:
         lines.append(
             f"  test NLL {m['committee_test_nll']:.4f} (members uncalibrated: {m['committee_test_nll_raw']:.4f})  "
@@ -468,6 +487,10 @@ def show(client: MlflowClient, run_id: str) -> str:
             f"test acc {m['seed_committee_test_acc']:.4f}  best member "
             f"{m['seed_best_member_test_acc']:.4f}  gain {m['seed_gain']:+.4f}"
         )
+        if "vs_seed" in m:
+            lines.append(
+                f"  committee minus seed committee {_points(m['vs_seed'], m['vs_seed_ci_low'], m['vs_seed_ci_high'])}"
+            )
     else:
         lines.append("  seed control: unavailable (no variant with >= 2 valid runs)")
     lines.append(

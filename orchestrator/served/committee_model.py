@@ -8,19 +8,12 @@ members' temperature-scaled softmax outputs) and ``label`` (N, int64: its argmax
 ``device`` (cpu, cuda or auto; default cpu) chooses where the members run.
 """
 
-from __future__ import annotations
-
 import json
-import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
-
-# The signature (logged with the model) validates inputs; MLflow's advice to add type hints instead,
-# printed when this class is defined, is noise in a sweep's console.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class CommitteeModel(mlflow.pyfunc.PythonModel):
@@ -44,7 +37,7 @@ class CommitteeModel(mlflow.pyfunc.PythonModel):
                 )
             )
 
-    def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
+    def predict(self, context, model_input: np.ndarray, params=None) -> dict[str, np.ndarray]:
         from trainables.infer import image_probs, inference_device
 
         device = inference_device((params or {}).get("device", "cpu"))

@@ -7,17 +7,10 @@ batch of uint8 images (N, H, W, 3) as the dataset stores them and returns the cl
 default cpu) chooses where it runs.
 """
 
-from __future__ import annotations
-
 import json
-import warnings
 
 import mlflow
 import numpy as np
-
-# The signature (logged with the model) validates inputs; MLflow's advice to add type hints instead,
-# printed when this class is defined, is noise in a sweep's console.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class TrialModel(mlflow.pyfunc.PythonModel):
@@ -29,7 +22,7 @@ class TrialModel(mlflow.pyfunc.PythonModel):
         self.model = load_model(context.artifacts["spec"], context.artifacts["weights"])
         self.norm = json.loads(open(context.artifacts["norm"]).read())
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         from trainables.infer import image_probs, inference_device
 
         self.model.to(inference_device((params or {}).get("device", "cpu")))

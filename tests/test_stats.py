@@ -1,0 +1,57 @@
+"""The statistics module against textbook computations: scipy's t interval, the normal
+approximation of a paired difference's standard error, and hand-built cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from analysis.stats import mean_spread, paired_bootstrap, t975
+
+
+@pytest.mark.parametrize("df", [1, 2, 5, 12, 30, 31, 45, 100, 1000])
+def test_t_quantile_matches_scipy(df):
+    assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4)
+
+
+def test_mean_interval_is_scipys_t_interval():
+    values = [0.3545, 0.3563, 0.3564]  # three seeds of one committee member (docs/results.md)
+    spread = mean_spread(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert spread.n == 3 and spread.mean == pytest.approx(np.mean(values))
+    assert spread.sd == pytest.approx(np.std(values, ddof=1))
+    assert (spread.low, spread.high) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
+    assert "± 0.11 %" in spread.text() and "3 seeds" in spread.text()
+    one = mean_spread([0.5])
+    assert one.sd is None and one.text() == "50.00 % (1 seed)"
+    with pytest.raises(ValueError):
+        mean_spread([])
+
+
+def test_paired_bootstrap_against_the_normal_approximation():
+    rng = np.random.default_rng(1)
+    n = 4000
+    a = rng.random(n) < 0.42
+    b = np.where(rng.random(n) < 0.8, a, rng.random(n) < 0.40)  # mostly the same answers: paired
+    diff = paired_bootstrap(a, b, n_boot=4000, seed=3)
+    d = a.astype(float) - b.astype(float)
+    se = d.std(ddof=1) / math.sqrt(n)
+    assert diff.estimate == pytest.approx(a.mean() - b.mean())
+    assert diff.high - diff.low == pytest.approx(2 * 1.96 * se, rel=0.1)
+    assert diff.low < diff.estimate < diff.high and diff.n == n
+    unpaired_se = math.sqrt(a.var() / n + b.var() / n)
+    assert se < 0.7 * unpaired_se  # pairing is what makes the interval narrow
+
+
+def test_paired_bootstrap_edge_cases():
+    same = np.array([1, 0, 1, 1, 0], dtype=bool)
+    assert paired_bootstrap(same, same).low == 0.0 == paired_bootstrap(same, same).high
+    always = paired_bootstrap(np.ones(50), np.zeros(50))
+    assert (always.estimate, always.low, always.high) == (1.0, 1.0, 1.0)
+    assert paired_bootstrap(same, ~same, seed=0) == paired_bootstrap(same, ~same, seed=0)  # seeded
+    assert "paired bootstrap over 5 test images" in paired_bootstrap(same, ~same).text()
+    with pytest.raises(ValueError):
+        paired_bootstrap(np.ones(3), np.ones(4))
