@@ -55,3 +55,15 @@ def test_paired_bootstrap_edge_cases():
     assert "paired bootstrap over 5 test images" in paired_bootstrap(same, ~same).text()
     with pytest.raises(ValueError):
         paired_bootstrap(np.ones(3), np.ones(4))
+
+
+def test_runs_and_summary_give_each_multi_seed_variant_its_spread():
+    from orchestrator.workbench.runs import seed_spreads
+
+    row = {"status": "FINISHED", "val_acc": 0.36}
+    rows = [{**row, "variant": "heads=4", "test_acc": t} for t in (0.3545, 0.3563, 0.3564)] + [
+        {**row, "variant": "heads=16", "test_acc": 0.375},
+        {**row, "variant": "heads=4", "status": "FAILED", "test_acc": None},
+    ]
+    (line,) = seed_spreads(rows)
+    assert line.startswith("heads=4: test 35.57 ± 0.11 % (95 % CI 35.31 to 35.84, 3 seeds)"), line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
+from analysis.stats import mean_spread
 from orchestrator.schema import SweepError
 from orchestrator.workbench.tracking import (
     CELL,
@@ -124,6 +125,21 @@ def _table(columns: tuple[str, ...], rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table)
 
 
+def seed_spreads(rows: list[dict]) -> list[str]:
+    """For every variant with several finished seeds: its mean test (and val) accuracy with the sample
+    sd and the 95 % t interval over seeds (analysis/stats.py), one line each."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "FINISHED" and r["test_acc"] is not None:
+            by_variant.setdefault(r["variant"], []).append(r)
+    return [
+        f"{variant}: test {mean_spread([r['test_acc'] for r in runs]).text()}; "
+        f"val {mean_spread([r['val_acc'] for r in runs]).text()}"
+        for variant, runs in sorted(by_variant.items())
+        if len(runs) > 1
+    ]
+
+
 def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
     """The table of a sweep's trials, a Pareto mark for multi-objective sweeps, and the MLflow UI command."""
     parent = find_parent(client, name)
@@ -138,6 +154,9 @@ def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
     lines += [f"  {r['trial']}: {r['error']}" for r in rows if r["error"]]
     lines.append(f"{len(rows)} trials in sweep {name} (parent run {parent.info.run_id}, {parent.info.status})")
     lines += [f"ran on: {where}" for where in sorted({r["machine"] for r in rows if r["machine"]})]
+    spreads = seed_spreads(rows)
+    if spreads:
+        lines += ["variants with several seeds:", *[f"  {line}" for line in spreads]]
     pruned = prune_rows(client, parent)
     if pruned:
         lines += ["", _table(PRUNE_COLUMNS, pruned), f"{len(pruned)} pruned trials (nested under their parents' runs)"]

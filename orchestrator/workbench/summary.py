@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Run, RunTag  # noqa: E402
 
-from orchestrator.workbench.runs import pareto_front, trial_rows  # noqa: E402
+from orchestrator.workbench.runs import pareto_front, seed_spreads, trial_rows  # noqa: E402
 from orchestrator.workbench.tracking import ANALYSIS, BEST_RUN, child_runs  # noqa: E402
 
 NOTE = "mlflow.note.content"
@@ -97,6 +97,10 @@ def markdown(parent: Run, rows: list[dict], best: dict | None) -> str:
         )
     if len(rows) > len(shown):
         lines.append(f"| ... {len(rows) - len(shown)} more trials in `summary/trials.csv` |||||||||")
+    spreads = seed_spreads(rows)
+    if spreads:
+        lines += ["", "Variants with several seeds (mean ± sample sd, 95 % t interval over seeds):", ""]
+        lines += [f"- {line}" for line in spreads]
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     lines += ["", *[f"Ran on: {where}." for where in machines]]
     lines += ["", "Figures and `trials.csv` are under this run's artifacts, `summary/`."]
