@@ -293,7 +293,8 @@ def test_a_retried_log_analysis_logs_each_series_point_once(results, tmp_path):
     folder = tmp_path / "results"
     shutil.copytree(results, folder)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = client.create_run(client.create_experiment("retry")).info.run_id
+    experiment = client.create_experiment("retry", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
+    run_id = client.create_run(experiment).info.run_id
     series = log_analysis(run_id, folder, client)
     log_analysis(run_id, folder, client)
     for name, steps in series.items():
