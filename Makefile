@@ -33,14 +33,15 @@ test: lint
 quick: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
-# Every stage on a CIFAR-100 subset: a sweep (4 variants, analysed), ANDC and its random control on
-# the best trial, a committee, and the HTML report; then the MLflow UI command and links.
+# Every stage on a CIFAR-100 subset: a sweep (3 members, analysed), ANDC and its random control on
+# the best trial, a committee of all three with the seed control, and the HTML report, which ends
+# with a recap, the MLflow UI command and links.
 demo: $(VENV)/.installed
 	$(PY) -m orchestrator sweep configs/quick.yaml
 	$(PY) -m orchestrator prune quick:best --methods andc,random --finetune-epochs 1
-	$(PY) -m orchestrator committee --experiment quick --size 3
+	$(PY) -m orchestrator committee --experiment quick --method topk --size 3
 	$(PY) -m orchestrator report quick
-	@echo "Browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	@echo "(mlflow is installed in $(VENV)/bin: run \`source $(VENV)/bin/activate\` first)"
 
 clean-runs:
 	rm -rf runs mlflow.db mlartifacts

@@ -7,11 +7,13 @@ written), 130 interrupted (continue with ``resume``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from orchestrator.committees.command import add_committee_parser
 from orchestrator.stages.analyze import add_analyze_parser
 from orchestrator.stages.prune import add_prune_parser
+from orchestrator.sweeps.callbacks import VERBOSE
 from orchestrator.sweeps.run import resume_sweep, run_sweep
 from orchestrator.workbench.report import add_report_parser
 from orchestrator.workbench.runs import format_runs
@@ -21,6 +23,11 @@ from trainables.schema import InputError, OneLineParser, refuse
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show everything Ray, Tune and MLflow print (Tune's status tables, per-checkpoint lines)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("sweep", help="validate a sweep spec and run it")
     sweep.add_argument("spec", help="sweep spec YAML")
@@ -45,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE] = "1"
     if args.command in ("analyze", "committee", "prune", "report"):
         return args.func(args)
     try:

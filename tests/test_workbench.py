@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from test_faults import start_server, stop_server
 from test_multinode import free_port
 
+from orchestrator.cli import main as orchestrator_main
+
 pytestmark = pytest.mark.slow
 
 
@@ -58,6 +60,8 @@ def served_sweep(tmp_path_factory):
             timeout=600,
         )
         assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+        committee = ["committee", "--experiment", "bench", "--size", "2", "--tracking-uri", uri]
+        assert orchestrator_main(committee) == 0
         report = subprocess.run(
             [
                 sys.executable,
@@ -98,9 +102,9 @@ def test_console_has_a_line_per_epoch_and_no_noise(served_sweep):
     """What a person watching the sweep reads: a line per epoch of each trial and of each pruned trial,
     with accuracy and time left; not Tune's tables, per-checkpoint lines or MLflow's warnings."""
     console = served_sweep["sweep_console"]
-    epochs = re.findall(r"\[(\w+)\] epoch (\d)/2  val_acc \d\.\d{4}  [\d.]+ s/epoch", console)
+    epochs = re.findall(r"\[(\w+)\] epoch (\d)/2  train_loss \d+\.\d{3}  val_acc \d\.\d{4}  [\d.]+ s/epoch", console)
     assert len({trial for trial, _ in epochs}) == 2 and {e for _, e in epochs} == {"1", "2"}, console[-3000:]
-    assert re.search(r"none of \w{8} \[\w+\] epoch 1/1  val_acc", console), console[-3000:]
+    assert re.search(r"none of \w{8} \[\w+\] epoch 1/1  train_loss [\d.]+  val_acc", console), console[-3000:]
     for noise in (
         "Trial status",
         "Checkpoint successfully created",
@@ -184,6 +188,41 @@ def test_report_is_one_self_contained_page_logged_to_the_parent(served_sweep):
     link = f"{served_sweep['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
     assert link in served_sweep["report_out"] and link in served_sweep["sweep_out"]
     assert "workflowType=machine_learning" in served_sweep["sweep_out"]
+
+
+def test_report_opens_with_a_recap_read_back_from_mlflow(served_sweep):
+    """The lines that end `report` (and `make demo`): each number is the logged one."""
+    client, out = served_sweep["client"], served_sweep["report_out"]
+    (committee,) = runs_of(client, "committee")
+    m = committee.data.metrics
+    assert f"committee of 2 ({committee.info.run_name}): test {100 * m['committee_test_acc']:.1f} %" in out
+    assert f"{100 * m['gain']:+.2f} points [95 % CI {100 * m['gain_ci_low']:+.2f}," in out
+    assert "no seed control" in out  # two head structures, one seed each
+    trials = runs_of(client, "trial")
+    best = max(trials, key=lambda r: r.data.metrics["val_acc"])
+    assert f"best trial {best.info.run_name}: val {100 * best.data.metrics['val_acc']:.1f} %" in out
+    assert re.search(
+        r"readout accuracy rises from the first to the last tap in \d of 2 trials \(\d+ of \d+ steps up\)", out
+    )
+    (pruned,) = runs_of(client, "prune")
+    after = f"none {100 * pruned.data.metrics['acc_pruned_val']:.1f} % -> {100 * pruned.data.metrics['acc_finetuned_val']:.1f} %"
+    assert after in out, out
+    page = (served_sweep["tmp"] / "report" / "report.html").read_text()
+    assert "In short" in page and "over its best member" in page and "Readout accuracy rises" in page
+
+
+@pytest.mark.parametrize(
+    ("series", "expected"),
+    [
+        ([[0.1, 0.2, 0.15, 0.3], [0.3, 0.2]], "in 1 of 2 trials (3 of 4 steps up)"),
+        ([[0.1, 0.2], [0.5]], "in 1 of 1 trials (1 of 1 steps up)"),
+    ],
+)
+def test_depth_rise_counts_trials_and_steps(series, expected):
+    from orchestrator.workbench.recap import depth_rise
+
+    assert depth_rise(series).endswith(expected)
+    assert depth_rise([[0.4]]) is None
 
 
 def test_trials_log_a_loadable_model_and_their_dataset(served_sweep, tmp_path):

@@ -57,9 +57,9 @@ def trial_dirname(trial) -> str:
 
 
 class ProgressLines(tune.Callback):
-    """The console of a sweep stage: one line per finished epoch of a trial (epoch, validation
-    accuracy, seconds per epoch, time left for the trial) and one per ended trial, in place of Tune's
-    status tables (``UNITLAB_TUNE_TABLES=1`` brings those back, see ``tune_verbosity``).
+    """The console of a sweep stage: one line per finished epoch of a trial (epoch, training loss,
+    validation accuracy, seconds per epoch, time left for the trial) and one per ended trial, in place of Tune's
+    status tables (``python -m orchestrator --verbose`` brings those back, see ``tune_verbosity``).
 
     ``name(trial)`` gives the short label a person recognises (the MLflow run name).
     """
@@ -75,7 +75,10 @@ class ProgressLines(tune.Callback):
             return
         done, total = int(result["epoch"]) + 1, result.get("epochs")
         seconds = result.get("epoch_seconds")
-        text = f"epoch {done}/{total or '?'}  val_acc {result['val_acc']:.4f}"
+        text = f"epoch {done}/{total or '?'}"
+        if "train_loss" in result:
+            text += f"  train_loss {result['train_loss']:.3f}"
+        text += f"  val_acc {result['val_acc']:.4f}"
         if seconds:
             text += f"  {seconds:.1f} s/epoch"
             if total and total > done:
@@ -100,12 +103,20 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
+VERBOSE = "UNITLAB_VERBOSE"  # set by ``python -m orchestrator --verbose``; trial processes inherit it
+
+
+def verbose() -> bool:
+    """Whether to show everything Ray, Tune and MLflow print (``--verbose``)."""
+    return os.environ.get(VERBOSE, "") not in ("", "0")
+
+
 def tune_verbosity() -> int:
-    """Tune's own console output: its status tables and results with ``UNITLAB_TUNE_TABLES=1``, else
-    silent (the sweep prints ``ProgressLines``). Silent selects Tune's classic reporter
+    """Tune's own console output: its status tables and results under ``--verbose`` (``VERBOSE``
+    set), else silent (the sweep prints ``ProgressLines``). Silent selects Tune's classic reporter
     (``RAY_AIR_NEW_OUTPUT=0``): the new one prints its experiment header and a TensorBoard hint at
     every verbosity."""
-    if os.environ.get("UNITLAB_TUNE_TABLES", "") not in ("", "0"):
+    if verbose():
         return 2
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return 0

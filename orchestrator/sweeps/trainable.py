@@ -18,6 +18,7 @@ import torch
 from ray import tune
 
 from analysis.units.run import analyze_run_dir
+from orchestrator.sweeps.callbacks import verbose
 from orchestrator.sweeps.spec import SweepSpec
 from orchestrator.workbench.analysis_log import log_analysis
 from orchestrator.workbench.figures import plot_curves
@@ -91,9 +92,10 @@ def take_trial_share(spec: SweepSpec) -> None:
     (``resources.gpus`` < 1, trials packed on one GPU) this process's CUDA memory is capped at that
     fraction, so one trial's allocator cannot starve the others (each trial is its own process with
     its own CUDA context and default stream). Ray's "Checkpoint successfully created" line, one per
-    epoch, is muted: the sweep's console prints one line per epoch already."""
-    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    epoch, is muted unless ``--verbose``: the sweep's console prints one line per epoch already."""
+    if not verbose():
+        for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(spec.threads)
     if 0 < spec.gpus < 1 and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(spec.gpus)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
-from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.models import Model, ModelSignature
@@ -96,9 +95,10 @@ def log_dataset(client: MlflowClient, run_id: str, cfg: JobConfig) -> None:
     if cfg.data.name == "synthetic" or root is None:
         source = CodeDatasetSource({"generator": "trainables.data synthetic", "seed": str(cfg.seed)})
     else:
-        with warnings.catch_warnings():  # a local folder fits several source kinds; MLflow picks one
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            source = resolve_dataset_source(str(root / cfg.data.name))
+        # MLflow registers its local-folder source once per scheme ("" and "file") and warns that a
+        # path matches both: name the one kind it is.
+        local = [kind for kind in get_registered_sources() if kind.__name__ == "LocalArtifactDatasetSource"][:1]
+        source = resolve_dataset_source(str(root / cfg.data.name), candidate_sources=local)
     sizes = ", ".join(
         f"{k} {v}"
         for k, v in (("train", cfg.data.train_size), ("val", cfg.data.val_size), ("test", cfg.data.test_size))

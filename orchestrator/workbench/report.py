@@ -23,6 +23,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from orchestrator.workbench.recap import committee_line, depth_rise, latest_committee, readout_series, recap  # noqa: E402
 from orchestrator.workbench.runs import PRUNE_ACCURACIES, prune_rows  # noqa: E402
 from orchestrator.workbench.summary import TABLE, SweepSummary, finish, summarize_sweep  # noqa: E402
 from orchestrator.workbench.tracking import (  # noqa: E402
@@ -157,8 +158,9 @@ def analysis_figures(client: MlflowClient, summary: SweepSummary, folder: Path) 
     return found
 
 
-def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Path:
-    """Refresh the summary, write ``out_dir/report.html`` and log it to the parent run."""
+def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> tuple[Path, list[str]]:
+    """Refresh the summary, write ``out_dir/report.html`` and log it to the parent run; returns the
+    page and the recap lines that open it."""
     parent = find_parent(client, name)
     if parent is None:
         raise InputError(f"report {name}: no sweep of that name in {uri}")
@@ -166,9 +168,12 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Pa
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         summary = summarize_sweep(client, parent, out_dir=tmp / "summary")
+        lines = recap(client, parent, summary.rows, summary.best)
         parts = [
             f"<h1>Sweep {html.escape(name)}</h1>",
             f'<p class="note">parent run {parent.info.run_id}, experiment {parent.info.experiment_id}</p>',
+            "<h2>In short</h2>",
+            "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>",
             "<h2>Summary</h2>",
             _markdown_lead(summary.markdown),
             _table(TABLE, summary.rows),
@@ -189,6 +194,8 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Pa
         committees = committee_rows(client, parent)
         if committees:
             parts += ["<h2>Committees</h2>", _table(tuple(committees[0]), committees)]
+            latest = latest_committee(client, parent.info.experiment_id)
+            parts.append(f'<p class="note">The latest {html.escape(committee_line(latest))}.</p>')
         figures = analysis_figures(client, summary, tmp / "analysis")
         if figures:
             parts += [
@@ -196,6 +203,9 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Pa
                 '<p class="note">Per analysed trial, at each tap from shallow to deep: the readout accuracy, '
                 "the labels each unit recognises and its signal-to-noise ratio (docs/methods.md 2).</p>",
             ]
+            rise = depth_rise(readout_series(client, summary.rows))
+            if rise:
+                parts.append(f'<p class="note">{html.escape(rise[0].upper() + rise[1:])}.</p>')
             for trial, path in figures:
                 parts += [f"<h3>{html.escape(trial)}</h3>", _img(path, trial)]
         page = (
@@ -205,7 +215,7 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> Pa
         report = out_dir / "report.html"
         report.write_text(page)
         client.log_artifact(parent.info.run_id, str(report), "report")
-    return report
+    return report, lines
 
 
 def _markdown_lead(text: str) -> str:
@@ -218,10 +228,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = output_folder(f"reports/{args.name}" if args.out is None else args.out)  # before the summary is logged
         client, uri = open_client(args.tracking_uri, create=False)
-        report = build_report(client, args.name, out, uri)
+        report, lines = build_report(client, args.name, out, uri)
     except InputError as err:
         return refuse(err)
     parent = find_parent(client, args.name)
+    print("\n".join(lines))
     print(f"report: {report}")
     print(ui_links(uri, parent.info.experiment_id, parent.info.run_id, "sweep"))
     return 0
