@@ -214,7 +214,7 @@ def test_report_opens_with_a_recap_read_back_from_mlflow(served_sweep):
 @pytest.mark.parametrize(
     ("series", "expected"),
     [
-        ([[0.1, 0.2, 0.15, 0.3], [0.3, 0.2]], "in 1 of 2 trials (3 of 4 steps up)"),
+        ([[0.1, 0.2, 0.15, 0.3], [0.3, 0.2]], "in 1 of 2 trials (2 of 4 steps up)"),
         ([[0.1, 0.2], [0.5]], "in 1 of 1 trials (1 of 1 steps up)"),
     ],
 )
