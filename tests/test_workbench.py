@@ -111,6 +111,7 @@ def test_console_has_a_line_per_epoch_and_no_noise(served_sweep):
         "Add type hints",
         "interpreted in multiple ways",
         "TensorBoard",
+        "Validating input example",
     ):
         assert noise not in console, noise
 

@@ -87,14 +87,19 @@ def restore(checkpoint: tune.Checkpoint | None, folder: Path) -> tuple[Path | No
     return folder, (folder / RUN_ID_FILE).read_text().strip(), history
 
 
+# INFO loggers that speak once per epoch or per logged model inside a trial process
+QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage", "mlflow.pyfunc")
+
+
 def take_trial_share(spec: SweepSpec) -> None:
     """Inside a trial process: torch threads = its CPU share; with a fraction of a GPU
     (``resources.gpus`` < 1, trials packed on one GPU) this process's CUDA memory is capped at that
     fraction, so one trial's allocator cannot starve the others (each trial is its own process with
     its own CUDA context and default stream). Ray's "Checkpoint successfully created" line, one per
-    epoch, is muted unless ``--verbose``: the sweep's console prints one line per epoch already."""
+    epoch, and MLflow's "Validating input example" line, one per logged model, are muted unless
+    ``--verbose``: the sweep's console prints one line per epoch already."""
     if not verbose():
-        for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(spec.threads)
     if 0 < spec.gpus < 1 and torch.cuda.is_available():

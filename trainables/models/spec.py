@@ -1,7 +1,8 @@
 """Model specs: presets, defaults, validation and the geometry a spec implies.
 
 A spec is a plain JSON-serialisable dict. `resolve_spec` expands `{"preset": NAME, **overrides}` or
-`{"family": NAME, ...}` into a complete spec and checks every field, so a bad value fails with one
+`{"family": NAME, ...}` into a complete spec (`{"factory": ...}` and `{"torchvision": ...}` models
+from outside the project: trainables/models/external.py) and checks every field, so a bad value fails with one
 line naming the field (`model.heads: must be >= 1, got 0`) before any tensor is allocated.
 """
 
@@ -125,6 +126,10 @@ def resolve_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Return the complete, validated spec for a preset plus overrides, or for a family spec."""
     if not isinstance(spec, dict):
         raise SpecError(f"model: expected a mapping, got {type(spec).__name__}")
+    if "factory" in spec or "torchvision" in spec or spec.get("family") == "external":
+        from .external import resolve_external  # imports the family's module: it imports this one
+
+        return resolve_external(spec)
     out: dict[str, Any] = {}
     if "preset" in spec:
         name = spec["preset"]

@@ -9,7 +9,7 @@ to which, grouped by pruning method, so pruning code needs no family's module pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .spec import TapInfo
+
+Capture = Callable[[nn.Module, tuple, dict, Any], Tensor]  # (module, args, kwargs, output) -> tap value
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,17 @@ class TappedModel(nn.Module):
         self.in_channels: int = spec["in_channels"]
         self.taps: dict[str, TapInfo] = {}  # in depth order
         self._tap_paths: dict[str, str] = {}
+        self._tap_captures: dict[str, Capture] = {}  # taps whose value is not the module's output
         # pruning method -> its connections in depth order; the first method is the family's own
         self.prunable: dict[str, list[Connection]] = {}
 
-    def add_tap(self, name: str, module_path: str, info: TapInfo) -> None:
-        """Declare that the output of submodule `module_path` is readable as tap `name`."""
+    def add_tap(self, name: str, module_path: str, info: TapInfo, capture: Capture | None = None) -> None:
+        """Declare that the output of submodule `module_path` is readable as tap `name`; or, given
+        ``capture(module, args, kwargs, output)``, what that returns from the module's call."""
         self.taps[name] = info
         self._tap_paths[name] = module_path
+        if capture is not None:
+            self._tap_captures[name] = capture
 
     def add_connection(self, method: str, param: str, inputs: str, outputs: str | None) -> None:
         """Declare that pruning ``method`` may cut weight ``param`` between two taps' units."""
@@ -67,7 +73,8 @@ class TappedModel(nn.Module):
         handles = []
         for name in taps:
             module = self.get_submodule(self._tap_paths[name])
-            handles.append(module.register_forward_hook(partial(_store, captured, name)))
+            capture = self._tap_captures.get(name, _output)
+            handles.append(module.register_forward_hook(partial(_store, captured, name, capture), with_kwargs=True))
         try:
             logits = self.forward_logits(x)
         finally:
@@ -76,8 +83,12 @@ class TappedModel(nn.Module):
         return logits, {name: captured[name] for name in taps}
 
 
-def _store(captured: dict[str, Tensor], name: str, module: nn.Module, args: Any, output: Tensor) -> None:
-    captured[name] = output
+def _output(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+    return output
+
+
+def _store(captured: dict[str, Tensor], name: str, capture: Capture, module: nn.Module, args, kwargs, output) -> None:
+    captured[name] = capture(module, args, kwargs, output)
 
 
 def count_params(model: nn.Module) -> int:
