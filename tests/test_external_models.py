@@ -235,3 +235,28 @@ def test_torchvision_resnet18_variants_sweep_with_shipped_taps_and_connections(o
     for run in roles["prune"]:
         dilutions = {k: v for k, v in run.data.metrics.items() if k.startswith("dilution/")}
         assert len(dilutions) == 8 and run.info.status == "FINISHED"  # one per basic block's conv2
+
+
+def test_a_model_trained_elsewhere_is_analysed_from_its_factory_and_weights(tmp_path, capsys):
+    import yaml
+
+    from analysis.units.run import main as analysis_main
+
+    net = build_model({**OWN, "taps": ["stem"]}).net  # stands for the user's trained module
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    data = tmp_path / "data.yaml"
+    synthetic = {"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 128, "val_size": 32}
+    data.write_text(yaml.safe_dump({"data": {**synthetic, "test_size": 64}}))
+    argv = ["--factory", OWN["factory"], "--model-args", '{"width": 8, "heads": 2}', "--weights"]
+    argv += [str(tmp_path / "weights.pt"), "--data", str(data), "--taps", "stem,hidden,attention"]
+    argv += ["--readout-epochs", "2", "--out", str(tmp_path / "out")]
+    assert analysis_main(argv) == 0
+    taps = json.loads((tmp_path / "out" / "taps.json").read_text())["taps"]
+    assert list(taps) == ["stem", "hidden", "attention"] and set(taps["attention"]["kinds"]) == {"node", "head"}
+    assert (tmp_path / "out" / "label_sets.json").is_file()
+    capsys.readouterr()
+    wrong = [a if a != '{"width": 8, "heads": 2}' else '{"width": 16}' for a in argv]
+    assert analysis_main([*wrong[:-1], str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "weights.pt does not match own_models.nets:conv_attention_net" in err
+    assert not (tmp_path / "out2").exists()

@@ -88,14 +88,21 @@ def read_json(path: str | Path) -> Any:
 
 
 def load_model(spec_path: str | Path, weights_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the model of a spec JSON and load its ``state_dict`` (``weights_only=True``), requiring an
-    exact key and shape match; in eval mode on ``device``. Every way of rebuilding a trained network
-    (analysis, pruning, committees, served models) goes through here."""
-    spec = read_json(spec_path)
+    """Build the model of a spec JSON and load its ``state_dict`` (``load_weights``); in eval mode on
+    ``device``. Every way of rebuilding a trained network (analysis, pruning, committees, served
+    models) goes through here."""
+    model = build_model(read_json(spec_path))
+    load_weights(model, weights_path, f"the model of {spec_path}")
+    return model.to(device).eval()
+
+
+def load_weights(model: nn.Module, weights_path: str | Path, what: str) -> None:
+    """Load a ``state_dict`` file (``weights_only=True``) into ``model``, requiring an exact key and
+    shape match. An outside model (trainables/models/external.py) also takes the state_dict of the
+    user's own module as saved where it was trained (its keys without the ``net.`` prefix)."""
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise InputError(f"{weights_path}: not found")
-    model = build_model(spec)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for damaged or foreign files
@@ -103,6 +110,8 @@ def load_model(spec_path: str | Path, weights_path: str | Path, device: str | to
     if not isinstance(state, dict):
         raise InputError(f"{weights_path}: holds {type(state).__name__}, not a state_dict")
     expected = model.state_dict()
+    if isinstance(getattr(model, "net", None), nn.Module) and state and not any(k in expected for k in state):
+        state = {f"net.{k}": v for k, v in state.items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -115,6 +124,5 @@ def load_model(spec_path: str | Path, weights_path: str | Path, device: str | to
             if wrong
             else "",
         ]
-        raise InputError(f"{weights_path} does not match {spec_path}: {'; '.join(p for p in parts if p)}")
+        raise InputError(f"{weights_path} does not match {what}: {'; '.join(p for p in parts if p)}")
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval()

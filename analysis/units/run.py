@@ -3,6 +3,12 @@
     python -m analysis.units --run-dir runs/demo --out runs/demo/analysis
     python -m analysis.units --checkpoint MODEL.pt --spec SPEC.json --data cifar100 [--data-dir DIR] \\
         [--taps a,b] [--threshold 0.3] [--recipe lbfgs|paper] [--train-size N] [--test-size N] --out DIR
+    python -m analysis.units --factory package.module:function [--model-args JSON] --weights MODEL.pt \\
+        --taps layer1,layer2.0.conv2 --data cifar100 --out DIR
+
+``--factory`` analyses a model trained elsewhere (docs/own_model.md): the callable builds it with
+``--model-args`` (and the data's class count), ``--weights`` is its own ``state_dict``, ``--taps``
+names its modules.
 
 ``--run-dir`` is a ``trainables.train.run_job`` output folder (``spec.json``, ``model.pt``,
 ``config.json``): the data config, normalisation and seed then come from its ``config.json``.
@@ -15,6 +21,7 @@ before anything is written. See ``results.py`` for the files written.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +39,8 @@ from trainables.data import (
     load_splits,
 )
 from trainables.loader import to_model_input
-from trainables.run_folder import CONFIG, SPEC, WEIGHTS, RunFolder, load_model
+from trainables.models import build_model
+from trainables.run_folder import CONFIG, SPEC, WEIGHTS, RunFolder, load_model, load_weights
 from trainables.schema import (
     InputError,
     OneLineParser,
@@ -151,12 +159,31 @@ def analyze_files(
     **options,
 ) -> AnalysisResult:
     """Validate everything cheap first (model, options, data shape), then load data and analyse."""
-    model = load_model(spec_path, checkpoint_path)
+    return analyze_model(load_model(spec_path, checkpoint_path), data_cfg, out_dir, config, seed, **options)
+
+
+def analyze_model(
+    model: nn.Module, data_cfg: DataConfig, out_dir: str | Path, config: AnalysisConfig, seed: int = 0, **options
+) -> AnalysisResult:
+    """Check the taps, device and data shape against a loaded model, then load the data and analyse."""
     config.model_taps(model)
     config.resolved_device()
     check_data(model, *dataset_shape(data_cfg))
     splits = load_splits(data_cfg, seed)
     return analyze(model, splits, config, out_dir, norm=norm_of(data_cfg), seed=seed, **options)
+
+
+def factory_model(factory: str, model_args: str | None, taps: Sequence[str] | None, data_cfg: DataConfig) -> nn.Module:
+    """An outside model built by ``factory`` with ``model_args`` (a JSON object), its ``taps`` declared."""
+    try:
+        kwargs = json.loads(model_args) if model_args else {}
+    except json.JSONDecodeError as exc:
+        raise InputError("--model-args", f"not valid JSON ({exc.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise InputError("--model-args", f"expected a JSON object of keyword arguments, got {model_args}")
+    num_classes, image_size = dataset_shape(data_cfg)
+    spec = {"num_classes": num_classes, "image_size": image_size, **kwargs, "factory": factory}
+    return build_model({**spec, "taps": list(taps)} if taps else spec)
 
 
 def analyze_run_dir(run_dir: str | Path, out_dir: str | Path, config: AnalysisConfig, **options) -> AnalysisResult:
@@ -181,14 +208,20 @@ def print_table(result: AnalysisResult) -> None:
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m analysis.units", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default=None, help="run_job output folder (spec.json, model.pt, config.json)")
-    parser.add_argument("--checkpoint", default=None, help="model state_dict (.pt)")
+    parser.add_argument("--checkpoint", "--weights", default=None, help="model state_dict (.pt)")
     parser.add_argument("--spec", default=None, help="model spec JSON")
+    parser.add_argument("--factory", default=None, help="package.module:callable building a model trained elsewhere")
+    parser.add_argument("--model-args", default=None, help="--factory's keyword arguments as a JSON object")
     parser.add_argument("--data", default=None, help="dataset name or data YAML")
     parser.add_argument("--data-dir", default=None, help="Parquet data root (default: DATA_DIR)")
     parser.add_argument("--seed", type=int, default=0, help="data split and readout seed (without --run-dir)")
     parser.add_argument("--out", required=True, help="results folder")
     AnalysisConfig.add_flags(parser)
     return parser
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,21 +234,17 @@ def main(argv: list[str] | None = None) -> int:
             data_cfg, seed = job.data, job.seed
             if args.data_dir:
                 data_cfg = data_cfg.replace(data_dir=args.data_dir)
+            model = load_model(spec_path, checkpoint_path)
+        elif args.checkpoint and args.factory and args.data:
+            data_cfg, seed = data_config(args.data, args.data_dir), args.seed
+            model = factory_model(args.factory, args.model_args, config.taps, data_cfg)
+            load_weights(model, args.checkpoint, args.factory)
         elif args.checkpoint and args.spec and args.data:
-            spec_path, checkpoint_path, seed = args.spec, args.checkpoint, args.seed
-            data_cfg = data_config(args.data, args.data_dir)
+            data_cfg, seed = data_config(args.data, args.data_dir), args.seed
+            model = load_model(args.spec, args.checkpoint)
         else:
-            raise InputError("give --run-dir, or all of --checkpoint, --spec and --data")
-        out = output_folder(args.out)
-        result = analyze_files(
-            spec_path,
-            checkpoint_path,
-            data_cfg,
-            out,
-            config,
-            seed=seed,
-            log=lambda m: print(m, file=sys.stderr, flush=True),
-        )
+            raise InputError("give --run-dir, or --checkpoint with --spec or --factory, and --data")
+        result = analyze_model(model.eval(), data_cfg, output_folder(args.out), config, seed, log=_log)
     except (InputError, MemoryError) as exc:
         return refuse(exc)
     print_table(result)

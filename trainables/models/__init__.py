@@ -5,20 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cct import CCT
-from .efficientnet import EfficientNet
+from . import cct, efficientnet, vgg  # noqa: F401 - each registers its family
 from .external import External
-from .spec import PRESETS, SpecError, TapInfo, resolve_spec
+from .spec import FAMILIES, PRESETS, SpecError, TapInfo, resolve_spec
 from .taps import TappedModel, count_macs, count_params
-from .vgg import VGG
-
-_FAMILIES: dict[str, type[TappedModel]] = {"cct": CCT, "vgg": VGG, "efficientnet": EfficientNet, "external": External}
 
 
 def build_model(spec: dict[str, Any]) -> TappedModel:
     """Build a freshly initialised model from a (resolved or unresolved) spec."""
     spec = resolve_spec(spec)
-    return _FAMILIES[spec["family"]](spec)
+    return External(spec) if spec["family"] == "external" else FAMILIES[spec["family"]].model(spec)
 
 
 __all__ = [

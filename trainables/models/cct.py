@@ -16,8 +16,115 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .spec import TapInfo, cct_grid, cct_hidden, cct_tokenizer_stages
+from .spec import (
+    Family,
+    SpecError,
+    TapInfo,
+    check_bool,
+    check_choice,
+    check_common,
+    check_float,
+    check_int,
+    register_family,
+)
 from .taps import TappedModel
+
+# Every key a CCT spec may set, at CCT-7/3x1 for CIFAR-100. `tokenizer_stride: None` means CCT's rule
+# max(1, kernel // 2 - 1).
+DEFAULTS: dict[str, Any] = {
+    "num_classes": 100,
+    "image_size": 32,
+    "in_channels": 3,
+    "width": 256,
+    "blocks": 7,
+    "heads": 4,
+    "head_dim": 64,
+    "mlp_ratio": 2.0,
+    "tokenizer_layers": 1,
+    "tokenizer_kernel": 3,
+    "tokenizer_stride": None,
+    "tokenizer_channels": 64,
+    "pool": True,
+    "pos_embedding": "learnable",
+    "dropout": 0.0,
+    "attn_dropout": 0.1,
+    "stochastic_depth": 0.1,
+    "n_conv_blocks": 0,
+    "seq_pool": True,
+}
+
+
+def _lsmha(heads: int, head_dim: int) -> dict[str, Any]:
+    return {"heads": heads, "head_dim": head_dim}
+
+
+# Named variants: overrides of DEFAULTS (a new preset is one entry here).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cct_7_3x1": {},
+    # Flowers-102: CCT-7/7x2 with sine positions like Compact-Transformers' model; 64 px here.
+    "cct_7_7x2": {
+        "num_classes": 102,
+        "image_size": 64,
+        "tokenizer_layers": 2,
+        "tokenizer_kernel": 7,
+        "pos_embedding": "sine",
+    },
+    "cct_lsmha_16x16": _lsmha(16, 16),
+    "cct_lsmha_25x4": _lsmha(25, 4),
+    "cct_lsmha_32x8": _lsmha(32, 8),
+    "cct_lsmha_64x4": _lsmha(64, 4),
+    "cct_narrow": {"width": 128, "blocks": 2, "heads": 4, "head_dim": 32},
+    "cct_narrow_lsmha": {"width": 128, "blocks": 2, "heads": 16, "head_dim": 8},
+    "cct_tiny": {"width": 32, "blocks": 1, "heads": 2, "head_dim": 16, "tokenizer_layers": 2, "tokenizer_channels": 8},
+}
+
+
+def cct_tokenizer_stages(spec: dict) -> list[tuple[str, int, int, int]]:
+    """The tokenizer's windows in order as ("conv" | "pool", kernel, stride, padding)."""
+    k = spec["tokenizer_kernel"]
+    conv = ("conv", k, spec["tokenizer_stride"], max(1, k // 2))
+    pool = ("pool", 3, 2, 1)
+    return ([conv, pool] if spec["pool"] else [conv]) * spec["tokenizer_layers"]
+
+
+def cct_grid(spec: dict) -> int:
+    """Side of the token map that the tokenizer makes from a `image_size` square image."""
+    size = spec["image_size"]
+    for i, (kind, kernel, stride, padding) in enumerate(cct_tokenizer_stages(spec)):
+        if size < kernel:
+            raise SpecError(
+                f"model.image_size: {spec['image_size']} is not usable by the "
+                f"tokenizer (its layer {i}, a {kernel}x{kernel} {kind}, "
+                f"gets {size} px)"
+            )
+        size = (size + 2 * padding - kernel) // stride + 1
+    return size
+
+
+def cct_hidden(spec: dict) -> int:
+    """Hidden width of the transformer MLP."""
+    return int(spec["width"] * spec["mlp_ratio"])
+
+
+def validate(spec: dict) -> None:
+    check_common(spec)
+    for key in ("width", "blocks", "heads", "head_dim", "tokenizer_layers", "tokenizer_kernel", "tokenizer_channels"):
+        check_int(spec, key, 1)
+    if spec["tokenizer_stride"] is None:
+        spec["tokenizer_stride"] = max(1, spec["tokenizer_kernel"] // 2 - 1)
+    check_int(spec, "tokenizer_stride", 1)
+    check_float(spec, "mlp_ratio", 0.0, float("inf"))
+    if cct_hidden(spec) < 1:
+        raise SpecError(f"model.mlp_ratio: width * mlp_ratio must be >= 1, got {spec['mlp_ratio']}")
+    check_bool(spec, "pool")
+    check_bool(spec, "seq_pool")
+    check_choice(spec, "pos_embedding", ("learnable", "sine", "none"))
+    for key in ("dropout", "attn_dropout", "stochastic_depth"):
+        check_float(spec, key, 0.0, 1.0, high_open=True)
+    check_int(spec, "n_conv_blocks", 0)
+    if spec["n_conv_blocks"] > spec["blocks"]:
+        raise SpecError(f"model.n_conv_blocks: {spec['n_conv_blocks']} exceeds model.blocks ({spec['blocks']})")
+    cct_grid(spec)
 
 
 class Tokenizer(nn.Module):
@@ -197,3 +304,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight)
+
+
+register_family(Family("cct", DEFAULTS, PRESETS, validate, CCT))

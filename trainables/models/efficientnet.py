@@ -6,8 +6,24 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .spec import TapInfo
+from .spec import Family, TapInfo, check_common, check_float, register_family
 from .taps import TappedModel
+
+# Every key an EfficientNet spec may set.
+DEFAULTS: dict[str, Any] = {
+    "num_classes": 100,
+    "image_size": 32,
+    "in_channels": 3,
+    "dropout": 0.2,
+    "stochastic_depth": 0.2,
+}
+PRESETS: dict[str, dict[str, Any]] = {"efficientnet_b0": {}}  # a new preset is one entry here
+
+
+def validate(spec: dict) -> None:
+    check_common(spec)
+    check_float(spec, "dropout", 0.0, 1.0, high_open=True)
+    check_float(spec, "stochastic_depth", 0.0, 1.0, high_open=True)
 
 
 class EfficientNet(TappedModel):
@@ -33,3 +49,6 @@ class EfficientNet(TappedModel):
 
     def forward_logits(self, x: Tensor) -> Tensor:
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+register_family(Family("efficientnet", DEFAULTS, PRESETS, validate, EfficientNet))

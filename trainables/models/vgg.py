@@ -12,8 +12,73 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .spec import TapInfo, vgg_channels, vgg_fc_widths, vgg_grid
+from .spec import Family, SpecError, TapInfo, check_bool, check_common, check_float, register_family
 from .taps import TappedModel
+
+# Every key a VGG spec may set.
+DEFAULTS: dict[str, Any] = {
+    "num_classes": 100,
+    "image_size": 32,
+    "in_channels": 3,
+    "layers": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "fc_bias": True,
+    "fc_hidden": [],
+    "width_mult": 1.0,
+}
+_VGG11 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"]
+
+# Named variants: overrides of DEFAULTS (a new preset is one entry here).
+PRESETS: dict[str, dict[str, Any]] = {
+    "vgg11_afcc": {"fc_bias": False, "layers": _VGG11},
+    # Two hidden FC layers (widths scaled by width_mult like the convs), for nodal pruning.
+    "vgg11_fc": {"fc_bias": False, "fc_hidden": [512, 512], "layers": _VGG11},
+    "vgg11_cifar": {},
+}
+
+
+def vgg_channels(spec: dict) -> list[int | str]:
+    """`layers` with every conv width scaled by `width_mult` (at least one channel)."""
+    return [x if x == "M" else max(1, round(x * spec["width_mult"])) for x in spec["layers"]]
+
+
+def vgg_fc_widths(spec: dict) -> list[int]:
+    """`fc_hidden` scaled by `width_mult` (at least one node)."""
+    return [max(1, round(x * spec["width_mult"])) for x in spec["fc_hidden"]]
+
+
+def vgg_grid(spec: dict) -> int:
+    """Side of the last conv map after all 2x2 max-pools."""
+    size = spec["image_size"]
+    for i, item in enumerate(spec["layers"]):
+        if item == "M":
+            if size % 2:
+                raise SpecError(
+                    f"model.image_size: {spec['image_size']} is not usable by the "
+                    f"max-pools (layers[{i}] halves an odd size {size})"
+                )
+            size //= 2
+    return size
+
+
+def validate(spec: dict) -> None:
+    check_common(spec)
+    check_bool(spec, "fc_bias")
+    check_float(spec, "width_mult", 0.0, float("inf"))
+    layers = spec["layers"]
+    if not isinstance(layers, list) or not any(x != "M" for x in layers):
+        raise SpecError(f"model.layers: must be a list with at least one conv width, got {layers!r}")
+    for i, item in enumerate(layers):
+        if item != "M" and (isinstance(item, bool) or not isinstance(item, int) or item < 1):
+            raise SpecError(f"model.layers[{i}]: must be a positive integer or 'M', got {item!r}")
+    fc = spec["fc_hidden"]
+    if not isinstance(fc, list):
+        raise SpecError(f"model.fc_hidden: must be a list of widths, got {fc!r}")
+    for i, item in enumerate(fc):
+        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            raise SpecError(f"model.fc_hidden[{i}]: must be a positive integer, got {item!r}")
+    if spec["width_mult"] <= 0:
+        raise SpecError(f"model.width_mult: must be > 0, got {spec['width_mult']}")
+    vgg_grid(spec)
 
 
 class ConvBNReLU(nn.Sequential):
@@ -75,3 +140,6 @@ class VGG(TappedModel):
 
     def forward_logits(self, x: Tensor) -> Tensor:
         return self.classifier(self.fc(self.features(x)).flatten(1))
+
+
+register_family(Family("vgg", DEFAULTS, PRESETS, validate, VGG))
