@@ -75,6 +75,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cct_lsmha_64x4": _lsmha(64, 4),
     "cct_narrow": {"width": 128, "blocks": 2, "heads": 4, "head_dim": 32},
     "cct_narrow_lsmha": {"width": 128, "blocks": 2, "heads": 16, "head_dim": 8},
+    # The demo's members: cct_narrow with a two-layer tokenizer (8x8 tokens) and block 0 conv-replaced.
+    "cct_narrow_conv": {
+        "width": 128,
+        "blocks": 2,
+        "heads": 4,
+        "head_dim": 32,
+        "tokenizer_layers": 2,
+        "n_conv_blocks": 1,
+    },
     "cct_tiny": {"width": 32, "blocks": 1, "heads": 2, "head_dim": 16, "tokenizer_layers": 2, "tokenizer_channels": 8},
 }
 
