@@ -74,6 +74,7 @@ LONGEST_FIRST = (
     "test_sigterm.py",
     "test_driver_kill.py",
     "test_bad_inputs.py",
+    "test_external_models.py",
     "test_exposure.py",
     "test_gpu_paths.py",
     "test_readout_fidelity.py",

@@ -210,14 +210,27 @@ def test_an_own_model_is_swept_analysed_pruned_and_joins_a_registered_committee(
     for run in roles["prune"]:
         assert run.info.status == "FINISHED" and 0 < run.data.metrics["dilution/net.hidden.0.weight"] < 1
     uri = cli_args(tmp)[1]
-    argv = ["committee", "--experiment", "own", "--method", "topk", "--size", "2", "--register", "own-committee"]
+    argv = [
+        "committee",
+        "--experiment",
+        "own",
+        "--method",
+        "topk",
+        "--size",
+        "2",
+        "--register",
+        "own-committee",
+        "--alias",
+        "champion",
+    ]
     assert main([*argv, "--tracking-uri", uri]) == 0
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model("models:/own-committee@champion")
-    probs = served.predict(np.zeros((3, 16, 16, 3), dtype=np.uint8))
-    assert probs.shape == (3, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    answer = served.predict(np.zeros((3, 16, 16, 3), dtype=np.uint8))
+    assert answer["probs"].shape == (3, 4) and np.allclose(answer["probs"].sum(1), 1, atol=1e-5)
+    assert answer["label"].tolist() == answer["probs"].argmax(1).tolist()
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def served_sweep(tmp_path_factory):
             timeout=600,
         )
         assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
-        committee = ["committee", "--experiment", "bench", "--size", "2", "--tracking-uri", uri]
+        committee = ["committee", "--experiment", "bench", "--method", "topk", "--size", "2", "--tracking-uri", uri]
         assert orchestrator_main(committee) == 0
         report = subprocess.run(
             [
@@ -199,13 +199,13 @@ def test_report_opens_with_a_recap_read_back_from_mlflow(served_sweep):
     assert f"committee of 2 ({committee.info.run_name}): test {100 * m['committee_test_acc']:.1f} %" in out
     assert f"{100 * m['gain']:+.2f} points [95 % CI {100 * m['gain_ci_low']:+.2f}," in out
     assert "no seed control" in out  # two head structures, one seed each
-    trials = runs_of(client, "trial")
-    best = max(trials, key=lambda r: r.data.metrics["val_acc"])
+    (parent,) = runs_of(client, "sweep")
+    best = client.get_run(parent.data.tags["unitlab.best_run_id"])  # chosen on validation
     assert f"best trial {best.info.run_name}: val {100 * best.data.metrics['val_acc']:.1f} %" in out
     assert re.search(
         r"readout accuracy rises from the first to the last tap in \d of 2 trials \(\d+ of \d+ steps up\)", out
     )
-    (pruned,) = runs_of(client, "prune")
+    (pruned,) = [r for r in runs_of(client, "prune") if r.data.tags["mlflow.parentRunId"] == best.info.run_id]
     after = f"none {100 * pruned.data.metrics['acc_pruned_val']:.1f} % -> {100 * pruned.data.metrics['acc_finetuned_val']:.1f} %"
     assert after in out, out
     page = (served_sweep["tmp"] / "report" / "report.html").read_text()

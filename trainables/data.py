@@ -1,5 +1,6 @@
-"""Datasets as uint8 arrays: CIFAR-100 and Flowers-102 from Parquet shards (or torchvision), and a
-class-conditional synthetic set for tests.
+"""Datasets as uint8 arrays: CIFAR-100 and Flowers-102 from Parquet shards (or torchvision), your own
+images (``imagefolder`` / ``parquet``: trainables/own_data.py), and a class-conditional synthetic set
+for tests.
 
 Images are decoded once and cached as ``.npy`` next to the user's cache folder, so every trial on a
 node memory-maps the same decoded array instead of decoding PNGs again.
@@ -17,9 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from trainables.augment import RandAugmentConfig
+from trainables.own_data import load_own_raw, own_shape, own_splits
 from trainables.schema import InputError, Settings, seed_setting, setting
 
-KNOWN_DATASETS = ("cifar100", "flowers102", "synthetic")
+OWN_DATASETS = ("imagefolder", "parquet")  # a user's own images under data.path
+KNOWN_DATASETS = ("cifar100", "flowers102", "synthetic", *OWN_DATASETS)
 # Fixed shape of each real dataset: (classes, image size).
 DATASET_SHAPES = {"cifar100": (100, 32), "flowers102": (102, 64)}
 # Images in each official split: sizes are checked against them when a config is read.
@@ -70,6 +73,10 @@ class DataConfig(Settings):
     name: str = setting("cifar100", choices=KNOWN_DATASETS)
     data_dir: str | None = setting(None, "Parquet root (default: the DATA_DIR environment variable)")
     torchvision_root: str | None = None
+    path: str | None = setting(None, "imagefolder / parquet: the folder holding your images")
+    image_column: str = setting("image", "parquet: the column of encoded images")
+    label_column: str = setting("label", "parquet: the column of labels (integers or names)")
+    resize: int | None = setting(None, "imagefolder / parquet: scale every image to N x N px", low=4)
     train_size: int | None = setting(None, "first N training images (default: all)", low=1)
     val_size: int | None = setting(
         None,
@@ -90,6 +97,10 @@ class DataConfig(Settings):
         """Sizes within what the dataset holds (real data), or within this machine's memory (synthetic)."""
         if self.name == "synthetic":
             self._check_synthetic_memory()
+            return
+        if self.name in OWN_DATASETS:  # sizes are checked against the files when they are read
+            if not self.path:
+                raise InputError("path", f"{self.name} data needs the folder that holds it")
             return
         splits = DATASET_SPLITS[self.name]
         train = splits["train"]
@@ -166,6 +177,8 @@ def dataset_shape(data_cfg: DataConfig) -> tuple[int, int]:
     """(num_classes, image_size) of the configured dataset without loading it."""
     if data_cfg.name == "synthetic":
         return data_cfg.num_classes, data_cfg.image_size
+    if data_cfg.name in OWN_DATASETS:
+        return own_shape(data_cfg)
     return DATASET_SHAPES[data_cfg.name]
 
 
@@ -173,6 +186,14 @@ def resolve_data_dir(data_cfg: DataConfig) -> Path | None:
     """The Parquet root: ``data.data_dir``, else the DATA_DIR environment variable, else None."""
     root = data_cfg.data_dir or os.environ.get("DATA_DIR")
     return Path(root).expanduser().resolve() if root else None
+
+
+def dataset_folder(data_cfg: DataConfig) -> Path | None:
+    """The folder a dataset's files are in (None for synthetic data or a torchvision download)."""
+    if data_cfg.name in OWN_DATASETS:
+        return Path(data_cfg.path).expanduser().resolve() if data_cfg.path else None
+    root = resolve_data_dir(data_cfg)
+    return root / data_cfg.name if root is not None and data_cfg.name != "synthetic" else None
 
 
 def cache_dir() -> Path:
@@ -189,6 +210,9 @@ def check_data_available(data_cfg: DataConfig) -> None:
     """
     name = data_cfg.name
     if name == "synthetic":
+        return
+    if name in OWN_DATASETS:
+        own_splits(data_cfg)
         return
     root = resolve_data_dir(data_cfg)
     if root is not None:
@@ -216,7 +240,12 @@ def load_splits(data_cfg: DataConfig, seed: int = 0) -> Splits:
     name = data_cfg.name
     if name == "synthetic":
         return _synthetic_splits(data_cfg)
-    raw = _load_raw(name, data_cfg)
+    if name in OWN_DATASETS:
+        raw, class_names = load_own_raw(data_cfg)
+        num_classes, image_size = len(class_names), raw["train"][0].shape[1]
+    else:
+        raw, class_names = _load_raw(name, data_cfg), _class_names(name, data_cfg)
+        num_classes, image_size = DATASET_SHAPES[name]
     train_x, train_y = raw["train"]
     rng = np.random.default_rng(data_cfg.val_seed)
     order = rng.permutation(len(train_y))
@@ -225,7 +254,7 @@ def load_splits(data_cfg: DataConfig, seed: int = 0) -> Splits:
         val_idx = np.arange(len(val_y))
         train_idx = order
     else:
-        n_val = data_cfg.val_size or 0
+        n_val = data_cfg.val_size or (max(1, len(train_y) // 10) if name in OWN_DATASETS else 0)
         if not 0 < n_val < len(train_y):
             raise DataError(f"data.val_size: must be in 1..{len(train_y) - 1} for {name}, got {n_val}")
         val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
@@ -235,7 +264,6 @@ def load_splits(data_cfg: DataConfig, seed: int = 0) -> Splits:
     test_x, test_y = raw["test"]
     test_idx = _take(np.arange(len(test_y)), data_cfg.test_size, "test_size", name)
     train = ArraySplit(np.ascontiguousarray(train_x[train_idx]), train_y[train_idx].astype(np.int64), train_idx)
-    num_classes, image_size = DATASET_SHAPES[name]
     mean, std = _channel_stats(train.images)
     return Splits(
         name=name,
@@ -246,7 +274,7 @@ def load_splits(data_cfg: DataConfig, seed: int = 0) -> Splits:
         image_size=image_size,
         mean=mean,
         std=std,
-        class_names=_class_names(name, data_cfg),
+        class_names=class_names,
     )
 
 

@@ -22,7 +22,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from orchestrator.workbench.tracking import MODEL_URI
 from trainables.config import JobConfig
-from trainables.data import resolve_data_dir
+from trainables.data import dataset_folder
 from trainables.run_folder import SPEC, WEIGHTS
 
 MODEL_NAME = "pyfunc"  # the logged model's name; its URI (models:/m-...) is the run's unitlab.model_uri tag
@@ -83,22 +83,22 @@ def use_run_experiment(tracking_uri: str, run_id: str) -> None:
 def data_digest(cfg: JobConfig) -> str:
     """A short digest of what the trial trained on: the data settings and the shard files' names and sizes."""
     parts = [json.dumps(cfg.data.to_dict(), sort_keys=True, default=str), str(cfg.seed)]
-    root = resolve_data_dir(cfg.data)
-    if cfg.data.name != "synthetic" and root is not None:
-        parts += [f"{p.name}:{p.stat().st_size}" for p in sorted((root / cfg.data.name).glob("*.parquet"))]
+    folder = dataset_folder(cfg.data)
+    if folder is not None:
+        parts += [f"{p.relative_to(folder)}:{p.stat().st_size}" for p in sorted(folder.rglob("*")) if p.is_file()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
 def log_dataset(client: MlflowClient, run_id: str, cfg: JobConfig) -> None:
     """Record the training data as the run's dataset input (source, name with split sizes, digest)."""
-    root = resolve_data_dir(cfg.data)
-    if cfg.data.name == "synthetic" or root is None:
+    folder = dataset_folder(cfg.data)
+    if folder is None:
         source = CodeDatasetSource({"generator": "trainables.data synthetic", "seed": str(cfg.seed)})
     else:
         # MLflow registers its local-folder source once per scheme ("" and "file") and warns that a
         # path matches both: name the one kind it is.
         local = [kind for kind in get_registered_sources() if kind.__name__ == "LocalArtifactDatasetSource"][:1]
-        source = resolve_dataset_source(str(root / cfg.data.name), candidate_sources=local)
+        source = resolve_dataset_source(str(folder), candidate_sources=local)
     sizes = ", ".join(
         f"{k} {v}"
         for k, v in (("train", cfg.data.train_size), ("val", cfg.data.val_size), ("test", cfg.data.test_size))

@@ -62,11 +62,14 @@ def committee_line(run: Run) -> str:
     return line
 
 
-def prune_line(rows: list[dict]) -> str | None:
-    """The cells of the latest pruned parent: val accuracy right after pruning -> after fine-tuning."""
+def prune_line(rows: list[dict], best_run: str | None) -> str | None:
+    """The cells of one pruned parent (the best trial where it was pruned): val accuracy right after
+    pruning -> after fine-tuning."""
     done = [r for r in rows if r["status"] == "FINISHED" and r["acc_pruned_val"] is not None]
     if not done:
         return None
+    parent = best_run if any(r["parent_run"] == best_run for r in done) else done[0]["parent_run"]
+    done = [r for r in done if r["parent_run"] == parent]
     cells = ", ".join(
         f"{r['prune'].split(',')[0]} {percent(r['acc_pruned_val'])} -> {percent(r['acc_finetuned_val'])}"
         + (f" ({r['dilution']:.0%} removed)" if r["dilution"] else "")
@@ -93,7 +96,7 @@ def recap(client: MlflowClient, parent: Run, rows: list[dict], best: dict | None
     committee = latest_committee(client, parent.info.experiment_id)
     if committee:
         lines.append(committee_line(committee))
-    pruned = prune_line(prune_rows(client, parent))
+    pruned = prune_line(prune_rows(client, parent), best["run_id"] if best else None)
     if pruned:
         lines.append(pruned)
     return lines

@@ -9,6 +9,7 @@ from orchestrator.schema import SweepError
 from orchestrator.workbench.tracking import (
     CELL,
     ERROR,
+    LINEAGE,
     METRICS,
     SEED,
     SWEEP,
@@ -112,6 +113,7 @@ def prune_rows(client: MlflowClient, parent) -> list[dict]:
                 "prune": tags.get(CELL, ""),
                 **{k: metrics.get(k) for k in ("dilution", "params_kept", *PRUNE_ACCURACIES)},
                 "run_id": run.info.run_id,
+                "parent_run": tags.get(LINEAGE, ""),
             }
         )
     return sorted(rows, key=lambda r: (r["variant"], int(r["seed"] or 0), r["prune"]))
