@@ -273,3 +273,24 @@ def test_a_model_trained_elsewhere_is_analysed_from_its_factory_and_weights(tmp_
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "weights.pt does not match own_models.nets:conv_attention_net" in err
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_small_torchvision_vit_gets_head_matrices_from_the_analysis(tmp_path):
+    import yaml
+
+    from analysis.units.run import main as analysis_main
+
+    torch.manual_seed(0)
+    net = build_model(SMALL_VIT).net
+    torch.save(net.state_dict(), tmp_path / "vit.pt")
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 128}))
+    args = {k: v for k, v in SMALL_VIT.items() if k not in ("factory", "num_classes", "image_size")}
+    taps = "conv_proj,encoder.layers.encoder_layer_1.self_attention,encoder.ln"
+    argv = ["--factory", SMALL_VIT["factory"], "--model-args", json.dumps(args), "--weights", str(tmp_path / "vit.pt")]
+    argv += ["--data", str(data), "--taps", taps, "--readout-epochs", "2", "--out", str(tmp_path / "out")]
+    assert analysis_main(argv) == 0
+    found = json.loads((tmp_path / "out" / "taps.json").read_text())["taps"]
+    heads = found["encoder.layers.encoder_layer_1.self_attention"]
+    assert set(heads["kinds"]) == {"node", "head"} and heads["heads"] == 4 and heads["head_dim"] == 8
+    assert set(found["conv_proj"]["kinds"]) == {"filter"} and set(found["encoder.ln"]["kinds"]) == {"node"}
