@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from trainables.augment import RandAugmentConfig
+from trainables.decoded_cache import DataError, atomic_save, cache_dir
 from trainables.own_data import load_own_raw, own_shape, own_splits
 from trainables.schema import InputError, Settings, seed_setting, setting
 
@@ -32,10 +33,6 @@ DATASET_SPLITS = {
 }
 DEFAULT_HELD_OUT = 5000  # validation images held out of train where a dataset has no official split
 PARQUET_COLUMNS = {"cifar100": ("img", "fine_label"), "flowers102": ("image", "label")}
-
-
-class DataError(InputError):
-    """Bad data configuration or an unreadable data file; the message names the field or file."""
 
 
 @dataclass(frozen=True)
@@ -196,13 +193,6 @@ def dataset_folder(data_cfg: DataConfig) -> Path | None:
     return root / data_cfg.name if root is not None and data_cfg.name != "synthetic" else None
 
 
-def cache_dir() -> Path:
-    """Folder for decoded arrays (UNITLAB_CACHE, else ~/.cache/unitlab)."""
-    path = Path(os.environ.get("UNITLAB_CACHE", Path.home() / ".cache" / "unitlab"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def check_data_available(data_cfg: DataConfig) -> None:
     """Raise DataError naming DATA_DIR and the torchvision root when a real dataset cannot be found.
 
@@ -318,8 +308,8 @@ def _load_parquet_split(root: Path, name: str, split: str) -> tuple[np.ndarray, 
     if cached_x.exists() and cached_y.exists():
         return np.load(cached_x, mmap_mode="r"), np.load(cached_y)
     images, labels = _decode_shards(shards, name)
-    _atomic_save(cached_y, labels)
-    _atomic_save(cached_x, images)
+    atomic_save(cached_y, labels)
+    atomic_save(cached_x, images)
     return np.load(cached_x, mmap_mode="r"), labels
 
 
@@ -354,13 +344,6 @@ def _decode_shards(shards: list[Path], name: str) -> tuple[np.ndarray, np.ndarra
     if not images:
         raise DataError(f"data file {shards[0] if shards else name}: holds no images")
     return np.stack(images), np.asarray(labels, dtype=np.int64)
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
 
 
 def _class_names(name: str, data_cfg: DataConfig) -> list[str]:

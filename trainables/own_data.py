@@ -17,30 +17,34 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from trainables.data import DataConfig
+from trainables.decoded_cache import DataError, atomic_save, cache_dir
+
+
+class DataConfig(Protocol):
+    """The settings of ``trainables.data.DataConfig`` this module reads."""
+
+    name: str
+    path: str | None
+    image_column: str
+    label_column: str
+    resize: int | None
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test"}
 
 
-def _error(message: str) -> Exception:
-    from trainables.data import DataError  # data.py imports this module
-
-    return DataError(message)
-
-
 def own_root(cfg: DataConfig) -> Path:
     """``data.path`` as an existing folder."""
     if not cfg.path:
-        raise _error(f"data.path: {cfg.name} data needs the folder that holds it")
+        raise DataError(f"data.path: {cfg.name} data needs the folder that holds it")
     root = Path(cfg.path).expanduser().resolve()
     if not root.is_dir():
-        raise _error(f"data.path: {root} is not a folder")
+        raise DataError(f"data.path: {root} is not a folder")
     return root
 
 
@@ -53,10 +57,10 @@ def _class_folders(root: Path, split: str) -> dict[str, list[Path]]:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise _error(f"data.path: class folder {sub} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"data.path: class folder {sub} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         classes[sub.name] = files
     if not classes:
-        raise _error(f"data.path: {folder} has no class folders")
+        raise DataError(f"data.path: {folder} has no class folders")
     return classes
 
 
@@ -70,11 +74,11 @@ def own_splits(cfg: DataConfig) -> tuple[str, ...]:
     if cfg.name == "imagefolder":
         for split in ("train", "test"):
             if not (root / SPLIT_FOLDERS[split]).is_dir():
-                raise _error(f"data.path: {root} has no {SPLIT_FOLDERS[split]}/ folder of class folders")
+                raise DataError(f"data.path: {root} has no {SPLIT_FOLDERS[split]}/ folder of class folders")
         return ("train", "validation", "test") if (root / "val").is_dir() else ("train", "test")
     for split in ("train", "test"):
         if not _shards(root, split):
-            raise _error(f"data.path: no {root / split}-*.parquet file")
+            raise DataError(f"data.path: no {root / split}-*.parquet file")
     return ("train", "validation", "test") if _shards(root, "validation") else ("train", "test")
 
 
@@ -92,7 +96,7 @@ def own_shape(cfg: DataConfig) -> tuple[int, int]:
     own_splits(cfg)
     names = class_names(cfg)
     if len(names) < 2:
-        raise _error(f"data.path: {own_root(cfg)} holds {len(names)} class; a classifier needs 2 or more")
+        raise DataError(f"data.path: {own_root(cfg)} holds {len(names)} class; a classifier needs 2 or more")
     if cfg.resize:
         return len(names), cfg.resize
     first = _first_image(cfg)
@@ -120,9 +124,9 @@ def _decode(data: bytes, where: str, resize: int | None) -> np.ndarray:
             image = image.resize((resize, resize), Image.BILINEAR)
         array = np.asarray(image)
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad files
-        raise _error(f"data file {where}: cannot be decoded as an image ({type(exc).__name__})") from None
+        raise DataError(f"data file {where}: cannot be decoded as an image ({type(exc).__name__})") from None
     if array.shape[0] != array.shape[1]:
-        raise _error(f"data file {where}: {array.shape[1]}x{array.shape[0]} px is not square; set data.resize")
+        raise DataError(f"data file {where}: {array.shape[1]}x{array.shape[0]} px is not square; set data.resize")
     return array
 
 
@@ -132,10 +136,10 @@ def _read_column(shard: Path, column: str, rows: int | None = None) -> list:
     try:
         names = pq.read_schema(shard).names
         if column not in names:
-            raise _error(f"data file {shard}: no column {column!r} (columns: {', '.join(names)})")
+            raise DataError(f"data file {shard}: no column {column!r} (columns: {', '.join(names)})")
         table = pq.read_table(shard, columns=[column])
     except OSError as exc:
-        raise _error(f"data file {shard}: cannot be read as Parquet ({exc})") from None
+        raise DataError(f"data file {shard}: cannot be read as Parquet ({exc})") from None
     values = table.column(column).to_pylist()
     return values if rows is None else values[:rows]
 
@@ -145,7 +149,7 @@ def _cell_bytes(cell, shard: Path) -> bytes:
     if isinstance(cell, dict):
         cell = cell.get("bytes")
     if not isinstance(cell, bytes):
-        raise _error(f"data file {shard}: image cells must hold encoded image bytes, got {type(cell).__name__}")
+        raise DataError(f"data file {shard}: image cells must hold encoded image bytes, got {type(cell).__name__}")
     return cell
 
 
@@ -153,7 +157,7 @@ def _stack(images: list[np.ndarray], wheres: list[str]) -> np.ndarray:
     size = images[0].shape
     for image, where in zip(images, wheres):
         if image.shape != size:
-            raise _error(
+            raise DataError(
                 f"data file {where}: {image.shape[1]}x{image.shape[0]} px, but {wheres[0]} is "
                 f"{size[1]}x{size[0]}; set data.resize to one size"
             )
@@ -167,7 +171,7 @@ def _load_split(cfg: DataConfig, split: str, names: list[str]) -> tuple[np.ndarr
     if cfg.name == "imagefolder":
         for name, files in _class_folders(root, split).items():
             if name not in index:
-                raise _error(f"data.path: class folder {root / SPLIT_FOLDERS[split] / name} is not a training class")
+                raise DataError(f"data.path: class folder {root / SPLIT_FOLDERS[split] / name} is not a training class")
             for path in files:
                 images.append(_decode(path.read_bytes(), str(path), cfg.resize))
                 labels.append(index[name])
@@ -177,19 +181,17 @@ def _load_split(cfg: DataConfig, split: str, names: list[str]) -> tuple[np.ndarr
             cells, values = _read_column(shard, cfg.image_column), _read_column(shard, cfg.label_column)
             for row, (cell, value) in enumerate(zip(cells, values)):
                 if str(value) not in index:
-                    raise _error(f"data file {shard}: label {value!r} of row {row} is not a training label")
+                    raise DataError(f"data file {shard}: label {value!r} of row {row} is not a training label")
                 images.append(_decode(_cell_bytes(cell, shard), f"{shard} row {row}", cfg.resize))
                 labels.append(index[str(value)])
                 wheres.append(f"{shard} row {row}")
     if not images:
-        raise _error(f"data.path: the {split} split of {root} holds no images")
+        raise DataError(f"data.path: the {split} split of {root} holds no images")
     return _stack(images, wheres), np.asarray(labels, dtype=np.int64)
 
 
 def load_own_raw(cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """Every split as (uint8 images, labels), decoded once and cached; and the class names."""
-    from trainables.data import _atomic_save, cache_dir
-
     names = class_names(cfg)
     raw = {}
     for split in own_splits(cfg):
@@ -205,7 +207,7 @@ def load_own_raw(cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
         cached_x, cached_y = (cache_dir() / f"own-{split}-{key}-{part}.npy" for part in ("images", "labels"))
         if not (cached_x.exists() and cached_y.exists()):
             images, labels = _load_split(cfg, split, names)
-            _atomic_save(cached_y, labels)
-            _atomic_save(cached_x, images)
+            atomic_save(cached_y, labels)
+            atomic_save(cached_x, images)
         raw[split] = (np.load(cached_x, mmap_mode="r"), np.load(cached_y))
     return raw, names

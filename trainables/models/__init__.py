@@ -6,9 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from . import cct, efficientnet, vgg  # noqa: F401 - each registers its family
-from .external import External
-from .spec import FAMILIES, PRESETS, SpecError, TapInfo, resolve_spec
+from .external import External, is_external, resolve_external
+from .spec import FAMILIES, PRESETS, SpecError, TapInfo, resolve_family_spec
 from .taps import TappedModel, count_macs, count_params
+
+
+def resolve_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The complete, validated spec: a built-in family's (``spec.resolve_family_spec``) or an outside
+    model's (``external.resolve_external``)."""
+    return resolve_external(spec) if is_external(spec) else resolve_family_spec(spec)
 
 
 def build_model(spec: dict[str, Any]) -> TappedModel:

@@ -38,6 +38,11 @@ from .taps import TappedModel
 OWN_KEYS = ("family", "factory", "torchvision", "taps", "connections", "num_classes", "image_size", "in_channels")
 
 
+def is_external(spec: Any) -> bool:
+    """Whether a model spec names an outside model."""
+    return isinstance(spec, dict) and ("factory" in spec or "torchvision" in spec or spec.get("family") == "external")
+
+
 def resolve_external(spec: dict[str, Any]) -> dict[str, Any]:
     """The complete spec of an outside model; checks what can be checked without building it."""
     sources = [key for key in ("factory", "torchvision") if key in spec]

@@ -1,10 +1,10 @@
-"""Model specs: the registry of model families, the field checks they share, and `resolve_spec`.
+"""Model specs: the registry of model families, the field checks they share, and `resolve_family_spec`.
 
 Each built-in family's file (cct.py, vgg.py, efficientnet.py) declares its defaults, presets, checks
 and model class next to the model and registers them (`register_family`); a new preset is one entry
-in its family's `PRESETS`. A spec is a plain JSON-serialisable dict. `resolve_spec` expands
-`{"preset": NAME, **overrides}` or `{"family": NAME, ...}` into a complete spec (`{"factory": ...}`
-and `{"torchvision": ...}` models from outside the project: trainables/models/external.py) and checks every field, so a bad value fails with one
+in its family's `PRESETS`. A spec is a plain JSON-serialisable dict. `resolve_family_spec` expands
+`{"preset": NAME, **overrides}` or `{"family": NAME, ...}` into a complete spec (`resolve_spec` in
+`models/__init__.py` sends `{"factory": ...}` and `{"torchvision": ...}` specs to external.py) and checks every field, so a bad value fails with one
 line naming the field (`model.heads: must be >= 1, got 0`) before any tensor is allocated.
 """
 
@@ -59,14 +59,10 @@ def register_family(family: Family) -> None:
     FAMILIES[family.name] = family
 
 
-def resolve_spec(spec: dict[str, Any]) -> dict[str, Any]:
+def resolve_family_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Return the complete, validated spec for a preset plus overrides, or for a family spec."""
     if not isinstance(spec, dict):
         raise SpecError(f"model: expected a mapping, got {type(spec).__name__}")
-    if "factory" in spec or "torchvision" in spec or spec.get("family") == "external":
-        from .external import resolve_external  # imports the family's module: it imports this one
-
-        return resolve_external(spec)
     out: dict[str, Any] = {}
     if "preset" in spec:
         name = spec["preset"]
