@@ -192,6 +192,13 @@ def _roles(client, name: str) -> dict[str, list]:
     return out
 
 
+def analysed_taps(client, trial, tmp: Path) -> dict:
+    """A finished, analysed trial's ``analysis/taps.json`` taps."""
+    assert trial.info.status == "FINISHED" and trial.data.tags["unitlab.analysis"] == "done"
+    folder = Path(client.download_artifacts(trial.info.run_id, "analysis", str(tmp / trial.info.run_id)))
+    return json.loads((folder / "taps.json").read_text())["taps"]
+
+
 @pytest.mark.slow
 def test_an_own_model_is_swept_analysed_pruned_and_joins_a_registered_committee(own_sweeps, capsys):
     from orchestrator.cli import main
@@ -200,9 +207,7 @@ def test_an_own_model_is_swept_analysed_pruned_and_joins_a_registered_committee(
     roles = _roles(client, "own")
     assert sorted(r.data.params["model.width"] for r in roles["trial"]) == ["16", "8"]
     for trial in roles["trial"]:
-        assert trial.info.status == "FINISHED" and trial.data.tags["unitlab.analysis"] == "done"
-        folder = Path(client.download_artifacts(trial.info.run_id, "analysis", str(tmp / trial.info.run_id)))
-        taps = json.loads((folder / "taps.json").read_text())["taps"]
+        taps = analysed_taps(client, trial, tmp)
         assert list(taps) == ["stem", "hidden", "attention", "norm"]
         assert set(taps["attention"]["kinds"]) == {"node", "head"}  # SNP and SHP of the attention's heads
         assert set(taps["stem"]["kinds"]) == {"filter"} and set(taps["norm"]["kinds"]) == {"node"}
@@ -239,9 +244,7 @@ def test_torchvision_resnet18_variants_sweep_with_shipped_taps_and_connections(o
     roles = _roles(client, "tv")
     assert sorted(r.data.params["model.zero_init_residual"] for r in roles["trial"]) == ["False", "True"]
     for trial in roles["trial"]:
-        assert trial.info.status == "FINISHED" and trial.data.tags["unitlab.analysis"] == "done"
-        folder = Path(client.download_artifacts(trial.info.run_id, "analysis", str(tmp / trial.info.run_id)))
-        taps = json.loads((folder / "taps.json").read_text())["taps"]
+        taps = analysed_taps(client, trial, tmp)
         assert list(taps) == ["layer1.0", "layer4.1"] and set(taps["layer1.0"]["kinds"]) == {"filter"}
     cells = sorted(r.data.tags["unitlab.prune.cell"] for r in roles["prune"])
     assert cells == ["afcc,threshold=0.3"] * 2 + ["random,threshold=0.3"] * 2
