@@ -1,5 +1,6 @@
-"""Uncertainty of the numbers the claims rest on: a mean over seeds with its 95 % interval, and the
-paired bootstrap interval of a difference in accuracy between two models on the same test images.
+"""Uncertainty of the numbers the claims rest on: a mean over seeds with its 95 % interval, the
+paired bootstrap interval of a difference in accuracy between two models on the same test images,
+and its two-level form for two groups of models (images and models both resampled).
 
 numpy only (no scipy), so it runs wherever ``analysis`` does. Both are textbook: the interval of a
 mean is mean +- t(0.975, n - 1) * sd / sqrt(n) with the sample sd (ddof 1); the paired bootstrap
@@ -76,12 +77,16 @@ class Difference:
     low: float
     high: float
     n: int
+    groups: tuple[int, int] | None = None  # (models in a, models in b) for ``grouped_bootstrap``
 
     def text(self) -> str:
         """``+1.20 points (95 % CI +0.35 to +2.05, paired bootstrap over 10,000 test images)``."""
+        over = f"{self.n:,} test images"
+        if self.groups:
+            over += f" and {self.groups[0]} vs {self.groups[1]} models"
         return (
             f"{100 * self.estimate:+.2f} points (95 % CI {100 * self.low:+.2f} to {100 * self.high:+.2f}, "
-            f"paired bootstrap over {self.n:,} test images)"
+            f"paired bootstrap over {over})"
         )
 
 
@@ -103,3 +108,32 @@ def paired_bootstrap(
     boot = np.concatenate(draws)
     low, high = np.percentile(boot, [2.5, 97.5])
     return Difference(float(d.mean()), float(low), float(high), int(d.size))
+
+
+def grouped_bootstrap(
+    correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int = 2000, seed: int = 0, chunk: int = 100
+) -> Difference:
+    """The difference in mean accuracy between two groups of models (rows: models, e.g. committees
+    of different seeds; columns: the same test images) with a two-level percentile bootstrap: each
+    draw takes the images with replacement (paired across every model) and, independently, each
+    group's models with replacement, so the interval holds both the image noise and the spread
+    between the group's models. With one model per group it is ``paired_bootstrap``'s interval."""
+    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or 0 in a.shape or 0 in b.shape:
+        raise ValueError(
+            f"grouped_bootstrap needs (models, images) arrays on the same images, got {a.shape} and {b.shape}"
+        )
+    rng = np.random.default_rng(seed)
+    n = a.shape[1]
+    draws = []
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        images = rng.integers(0, n, size=(size, n))
+        # each draw's per-image accuracy of a resampled group: the mean of the drawn rows
+        mean_a = a[rng.integers(0, a.shape[0], size=(size, a.shape[0]))].mean(axis=1)
+        mean_b = b[rng.integers(0, b.shape[0], size=(size, b.shape[0]))].mean(axis=1)
+        d = mean_a - mean_b
+        draws.append(np.take_along_axis(d, images, axis=1).mean(axis=1))
+    boot = np.concatenate(draws)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return Difference(float(a.mean() - b.mean()), float(low), float(high), int(n), (a.shape[0], b.shape[0]))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis.stats import mean_spread, paired_bootstrap, t975
+from analysis.stats import grouped_bootstrap, mean_spread, paired_bootstrap, t975
 
 
 @pytest.mark.parametrize("df", [1, 2, 5, 12, 30, 31, 45, 100, 1000])
@@ -67,3 +67,33 @@ def test_runs_and_summary_give_each_multi_seed_variant_its_spread():
     ]
     (line,) = seed_spreads(rows)
     assert line.startswith("heads=4: test 35.57 ± 0.11 % (95 % CI 35.31 to 35.84, 3 seeds)"), line
+
+
+def test_grouped_bootstrap_with_one_model_each_is_the_paired_bootstrap():
+    rng = np.random.default_rng(4)
+    a = rng.random(3000) < 0.45
+    b = np.where(rng.random(3000) < 0.7, a, rng.random(3000) < 0.40)
+    paired = paired_bootstrap(a, b, n_boot=3000, seed=1)
+    grouped = grouped_bootstrap(a[None], b[None], n_boot=3000, seed=1)
+    assert grouped.estimate == pytest.approx(paired.estimate)
+    assert grouped.high - grouped.low == pytest.approx(paired.high - paired.low, rel=0.1)
+    assert grouped.groups == (1, 1) and "and 1 vs 1 models" in grouped.text()
+
+
+def test_grouped_bootstrap_against_the_two_level_variance():
+    """Three models of very different accuracy against one: the interval's width follows
+    var(model means) / k + var(image means of the difference) / n (the textbook two-stage variance)."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    shared = rng.random(n)
+    a = np.stack([shared < p for p in (0.30, 0.40, 0.50)])  # nested answers: models differ by skill
+    b = (shared < 0.38)[None]
+    diff = grouped_bootstrap(a, b, n_boot=4000, seed=2)
+    between = a.mean(axis=1).var() / 3  # the bootstrap's plug-in (ddof 0) between-model variance
+    within = (a.mean(axis=0) - b[0]).var() / n
+    assert diff.estimate == pytest.approx(a.mean() - b.mean())
+    assert diff.high - diff.low == pytest.approx(2 * 1.96 * math.sqrt(between + within), rel=0.15)
+    only_images = paired_bootstrap(a.mean(axis=0), b[0].astype(float), n_boot=4000, seed=2)
+    assert diff.high - diff.low > 3 * (only_images.high - only_images.low)  # the seeds' spread counts
+    with pytest.raises(ValueError):
+        grouped_bootstrap(a, b[:, :10])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -30,19 +29,20 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from analysis.committees.calibration import ece, fit_temperature, nll, scale
-from analysis.committees.inputs import SPLITS, Candidate, partition, read_files, stack
+from analysis.committees.calibration import ece, nll
+from analysis.committees.inputs import SPLITS, Candidate
 from analysis.committees.selection import (
     CommitteeConfig,
-    Split,
     committee_correct,
     committee_probs,
     evaluate,
-    label_set_profile,
     seed_control,
     select,
 )
 from analysis.stats import paired_bootstrap
+from orchestrator.committees.candidates import candidate_runs, load_runs
+from orchestrator.committees.draws import add_draws_parser
+from orchestrator.committees.draws import run as run_draws
 from orchestrator.committees.predict import predict_images
 from orchestrator.committees.register import (
     check_registry_names,
@@ -51,24 +51,17 @@ from orchestrator.committees.register import (
 )
 from orchestrator.schema import CommitteeError
 from orchestrator.workbench.tracking import (
-    CELL,
-    DATASET,
     MEMBERS,
     METHOD,
-    NUM_CLASSES,
     ROLE,
     ROLE_COMMITTEE,
-    ROLE_PRUNE,
     ROLE_TRIAL,
-    SEED,
     SEED_MEMBERS,
     SEED_VARIANT,
     SWEEP,
-    VARIANT,
     add_tracking_uri,
     open_client,
     resolve_tracking_uri,
-    search_all,
     ui_links,
 )
 from trainables.schema import InputError, output_file, refuse
@@ -88,87 +81,6 @@ MEMBER_FIELDS = (
     "test_ece_raw",
     "test_ece",
 )
-
-
-def trial_runs(
-    client: MlflowClient, experiment_ids: list[str], user_filter: str | None, include_pruned: bool = False
-) -> list:
-    """All active trial runs (and, with ``include_pruned``, pruned trial runs) of the experiments
-    matching ``user_filter``, oldest first. A pruned run's variant is its parent's plus its cell."""
-    runs = []
-    for role in (ROLE_TRIAL, ROLE_PRUNE) if include_pruned else (ROLE_TRIAL,):
-        query = f"tags.`{ROLE}` = '{role}'" + (f" AND {user_filter}" if user_filter else "")
-        found = search_all(client, experiment_ids, query)
-        if role == ROLE_PRUNE:
-            for run in found:
-                run.data.tags[VARIANT] = f"{run.data.tags.get(VARIANT, '')}|{run.data.tags.get(CELL, '')}"
-        runs += found
-    return sorted(runs, key=lambda r: r.info.start_time)
-
-
-def explicit_runs(client: MlflowClient, run_ids: list[str]) -> list:
-    """The runs named by id (trial or pruned trial runs), in the given order; one line for an unknown id."""
-    runs = []
-    for run_id in run_ids:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            raise CommitteeError(f"--runs: unknown run id {run_id!r}") from None
-        if run.data.tags.get(ROLE) not in (ROLE_TRIAL, ROLE_PRUNE):
-            raise CommitteeError(f"--runs: run {run_id} is not a trial or pruned trial run")
-        if run.data.tags.get(ROLE) == ROLE_PRUNE:
-            run.data.tags[VARIANT] = f"{run.data.tags.get(VARIANT, '')}|{run.data.tags.get(CELL, '')}"
-        runs.append(run)
-    return runs
-
-
-def _read_profile(path: str) -> np.ndarray:
-    """Mechanism profile from an analysis ``label_sets.json`` (``analysis.units.results.label_sets``)."""
-    with open(path) as f:
-        data = json.load(f)
-    try:
-        return label_set_profile(data["taps"], int(data["num_classes"]))
-    except (KeyError, TypeError, IndexError) as err:
-        raise ValueError(f"not a label_sets.json ({type(err).__name__}: {err})") from err
-
-
-def download_candidate(
-    client: MlflowClient, run, dst: Path, profile_artifact: str | None
-) -> tuple[Candidate, dict[str, Path | None], np.ndarray | None]:
-    """A run as a ``Candidate`` with the local paths of its probability files (None = missing).
-
-    Also returns its mechanism profile: None without the artifact; an unreadable one raises
-    ``CommitteeError``. Runs that are not FINISHED get a ``problem`` and nothing is downloaded.
-    """
-    run_id = run.info.run_id
-    tags = run.data.tags
-    classes = tags.get(NUM_CLASSES)
-    cand = Candidate(
-        run_id,
-        variant=tags.get(VARIANT, ""),
-        seed=tags.get(SEED, ""),
-        sweep=tags.get(SWEEP),
-        recorded_dataset=tags.get(DATASET),
-        recorded_classes=int(classes) if classes and classes.isdigit() else None,
-    )
-    if run.info.status != "FINISHED":
-        cand.problem = f"status {run.info.status}"
-        return cand, {}, None
-    listed = {a.path for a in client.list_artifacts(run_id, "probs")}
-    dst.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split in SPLITS:
-        path = f"probs/probs_{split}.parquet"
-        paths[split] = Path(client.download_artifacts(run_id, path, str(dst))) if path in listed else None
-    profile = None
-    if profile_artifact:
-        folder = os.path.dirname(profile_artifact) or None
-        if profile_artifact in {a.path for a in client.list_artifacts(run_id, folder)}:
-            try:
-                profile = _read_profile(client.download_artifacts(run_id, profile_artifact, str(dst)))
-            except (OSError, ValueError) as err:
-                raise CommitteeError(f"run {run_id}: unreadable {profile_artifact}: {err}") from err
-    return cand, paths, profile
 
 
 def _profile_matrix(
@@ -247,18 +159,9 @@ def compose(
     """Load and check the trial runs, select on validation, evaluate on test, seed control."""
     method, size = config.method, config.size
     profile_artifact = config.profile_artifact or None
-    with tempfile.TemporaryDirectory() as tmp:
-        wanted = profile_artifact if method == "diverse" else None
-        loaded = [download_candidate(client, r, Path(tmp) / r.info.run_id, wanted) for r in runs]
-        read_files([c for c, _, _ in loaded], [paths for _, paths, _ in loaded])
-    valid, excluded = partition([c for c, _, _ in loaded])
-    if not valid:
-        reasons = "; ".join(f"{rid}: {why}" for rid, why in excluded) or "no trial runs"
-        raise CommitteeError(f"no valid runs in {experiment!r} ({reasons})")
-    raw_val, raw_test = stack(valid)
-    temperatures = [fit_temperature(p, raw_val.labels) if config.calibrate else 1.0 for p in raw_val.probs]
-    val = Split([scale(p, t) for p, t in zip(raw_val.probs, temperatures)], raw_val.labels)
-    test = Split([scale(p, t) for p, t in zip(raw_test.probs, temperatures)], raw_test.labels)
+    loaded = load_runs(client, runs, experiment, config.calibrate, profile_artifact if method == "diverse" else None)
+    valid, excluded, raw_test = loaded.valid, loaded.excluded, loaded.raw_test
+    temperatures, val, test = loaded.temperatures, loaded.val, loaded.test
     params: dict[str, object] = {
         "method": method,
         "size_requested": size,
@@ -275,7 +178,7 @@ def compose(
         )
     options = {}
     if method == "diverse":
-        profiles, mechanism = _profile_matrix(valid, {c.run_id: p for c, _, p in loaded}, profile_artifact)
+        profiles, mechanism = _profile_matrix(valid, loaded.profiles, profile_artifact)
         options = {"lam": config.diversity_weight, "mu": config.mechanism_weight, "profiles": profiles}
         params.update(
             diversity_weight=config.diversity_weight,
@@ -421,20 +324,7 @@ def build(
     Candidates: the trial runs of ``experiments`` (comma-separated names; pruned trials too with
     ``include_pruned``), or the runs ``run_ids``. The committee run goes to the first experiment
     (or the first run's). Returns (committee run id, registered model URI or None)."""
-    if run_ids:
-        runs = explicit_runs(client, run_ids)
-        home, label = runs[0].info.experiment_id, "--runs"
-    else:
-        names = [n.strip() for n in (experiments or "").split(",") if n.strip()]
-        if not names:
-            raise CommitteeError("--experiment or --runs is required")
-        ids = []
-        for name in names:
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise CommitteeError(f"unknown experiment {name!r}")
-            ids.append(exp.experiment_id)
-        runs, home, label = trial_runs(client, ids, user_filter, include_pruned), ids[0], ",".join(names)
+    runs, home, label = candidate_runs(client, experiments, user_filter, run_ids, include_pruned)
     record = compose(client, runs, label, user_filter, config)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "committee"
@@ -518,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
             os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(args.tracking_uri)
             print(f"predictions: {predict_images(args.model_uri, Path(args.images), out, args.device)}")
             return 0
+        if args.committee_command == "draws":
+            return run_draws(args)
         if args.committee_command == "show":
             print(show(open_client(args.tracking_uri, create=False)[0], args.run_id))
             return 0
@@ -559,7 +451,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--alias", default=None, help="with --register: an alias for the new version (e.g. champion)")
     add_tracking_uri(parser)
-    sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show,predict}")
+    sub = parser.add_subparsers(dest="committee_command", title="subcommands", metavar="{show,predict,draws}")
     show_parser = sub.add_parser("show", help="print a committee run")
     show_parser.add_argument("run_id")
     add_tracking_uri(show_parser, nested=True)
@@ -574,6 +466,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="where the members run (auto: the GPU when one is visible)",
     )
     add_tracking_uri(predict_parser, nested=True)
+    add_draws_parser(sub)
     parser.set_defaults(func=run)
     return parser
 
