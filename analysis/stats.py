@@ -46,14 +46,13 @@ class Spread:
     low: float | None
     high: float | None
 
-    def text(self, scale: float = 100.0, unit: str = "%") -> str:
+    def text(self, scale: float = 100.0, unit: str = "%", digits: int = 2) -> str:
         """``35.57 ± 0.11 % (95 % CI 35.30 to 35.84, 3 seeds)``, or the value alone for one seed."""
+        unit = f" {unit}" if unit else ""
         if self.sd is None:
-            return f"{scale * self.mean:.2f} {unit} (1 seed)"
-        return (
-            f"{scale * self.mean:.2f} ± {scale * self.sd:.2f} {unit} "
-            f"(95 % CI {scale * self.low:.2f} to {scale * self.high:.2f}, {self.n} seeds)"
-        )
+            return f"{scale * self.mean:.{digits}f}{unit} (1 seed)"
+        mean, sd, low, high = (f"{scale * v:.{digits}f}" for v in (self.mean, self.sd, self.low, self.high))
+        return f"{mean} ± {sd}{unit} (95 % CI {low} to {high}, {self.n} seeds)"
 
 
 def mean_spread(values: Sequence[float]) -> Spread:

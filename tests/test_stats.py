@@ -97,3 +97,48 @@ def test_grouped_bootstrap_against_the_two_level_variance():
     assert diff.high - diff.low > 3 * (only_images.high - only_images.low)  # the seeds' spread counts
     with pytest.raises(ValueError):
         grouped_bootstrap(a, b[:, :10])
+
+
+def test_head_statistics_get_their_seed_spread():
+    from orchestrator.workbench.runs import seed_spreads
+
+    heads = [(37.5, 1.50, 0.534, 0.420), (42.8, 1.71, 0.504, 0.412), (38.3, 1.53, 0.478, 0.419)]
+    keys = ("labels_per_head_by_depth", "heads_per_label_by_depth", "head_max_share_by_depth")
+    rows = [
+        {
+            "status": "FINISHED",
+            "variant": "heads=4",
+            "val_acc": 0.36,
+            "test_acc": 0.35,
+            "metrics": dict(zip((*keys, "head_max_share_control_by_depth"), h)),
+        }
+        for h in heads
+    ]
+    _, line = seed_spreads(rows)
+    labels = mean_spread([h[0] for h in heads])
+    assert line.startswith(f"heads=4 heads: labels per head {labels.mean:.1f} ± {labels.sd:.1f} (95 % CI")
+    assert "heads per label 1.58 ± 0.11" in line and "its shuffled control 0.417 ± 0.004" in line
+    del rows[0]["metrics"][keys[0]]  # a seed without it: that statistic is left out, not half-averaged
+    assert "labels per head" not in seed_spreads(rows)[1]
+
+
+def test_report_shows_the_seed_spread(tmp_path):
+    """A sweep's report, built from a real MLflow store holding three seeds of one variant."""
+    from mlflow import MlflowClient
+
+    from orchestrator.workbench.report import build_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("seeds", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"unitlab.role": "sweep", "unitlab.sweep": "seeds"}).info.run_id
+    for seed, acc in enumerate((0.3545, 0.3563, 0.3564)):
+        tags = {"mlflow.parentRunId": parent, "unitlab.role": "trial", "unitlab.sweep": "seeds"}
+        tags |= {"unitlab.variant": "heads=4", "unitlab.seed": str(seed), "unitlab.trial_id": f"t{seed}"}
+        run = client.create_run(exp, tags=tags).info.run_id
+        for name, value in (("val_acc", acc + 0.01), ("test_acc", acc)):
+            client.log_metric(run, name, value)
+        client.set_terminated(run)
+    client.set_terminated(parent)
+    page, _ = build_report(client, "seeds", tmp_path / "report", uri)
+    assert "heads=4: test 35.57 ± 0.11 % (95 % CI 35.31 to 35.84, 3 seeds)" in page.read_text()

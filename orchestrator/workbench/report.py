@@ -24,7 +24,7 @@ from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from orchestrator.workbench.recap import committee_line, depth_rise, latest_committee, readout_series, recap  # noqa: E402
-from orchestrator.workbench.runs import PRUNE_ACCURACIES, prune_rows  # noqa: E402
+from orchestrator.workbench.runs import PRUNE_ACCURACIES, prune_rows, seed_spreads  # noqa: E402
 from orchestrator.workbench.summary import TABLE, SweepSummary, finish, summarize_sweep  # noqa: E402
 from orchestrator.workbench.tracking import (  # noqa: E402
     MEMBERS,
@@ -178,6 +178,13 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> tu
             _markdown_lead(summary.markdown),
             _table(TABLE, summary.rows),
         ]
+        spreads = seed_spreads(summary.rows)
+        if spreads:
+            parts += [
+                "<h3>Variants with several seeds</h3>",
+                '<p class="note">mean ± sample sd over seeds with the 95 % t interval of the mean.</p>',
+                "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in spreads) + "</ul>",
+            ]
         parts += [_figure(path, key) for key, path in summary.figures.items()]
         pruned = prune_rows(client, parent)
         if pruned:

@@ -127,19 +127,40 @@ def _table(columns: tuple[str, ...], rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table)
 
 
+# Head statistics of the deepest analysed head tap (claim 2; its latest depth-series step), as
+# (label, metric, decimals).
+HEAD_SPREADS = (
+    ("labels per head", "labels_per_head_by_depth", 1),
+    ("heads per label", "heads_per_label_by_depth", 2),
+    ("largest share of a label's nodes in one head", "head_max_share_by_depth", 3),
+    ("its shuffled control", "head_max_share_control_by_depth", 3),
+)
+
+
 def seed_spreads(rows: list[dict]) -> list[str]:
     """For every variant with several finished seeds: its mean test (and val) accuracy with the sample
-    sd and the 95 % t interval over seeds (analysis/stats.py), one line each."""
+    sd and the 95 % t interval over seeds (analysis/stats.py), one line each; where every seed has
+    head statistics (an analysed head tap), a second line with theirs."""
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
         if r["status"] == "FINISHED" and r["test_acc"] is not None:
             by_variant.setdefault(r["variant"], []).append(r)
-    return [
-        f"{variant}: test {mean_spread([r['test_acc'] for r in runs]).text()}; "
-        f"val {mean_spread([r['val_acc'] for r in runs]).text()}"
-        for variant, runs in sorted(by_variant.items())
-        if len(runs) > 1
-    ]
+    lines = []
+    for variant, runs in sorted(by_variant.items()):
+        if len(runs) < 2:
+            continue
+        lines.append(
+            f"{variant}: test {mean_spread([r['test_acc'] for r in runs]).text()}; "
+            f"val {mean_spread([r['val_acc'] for r in runs]).text()}"
+        )
+        heads = [
+            f"{label} {mean_spread([r['metrics'][key] for r in runs]).text(1.0, '', digits)}"
+            for label, key, digits in HEAD_SPREADS
+            if all(key in r.get("metrics", {}) for r in runs)
+        ]
+        if heads:
+            lines.append(f"{variant} heads: " + "; ".join(heads))
+    return lines
 
 
 def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
