@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 import yaml
@@ -248,6 +249,22 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
         _, acc, probs = evaluate(model, loaders["test"])
         assert acc == run.data.metrics["test_acc"]
         np.testing.assert_allclose(probs, read_probs(local / "probs/probs_test.parquet")[2], atol=1e-5, rtol=0)
+    # the same sweep as an Optuna study beside the tracking store: values equal the MLflow metrics
+    assert parents[0].data.tags["unitlab.study_storage"] == f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    by_run = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
+    assert len(study.trials) == 4 and set(by_run) == {r.info.run_id for r in children}
+    for run in children:
+        trial = by_run[run.info.run_id]
+        assert trial.state == optuna.trial.TrialState.COMPLETE and trial.values == [run.data.metrics["val_acc"]]
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert trial.intermediate_values == {m.step: m.value for m in history}
+        assert trial.params["n_conv_blocks"] == int(run.data.params["model.n_conv_blocks"])
+        assert (
+            trial.params["attention"]
+            == f"heads={run.data.params['model.heads']},head_dim={run.data.params['model.head_dim']}"
+        )
+        assert trial.user_attrs["seed"] == 0 and "seed" not in trial.params  # seeds are noise, not a parameter
     capsys.readouterr()
     assert main(["runs", "e2e", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     out = capsys.readouterr().out
@@ -281,6 +298,18 @@ def test_optuna_multi_objective_with_asha_ends_every_run(local_ray, tmp_path, ca
             assert run.info.status == "FINISHED" and history == [0, 1, 2] and "latency_ms_b1" in run.data.metrics
     lrs = {float(r.data.params["recipe.lr"]) for r in children}
     assert len(lrs) == 4 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and len(study.trials) == 4
+    by_run = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
+    for run in children:
+        trial = by_run[run.info.run_id]
+        assert trial.params["recipe.lr"] == pytest.approx(float(run.data.params["recipe.lr"]))
+        if run.info.status == "KILLED":
+            assert trial.state == optuna.trial.TrialState.PRUNED and len(trial.intermediate_values) < 3
+        else:
+            m = run.data.metrics
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+            assert trial.values == [m["val_acc"], m["latency_ms_b1"]]
     assert "pareto" in capsys.readouterr().out
 
 

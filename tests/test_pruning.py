@@ -240,6 +240,22 @@ def test_finetune_budgets_make_one_cell_per_budget():
             PrunePlan.parse({"methods": ["none"], "finetune_budgets": bad})
 
 
+def test_seeds_make_one_cell_per_seed():
+    plan = PrunePlan.parse({"methods": ["andc", "random"], "finetune_budgets": [1], "seeds": [0, 2]})
+    cells = plan.cells()
+    assert list(cells) == [
+        "andc,threshold=0.3,epochs=1,seed=0",
+        "andc,threshold=0.3,epochs=1,seed=2",
+        "random,threshold=0.3,epochs=1,seed=0",
+        "random,threshold=0.3,epochs=1,seed=2",
+    ]
+    assert [c.seed for c in cells.values()] == [0, 2, 0, 2] and plan.to_dict()["seeds"] == [0, 2]
+    assert list(PrunePlan.parse({"methods": ["none"], "seed": 3}).cells()) == ["none"]  # no seeds: one cell
+    for bad, match in (([], "at least one"), ([1, 1], "duplicate"), ([-1], r"prune.seeds: must be in \[0")):
+        with pytest.raises(InputError, match=match):
+            PrunePlan.parse({"methods": ["none"], "seeds": bad})
+
+
 # ---------------------------------------------------------------- enforcement
 
 

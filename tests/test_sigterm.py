@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import optuna
 import pytest
 from conftest import REPO, cli_args, sweep_spec, write
 from mlflow import MlflowClient
@@ -59,3 +60,8 @@ def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path):
     for run in children:
         assert run.info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [0, 1, 2, 3]
+    # the Optuna study went on with resume: one trial per Tune trial, none doubled
+    study = optuna.load_study(study_name="sigterm", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 4 and {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
+    assert all(sorted(t.intermediate_values) == [0, 1, 2, 3] for t in study.trials)

@@ -51,7 +51,7 @@ from trainables.loader import DeviceLoader
 from trainables.models.taps import TappedModel
 from trainables.probs import write_probs
 from trainables.run_folder import CONFIG, LABEL_SETS, MASKS, SPEC, SUMMARY, RunFolder
-from trainables.schema import InputError, Settings, seed_setting, setting
+from trainables.schema import InputError, Settings, check_seed, seed_setting, setting
 from trainables.train import device_flags, evaluate, fit, make_loaders, norm_record, select_device
 
 METHODS = (
@@ -118,7 +118,8 @@ class PruneConfig(Settings):
 class PrunePlan(Settings):
     """A ``prune:`` section (a sweep's prune stage, ``analysis.pruning.cli --config``): one pruning job
     per method x threshold, plus fixed-dilution ``random`` cells at ``levels``, each once per
-    fine-tuning budget of ``finetune_budgets`` (when given; else the base's ``finetune_epochs``). Every
+    fine-tuning budget of ``finetune_budgets`` (when given; else the base's ``finetune_epochs``) and
+    once per mask and fine-tuning seed of ``seeds`` (when given; else the base's ``seed``). Every
     other key is a ``PruneConfig`` field shared by all cells (``base``), written flat beside ``methods``.
 
     ``random`` copies the first guided method's layers and per-layer dilution (else the family's
@@ -126,13 +127,16 @@ class PrunePlan(Settings):
     """
 
     SECTION = "prune"
-    OWN = ("methods", "thresholds", "levels", "finetune_budgets")
+    OWN = ("methods", "thresholds", "levels", "finetune_budgets", "seeds")
 
     methods: tuple[str, ...] = setting(("afcc",), f"comma-separated: {', '.join(METHODS)}")
     thresholds: tuple[float, ...] | None = setting(None, "cluster thresholds (default: the analysis threshold)")
     levels: tuple[float, ...] = setting((), "fixed dilutions for extra method-random cells")
     finetune_budgets: tuple[int, ...] | None = setting(
         None, "fine-tuning epochs, one cell per budget (each its own cosine schedule; default: finetune_epochs)"
+    )
+    seeds: tuple[int, ...] | None = setting(
+        None, "mask and fine-tuning seeds, one cell per seed (the label sets are shared; default: seed)"
     )
     base: PruneConfig = setting(factory=PruneConfig, flag=False)
 
@@ -187,6 +191,11 @@ class PrunePlan(Settings):
             for epochs in self.finetune_budgets:
                 if epochs < 0:
                     raise InputError("finetune_budgets", f"must be >= 0, got {epochs}")
+        if self.seeds is not None:
+            if not self.seeds:
+                raise InputError("seeds", "needs at least one seed (or leave it out)")
+            for seed in self.seeds:
+                check_seed(seed, "seeds")
         if self.levels and "random" not in self.methods:
             raise InputError("levels", "fixed dilutions are cells of method random; add it to methods")
         guided = [m for m in self.methods if m in GUIDED_METHODS]
@@ -210,22 +219,24 @@ class PrunePlan(Settings):
         configs += [base.replace(method="random", level=level, analysis=source) for level in self.levels]
         if not configs:
             raise InputError(f"{self.SECTION}", "no cells (method random with no thresholds and no levels)")
-        if self.finetune_budgets is None:
-            return {cell_label(c): c for c in configs}
-        budgeted = [c.replace(finetune_epochs=e) for c in configs for e in self.finetune_budgets]
-        return {cell_label(c, budget=True): c for c in budgeted}
+        if self.finetune_budgets is not None:
+            configs = [c.replace(finetune_epochs=e) for c in configs for e in self.finetune_budgets]
+        if self.seeds is not None:
+            configs = [c.replace(seed=seed) for c in configs for seed in self.seeds]
+        return {cell_label(c, self.finetune_budgets is not None, self.seeds is not None): c for c in configs}
 
 
-def cell_label(config: PruneConfig, budget: bool = False) -> str:
+def cell_label(config: PruneConfig, budget: bool = False, seed: bool = False) -> str:
     """``afcc,threshold=0.3``, ``random,level=0.5``, ``random_labels``, ``none``; with ``budget`` the
-    fine-tuning epochs follow (``afcc,threshold=0.3,epochs=5``)."""
+    fine-tuning epochs follow (``afcc,threshold=0.3,epochs=5``), with ``seed`` the seed (``,seed=1``)."""
     if config.method == "random" and config.level is not None:
         label = f"random,level={config.level:g}"
     elif config.needs_label_sets:
         label = f"{config.method},threshold={config.threshold:g}"
     else:
         label = config.method
-    return f"{label},epochs={config.finetune_epochs}" if budget else label
+    label += f",epochs={config.finetune_epochs}" if budget else ""
+    return label + (f",seed={config.seed}" if seed else "")
 
 
 # ---------------------------------------------------------------- label sets from the analysis

@@ -24,13 +24,13 @@ from orchestrator.sweeps.cluster import start_driver
 from orchestrator.sweeps.prune_stage import PruneContext, run_prune_stage
 from orchestrator.sweeps.spec import (
     SCHEDULER_METRIC,
-    Distribution,
     SweepError,
     SweepSpec,
     load_spec,
     parse_spec,
 )
 from orchestrator.sweeps.storage import check_remote_storage
+from orchestrator.sweeps.study import StudyRecorder, optuna_distribution, public_url, study_storage
 from orchestrator.sweeps.trainable import TrialContext, train_trial
 from orchestrator.workbench.runs import format_runs
 from orchestrator.workbench.spool import call_when_up
@@ -44,9 +44,11 @@ from orchestrator.workbench.tracking import (
     ROLE_SWEEP,
     STOPPED,
     STORAGE,
+    STUDY,
     SWEEP,
     TRIALS_FAILED,
     child_runs,
+    connect,
     end_run,
     experiment_id,
     find_child,
@@ -58,8 +60,9 @@ from orchestrator.workbench.tracking import (
 )
 
 
-def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec) -> str:
-    """Create the sweep's parent run with its tags, settings and the spec text; returns its id."""
+def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, study_url: str) -> str:
+    """Create the sweep's parent run with its tags (``study_url``: where its Optuna study lives),
+    settings and the spec text; returns its id."""
     run = client.create_run(
         exp_id,
         run_name=spec.name,
@@ -68,6 +71,7 @@ def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec) -> str:
             SWEEP: spec.name,
             STORAGE: spec.storage_path,
             METRICS: ",".join(f"{k}:{v}" for k, v in spec.metrics.items()),
+            STUDY: study_url,
         },
     )
     params = {
@@ -95,15 +99,6 @@ def make_trainable(context: TrialContext):
     """The trial function with the sweep's context bound and its resources per trial."""
     spec = context.spec
     return tune.with_resources(tune.with_parameters(train_trial, context=context), {"cpu": spec.cpus, "gpu": spec.gpus})
-
-
-def optuna_distribution(dist: Distribution) -> od.BaseDistribution:
-    """The Optuna distribution a spec declares."""
-    if dist.type == "categorical":
-        return od.CategoricalDistribution(list(dist.choices))
-    if dist.type == "int":
-        return od.IntDistribution(int(dist.low), int(dist.high), log=dist.log, step=int(dist.step or 1))
-    return od.FloatDistribution(float(dist.low), float(dist.high), log=dist.log, step=dist.step)
 
 
 def search_setup(spec: SweepSpec) -> tuple[dict, OptunaSearch | None]:
@@ -161,10 +156,17 @@ def build_tuner(context: TrialContext) -> tune.Tuner:
                     ),
                 ),
                 ProgressLines(lambda trial: spec.run_name(trial.config)),
+                StudyRecorder(spec, study_storage(context.tracking_uri), lambda trial: _run_id(context, trial)),
             ],
             verbose=tune_verbosity(),
         ),
     )
+
+
+def _run_id(context: TrialContext, trial) -> str | None:
+    """A Tune trial's MLflow run id, or None when it never opened one."""
+    run = find_child(connect(context.tracking_uri), context.experiment_id, context.parent_run_id, trial.trial_id)
+    return run.info.run_id if run else None
 
 
 def free_name(spec: SweepSpec, client: MlflowClient | None, new: bool) -> str:
@@ -205,7 +207,7 @@ def run_sweep(
     start_driver(spec, address)
     client, uri = open_client(uri, create=True)
     exp_id = experiment_id(client, spec.name, uri)
-    context = TrialContext(spec, uri, exp_id, open_parent(client, exp_id, spec))
+    context = TrialContext(spec, uri, exp_id, open_parent(client, exp_id, spec, public_url(study_storage(uri))))
     with closing_on_exit(client, context):
         build_tuner(context).fit()
         return call_when_up(lambda: after_training(client, context), uri)

@@ -35,6 +35,7 @@ BEST_RUN = "unitlab.best_run_id"  # on the parent run: the trial chosen on valid
 # what a trial run records about itself
 VARIANT, SEED, DATASET, NUM_CLASSES = "unitlab.variant", "unitlab.seed", "unitlab.dataset", "unitlab.num_classes"
 NODE_ID, START_EPOCH, ATTEMPTS = "unitlab.node_id", "unitlab.start_epoch", "unitlab.attempts"
+STUDY = "unitlab.study_storage"  # on the parent run: the RDB URL of the sweep's Optuna study (no password)
 MODEL_URI = "unitlab.model_uri"  # the trial's logged MLflow Model (models:/m-...)
 ANALYSIS = "unitlab.analysis"  # "done" once the trial's analysis is logged
 ANALYSIS_THRESHOLD, ANALYSIS_RECIPE = f"{ANALYSIS}.threshold", f"{ANALYSIS}.recipe"
