@@ -1,4 +1,4 @@
-"""Command line: ``python -m orchestrator sweep SPEC | resume NAME | runs NAME | analyze | prune | committee | report``.
+"""Command line: ``python -m orchestrator sweep SPEC | resume NAME | runs NAME | analyze | prune | committee | report | dashboard NAME``.
 
 Exit codes: 0 done, 1 some trials failed, 2 bad spec or arguments (one line on stderr, nothing
 written), 130 interrupted (continue with ``resume``).
@@ -15,6 +15,7 @@ from orchestrator.stages.analyze import add_analyze_parser
 from orchestrator.stages.prune import add_prune_parser
 from orchestrator.sweeps.callbacks import VERBOSE
 from orchestrator.sweeps.run import resume_sweep, run_sweep
+from orchestrator.workbench.dashboard import add_dashboard_parser
 from orchestrator.workbench.report import add_report_parser
 from orchestrator.workbench.runs import format_runs
 from orchestrator.workbench.tracking import add_tracking_uri, open_client
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_committee_parser(commands)
     add_prune_parser(commands)
     add_report_parser(commands)
+    add_dashboard_parser(commands)
     return parser
 
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE] = "1"
-    if args.command in ("analyze", "committee", "prune", "report"):
+    if args.command in ("analyze", "committee", "prune", "report", "dashboard"):
         return args.func(args)
     try:
         if args.command == "runs":

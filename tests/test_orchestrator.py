@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import yaml
 from conftest import REPO, cli_args, sweep_spec, write
 from mlflow import MlflowClient
+from test_multinode import free_port
 
 from orchestrator.cli import main
 from orchestrator.sweeps.spec import FINAL_METRICS, load_spec, point_key
@@ -30,6 +32,19 @@ from trainables.data import load_splits
 from trainables.models import build_model
 from trainables.probs import read_probs
 from trainables.train import evaluate, make_loaders, run_job
+
+
+def wait_for_json(url: str, seconds: float) -> dict:
+    """GET ``url`` until it answers with JSON (a server still starting), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return json.loads(reply.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def trial_runs(tmp_path: Path, name: str) -> tuple[list, list]:
@@ -265,6 +280,28 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
             == f"heads={run.data.params['model.heads']},head_dim={run.data.params['model.head_dim']}"
         )
         assert trial.user_attrs["seed"] == 0 and "seed" not in trial.params  # seeds are noise, not a parameter
+    # ... served by optuna-dashboard: its API lists the study's four trials
+    port = free_port()
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "dashboard", "e2e", "--port", str(port), *cli_args(tmp_path)[:2]],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first = dashboard.stdout.readline()
+        assert first.startswith("study e2e (sqlite:///") and f"http://127.0.0.1:{port}/dashboard/studies/" in first
+        studies = wait_for_json(f"http://127.0.0.1:{port}/api/studies", 60)
+        (listed,) = [s for s in studies["study_summaries"] if s["study_name"] == "e2e"]
+        detail = wait_for_json(f"http://127.0.0.1:{port}/api/studies/{listed['study_id']}", 10)
+        listed_runs = {a["value"] for t in detail["trials"] for a in t["user_attrs"] if a["key"] == "mlflow_run_id"}
+        assert listed_runs == {r.info.run_id for r in children}
+        assert len(detail["trials"]) == 4 and all(t["state"] == "Complete" for t in detail["trials"])
+        assert {p["name"] for t in detail["trials"] for p in t["params"]} == {"attention", "n_conv_blocks"}
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
     capsys.readouterr()
     assert main(["runs", "e2e", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     out = capsys.readouterr().out
@@ -370,3 +407,16 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(local_ray, tm
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     assert steps(tmp_path, children[0].info.run_id) == [0, 1, 2, 3]
     assert children[0].data.tags["unitlab.attempts"] == "2" and int(children[0].data.tags["unitlab.start_epoch"]) >= 1
+
+
+def test_dashboard_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    client.create_run(exp, tags={"unitlab.role": "sweep", "unitlab.sweep": "old"})
+    capsys.readouterr()
+    assert main(["dashboard", "nope", "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip() == f"error: dashboard nope: no sweep of that name in {uri}"
+    assert main(["dashboard", "old", "--tracking-uri", uri]) == 2  # a sweep from before studies were recorded
+    assert capsys.readouterr().err.strip().startswith(f"error: dashboard old: no study file {tmp_path / 'optuna.db'}")
+    assert not (tmp_path / "optuna.db").exists()

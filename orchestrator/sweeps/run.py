@@ -30,10 +30,11 @@ from orchestrator.sweeps.spec import (
     parse_spec,
 )
 from orchestrator.sweeps.storage import check_remote_storage
-from orchestrator.sweeps.study import StudyRecorder, optuna_distribution, public_url, study_storage
+from orchestrator.sweeps.study import StudyRecorder, optuna_distribution
 from orchestrator.sweeps.trainable import TrialContext, train_trial
 from orchestrator.workbench.runs import format_runs
 from orchestrator.workbench.spool import call_when_up
+from orchestrator.workbench.study_store import public_url, study_storage
 from orchestrator.workbench.summary import summarize_sweep
 from orchestrator.workbench.tracking import (
     CELL,
