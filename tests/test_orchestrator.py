@@ -280,6 +280,13 @@ def test_sweep_logs_parent_and_children_with_loadable_artifacts(local_ray, tmp_p
             == f"heads={run.data.params['model.heads']},head_dim={run.data.params['model.head_dim']}"
         )
         assert trial.user_attrs["seed"] == 0 and "seed" not in trial.params  # seeds are noise, not a parameter
+    # what mattered, on the parent run: fANOVA importance of the two axes for each objective
+    logged = client.get_run(parents[0].info.run_id).data.metrics
+    for prefix in ("importance", "importance_latency_ms_b1"):
+        scores = [logged[f"{prefix}/{axis}"] for axis in ("attention", "n_conv_blocks")]
+        assert sum(scores) == pytest.approx(1.0) and all(0 <= v <= 1 for v in scores)
+    figures = {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary/figures")}
+    assert "summary/figures/parallel_coordinates.png" in figures
     # ... served by optuna-dashboard: its API lists the study's four trials
     port = free_port()
     dashboard = subprocess.Popen(

@@ -185,6 +185,7 @@ def test_report_is_one_self_contained_page_logged_to_the_parent(served_sweep):
     assert re.search(r"<td>\d{1,3}\.\d\d %</td>", page) and not re.search(r"<td>\d+\.0000</td>", page)
     assert re.search(r"<td>\d{1,3}(,\d{3})+</td>", page)  # parameter counts as integers
     assert "Pareto front" in page and "rise with depth" in page  # a sentence under each figure
+    assert "importance needs at least 4 finished trials; this sweep has 2" in page  # not noise drawn as a finding
     assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     link = f"{served_sweep['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
     assert link in served_sweep["report_out"] and link in served_sweep["sweep_out"]

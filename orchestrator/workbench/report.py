@@ -53,8 +53,10 @@ def _img(path: Path, alt: str) -> str:
 # What each figure shows, in one sentence under it (keys: the summary's figure names).
 CAPTIONS = {
     "accuracy_by_variant": "Test accuracy of each variant: a dot per seed, the bar at their mean.",
-    "accuracy_vs_latency": "Test accuracy against batch-1 latency per trial; the line joins the trials "
-    "that no other trial beats on both (the Pareto front).",
+    "accuracy_vs_latency": "Test accuracy against batch-1 latency per trial; the red line joins the trials "
+    "that no other trial beats on both (the Pareto front), the dominated ones are grey.",
+    "parallel_coordinates": "Every finished trial as one line across the axes that vary (seeds left out) "
+    "to its validation accuracy, coloured by it: which axis values the best trials share.",
     "snr_by_depth": "Signal-to-noise ratio of the units' performance matrices at each tap, shallow to deep, "
     "one line per analysed trial: the papers expect it to rise with depth.",
     "heads_per_label": "How many heads of a block recognise a label, on average, against the block's head "
@@ -184,6 +186,14 @@ def build_report(client: MlflowClient, name: str, out_dir: Path, uri: str) -> tu
                 "<h3>Variants with several seeds</h3>",
                 '<p class="note">mean ± sample sd over seeds with the 95 % t interval of the mean.</p>',
                 "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in spreads) + "</ul>",
+            ]
+        if summary.importance:
+            parts += [
+                "<h3>What mattered</h3>",
+                '<p class="note">Each axis\'s share of the variance of the objective across the finished '
+                "trials (Optuna's fANOVA on the sweep's study; <code>python -m orchestrator dashboard "
+                f"{html.escape(name)}</code> explores it).</p>",
+                "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary.importance) + "</ul>",
             ]
         parts += [_figure(path, key) for key, path in summary.figures.items()]
         pruned = prune_rows(client, parent)

@@ -40,3 +40,13 @@ def open_storage(url: str) -> RDBStorage:
     """The RDB storage at ``url`` (created with its schema on first use)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {})
+
+
+def logged_study_url(tag: str) -> str | None:
+    """The study URL from a parent run's tag: as logged, or ``UNITLAB_STUDY_STORAGE`` where the
+    logged one hides a password; None when there is none."""
+    if "***" in tag:
+        return os.environ.get(STUDY_STORAGE_ENV)
+    if tag.startswith("sqlite:///") and not Path(tag.removeprefix("sqlite:///")).is_file():
+        return None  # never create an empty study file by reading
+    return tag or None

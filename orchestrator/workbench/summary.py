@@ -4,9 +4,11 @@
 ``best_val_acc`` and ``best_test_acc`` (the test accuracy of the trial chosen on validation, not the
 best test value), ``n_trials`` and ``n_trials_finished``; tag ``unitlab.best_run_id``; a Markdown
 description (``mlflow.note.content``: the trials table, the best trial named); ``summary/trials.csv``;
-and figures under ``summary/figures/``: accuracy per variant with its seed spread, accuracy vs
-latency with the Pareto front, SNR along depth of every analysed trial on one chart, heads per
-label vs head count. The sweep calls it when it closes; ``orchestrator report`` refreshes it.
+and figures under ``summary/figures/``: parallel coordinates of the finished trials, accuracy per
+variant with its seed spread, accuracy vs latency with the Pareto front (dominated trials grey),
+SNR along depth of every analysed trial on one chart, heads per label vs head count. From the
+sweep's Optuna study: each axis's fANOVA importance for val accuracy (``importance/<axis>``) and
+latency (``importance_latency_ms_b1/<axis>``), also as lines in the description. The sweep calls it when it closes; ``orchestrator report`` refreshes it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Run, RunTag  # noqa: E402
 
+from orchestrator.workbench.importance import (  # noqa: E402
+    Importance,
+    finished_trials,
+    importance,
+    plot_parallel_coordinates,
+)
 from orchestrator.workbench.runs import pareto_front, seed_spreads, trial_rows  # noqa: E402
-from orchestrator.workbench.tracking import ANALYSIS, BEST_RUN, child_runs  # noqa: E402
+from orchestrator.workbench.study_store import logged_study_url  # noqa: E402
+from orchestrator.workbench.tracking import ANALYSIS, BEST_RUN, STUDY, SWEEP, child_runs  # noqa: E402
 
 NOTE = "mlflow.note.content"
 MAX_NOTE_ROWS = 30  # the description stays within MLflow's tag size; trials.csv holds every trial
@@ -53,6 +62,7 @@ class SweepSummary:
     best: dict | None
     figures: dict[str, Path] = field(default_factory=dict)
     markdown: str = ""
+    importance: list[str] = field(default_factory=list)  # what mattered, one line per objective
 
 
 def summary_rows(client: MlflowClient, parent: Run) -> list[dict]:
@@ -71,7 +81,7 @@ def _fmt(value, spec: str = "{:.4f}") -> str:
     return "-" if value is None else spec.format(value)
 
 
-def markdown(parent: Run, rows: list[dict], best: dict | None) -> str:
+def markdown(parent: Run, rows: list[dict], best: dict | None, mattered: list[str] = ()) -> str:
     """The parent run's description: what the sweep is, who won, the trials table."""
     finished = [r for r in rows if r["status"] == "FINISHED"]
     lines = [
@@ -101,6 +111,8 @@ def markdown(parent: Run, rows: list[dict], best: dict | None) -> str:
     if spreads:
         lines += ["", "Variants with several seeds (mean ± sample sd, 95 % t interval over seeds):", ""]
         lines += [f"- {line}" for line in spreads]
+    if mattered:
+        lines += ["", *[f"- {line}" for line in mattered]]
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     lines += ["", *[f"Ran on: {where}." for where in machines]]
     lines += ["", "Figures and `trials.csv` are under this run's artifacts, `summary/`."]
@@ -140,7 +152,8 @@ def plot_accuracy_by_variant(rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_accuracy_vs_latency(rows: list[dict], path: Path) -> Path | None:
-    """Test accuracy vs batch-1 latency per trial, the Pareto front (higher accuracy, lower latency) joined."""
+    """Test accuracy vs batch-1 latency per trial: the Pareto front (higher accuracy, lower latency)
+    coloured and joined, the dominated trials grey."""
     points = [
         r for r in rows if r["status"] == "FINISHED" and r["test_acc"] is not None and r["latency_ms_b1"] is not None
     ]
@@ -148,14 +161,27 @@ def plot_accuracy_vs_latency(rows: list[dict], path: Path) -> Path | None:
         return None
     front = pareto_front(points, {"test_acc": "max", "latency_ms_b1": "min"})
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r["latency_ms_b1"] for r in points], [r["test_acc"] for r in points], s=22)
+    dominated = [r for r in points if r["run_id"] not in front]
+    ax.scatter(
+        [r["latency_ms_b1"] for r in dominated],
+        [r["test_acc"] for r in dominated],
+        s=22,
+        color="0.7",
+        label="dominated",
+    )
     for r in points:
         ax.annotate(
             r["name"], (r["latency_ms_b1"], r["test_acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
         )
     edge = sorted((r for r in points if r["run_id"] in front), key=lambda r: r["latency_ms_b1"])
     ax.plot(
-        [r["latency_ms_b1"] for r in edge], [r["test_acc"] for r in edge], color="tab:red", lw=1.2, label="Pareto front"
+        [r["latency_ms_b1"] for r in edge],
+        [r["test_acc"] for r in edge],
+        color="tab:red",
+        marker="o",
+        ms=5,
+        lw=1.2,
+        label="Pareto front",
     )
     return finish(fig, ax, path, "latency at batch 1 (ms)", "test accuracy", "accuracy vs latency")
 
@@ -267,6 +293,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def sweep_importance(parent: Run, rows: list[dict]) -> Importance:
+    """The axes' importance from the sweep's Optuna study (empty with a note when it has none)."""
+    url = logged_study_url(parent.data.tags.get(STUDY, ""))
+    if url is None:
+        return Importance(note="importance: this sweep has no Optuna study")
+    return importance(finished_trials(url, parent.data.tags.get(SWEEP, parent.info.run_name)), rows)
+
+
 def summarize_sweep(client: MlflowClient, parent: Run, out_dir: Path | None = None) -> SweepSummary:
     """Compute and log the sweep summary onto the parent run (see the module docstring)."""
     rows = summary_rows(client, parent)
@@ -276,14 +310,20 @@ def summarize_sweep(client: MlflowClient, parent: Run, out_dir: Path | None = No
         folder = Path(out_dir or tmp)
         figures_dir = folder / "figures"
         figures_dir.mkdir(parents=True, exist_ok=True)
+        mattered = sweep_importance(parent, rows)
         drawn = {
+            "parallel_coordinates": plot_parallel_coordinates(mattered, figures_dir / "parallel_coordinates.png"),
             "accuracy_by_variant": plot_accuracy_by_variant(rows, figures_dir / "accuracy_by_variant.png"),
             "accuracy_vs_latency": plot_accuracy_vs_latency(rows, figures_dir / "accuracy_vs_latency.png"),
             "snr_by_depth": plot_snr_by_depth(client, rows, figures_dir / "snr_by_depth.png"),
             "heads_per_label": plot_heads_per_label(client, rows, figures_dir / "heads_per_label.png"),
         }
         summary = SweepSummary(
-            rows, best, {k: v for k, v in drawn.items() if v is not None}, markdown(parent, rows, best)
+            rows,
+            best,
+            {k: v for k, v in drawn.items() if v is not None},
+            markdown(parent, rows, best, mattered.lines()),
+            mattered.lines(),
         )
         write_csv(rows, folder / "trials.csv")
         (folder / "summary.md").write_text(summary.markdown)
@@ -293,6 +333,9 @@ def summarize_sweep(client: MlflowClient, parent: Run, out_dir: Path | None = No
             metrics["best_val_acc"] = best["val_acc"]
             if best["test_acc"] is not None:
                 metrics["best_test_acc"] = best["test_acc"]
+        for objective, scores in mattered.scores.items():
+            prefix = "importance" if objective == "val_acc" else f"importance_{objective}"
+            metrics.update({f"{prefix}/{axis}": score for axis, score in scores.items()})
         tags = {NOTE: summary.markdown, **({BEST_RUN: best["run_id"]} if best else {})}
         client.log_batch(
             run_id,

@@ -1,0 +1,70 @@
+"""What mattered in a sweep: fANOVA importance from a study joined to MLflow rows, the note when
+there is too little to fit, and the parallel-coordinates figure."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from orchestrator.workbench.importance import MIN_TRIALS, importance, plot_parallel_coordinates
+
+HEADS = CategoricalDistribution(["heads=4", "heads=16"])
+CONV = CategoricalDistribution([0, 1])
+LR = FloatDistribution(1e-4, 1e-2, log=True)
+
+
+def trials_and_rows(n_seeds: int = 2):
+    """A grid of heads x conv x lr x seeds whose val accuracy is set by conv alone (plus a seed
+    wobble) and whose latency by heads alone."""
+    trials, rows = [], []
+    for i, (heads, conv, lr, seed) in enumerate(
+        itertools.product(HEADS.choices, CONV.choices, (1e-3, 5e-3), range(n_seeds))
+    ):
+        run_id = f"run{i}"
+        trials.append(
+            create_trial(
+                state=TrialState.COMPLETE,
+                params={"attention": heads, "n_conv_blocks": conv, "recipe.lr": lr},
+                distributions={"attention": HEADS, "n_conv_blocks": CONV, "recipe.lr": LR},
+                values=[0.3 + 0.1 * conv + 0.001 * seed],
+                user_attrs={"mlflow_run_id": run_id, "seed": seed},
+            )
+        )
+        metrics = {"val_acc": 0.3 + 0.1 * conv + 0.001 * seed, "latency_ms_b1": 1.0 + (heads == "heads=16")}
+        rows.append({"run_id": run_id, "status": "FINISHED", "metrics": metrics, "val_acc": metrics["val_acc"]})
+    return trials, rows
+
+
+def test_importance_finds_the_axis_that_sets_each_objective(tmp_path):
+    trials, rows = trials_and_rows()
+    result = importance(trials, rows)
+    assert result.axes == ["attention", "n_conv_blocks", "recipe.lr"]
+    val, latency = result.scores["val_acc"], result.scores["latency_ms_b1"]
+    assert sum(val.values()) == pytest.approx(1.0) and val["n_conv_blocks"] > 0.9
+    assert latency["attention"] > 0.9
+    (first, second) = result.lines()
+    assert first.startswith("importance for val accuracy (fANOVA, 16 trials): n_conv_blocks 1.00,")
+    assert second.startswith("importance for latency at batch 1 (fANOVA, 16 trials): attention")
+    figure = plot_parallel_coordinates(result, tmp_path / "pc.png")
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_importance_says_so_instead_of_fitting_noise():
+    trials, rows = trials_and_rows()
+    few = importance(trials[: MIN_TRIALS - 1], rows)
+    assert not few.scores and few.lines() == [
+        f"importance needs at least {MIN_TRIALS} finished trials; this sweep has 3"
+    ]
+    failed = [dict(r, status="FAILED") for r in rows]  # runs that did not finish are left out
+    assert importance(trials, failed).lines()[0].endswith("this sweep has 0")
+    trials4, rows4 = trials_and_rows(n_seeds=4)
+    cell = [t for t in trials4 if t.params == {"attention": "heads=4", "n_conv_blocks": 0, "recipe.lr": 1e-3}]
+    assert len(cell) == 4  # four seeds of one cell: only noise
+    assert importance(cell, rows4).lines() == [
+        "importance: no axis varies across the finished trials (seeds are noise, not an axis)"
+    ]
+    no_latency = [dict(r, metrics={"val_acc": r["metrics"]["val_acc"]}) for r in rows]
+    assert set(importance(trials, no_latency).scores) == {"val_acc"}  # latency not measured: not scored
