@@ -28,7 +28,13 @@ def test_cluster_yaml_matches_rays_schema():
 def test_cluster_runs_mlflow_on_the_head_and_scales_gpu_workers_from_zero():
     config = load_cluster()
     head_cmds = " ".join(config["head_start_ray_commands"])
-    assert "mlflow server" in head_cmds and "--serve-artifacts" in head_cmds and "sqlite:" in head_cmds
+    assert "mlflow server" in head_cmds and "--serve-artifacts" in head_cmds
+    # the tracking store and the studies on the head's PostgreSQL, the password never in a URI
+    assert "--backend-store-uri postgresql+psycopg://mlflow@" in head_cmds and "/optuna;" in head_cmds
+    assert "install -y -qq postgresql" in " ".join(config["head_setup_commands"]) and ".pgpass" in " ".join(
+        config["head_setup_commands"]
+    )
+    assert "service postgresql restart" in head_cmds and "createdb -O mlflow" in head_cmds
     assert "MLFLOW_TRACKING_URI" in head_cmds
     worker = config["available_node_types"]["gpu_worker"]
     assert worker["min_workers"] == 0 and worker["max_workers"] >= 1
@@ -42,3 +48,4 @@ def test_cluster_listens_on_no_public_address():
     assert "0.0.0.0" not in head_cmds
     assert "--dashboard-host=127.0.0.1" in head_cmds
     assert "mlflow server --host $(hostname -I" in head_cmds  # the private IP, for the workers
+    assert "listen_addresses = 'localhost,$(hostname -I" in head_cmds and "samenet" in head_cmds

@@ -68,3 +68,19 @@ def test_importance_says_so_instead_of_fitting_noise():
     ]
     no_latency = [dict(r, metrics={"val_acc": r["metrics"]["val_acc"]}) for r in rows]
     assert set(importance(trials, no_latency).scores) == {"val_acc"}  # latency not measured: not scored
+
+
+def test_study_urls_never_show_a_password(monkeypatch, tmp_path):
+    from orchestrator.workbench.study_store import logged_study_url, public_url, study_storage
+
+    url = "postgresql+psycopg://mlflow:s3cret@10.0.0.5:5432/optuna"
+    assert public_url(url) == "postgresql+psycopg://mlflow:***@10.0.0.5:5432/optuna"
+    assert public_url("postgresql+psycopg://mlflow@10.0.0.5:5432/optuna").endswith("mlflow@10.0.0.5:5432/optuna")
+    monkeypatch.delenv("UNITLAB_STUDY_STORAGE", raising=False)
+    assert logged_study_url(public_url(url)) is None  # hidden: only the environment can say it
+    monkeypatch.setenv("UNITLAB_STUDY_STORAGE", url)
+    assert logged_study_url(public_url(url)) == url and study_storage("sqlite:///x/mlflow.db") == url
+    monkeypatch.delenv("UNITLAB_STUDY_STORAGE")
+    assert study_storage(f"sqlite:///{tmp_path}/mlflow.db") == f"sqlite:///{tmp_path}/optuna.db"
+    assert logged_study_url(f"sqlite:///{tmp_path}/optuna.db") is None  # no file: nothing is created by reading
+    assert not (tmp_path / "optuna.db").exists()

@@ -1,0 +1,90 @@
+"""The tracking store on a real PostgreSQL (the pgserver wheel, started here on a Unix socket): a
+two-trial sweep through `mlflow server` on it, with its Optuna study in the same database, every
+epoch logged exactly once; and a short load test (16 simulated trials at once) on PostgreSQL and on
+SQLite with no metric point lost or duplicated."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, sweep_spec, write
+from mlflow import MlflowClient
+from test_multinode import free_port
+
+pgserver = pytest.importorskip("pgserver", reason="pgserver (a pip-installed PostgreSQL) is not installed")
+sys.path.insert(0, str(REPO / "benchmarks"))
+import tracking_load  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pg")
+    try:
+        server, uri = tracking_load.start_postgres(folder)
+    except Exception as exc:  # noqa: BLE001 - a machine where PostgreSQL cannot start
+        pytest.skip(f"PostgreSQL did not start here: {type(exc).__name__}: {exc}")
+    server.psql("CREATE DATABASE optuna_studies;")
+    port = free_port()
+    mlflow = tracking_load.start_mlflow(uri, folder, port, workers=2)
+    yield {
+        "uri": f"http://127.0.0.1:{port}",
+        "db": uri,
+        "folder": folder,
+        "studies": uri.replace("/mlflow_load", "/optuna_studies"),
+    }
+    tracking_load.stop(mlflow)
+    server.cleanup()
+
+
+def test_sweep_on_postgresql_logs_every_epoch_once(postgres, tmp_path):
+    import optuna
+
+    spec = sweep_spec("pg", epochs=3, axes={"attention": [{"heads": 2, "head_dim": 16}], "n_conv_blocks": [0, 1]})
+    env = {**os.environ, "UNITLAB_STUDY_STORAGE": postgres["studies"], "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(write(tmp_path, spec)), "--tracking-uri", postgres["uri"]]
+        + ["--storage-path", str(tmp_path / "store")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(postgres["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("pg").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("unitlab.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("unitlab.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
+    assert len({r.data.tags["unitlab.trial_id"] for r in children}) == 2  # one run per trial
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [0, 1, 2]
+    assert parents[0].data.tags["unitlab.study_storage"] == postgres["studies"]  # no password in it to hide
+    study = optuna.load_study(study_name="pg", storage=postgres["studies"])
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
+    assert all(
+        t.values == [client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["val_acc"]] for t in study.trials
+    )
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_sixteen_concurrent_trials_lose_and_duplicate_nothing(postgres, tmp_path, backend):
+    if backend == "postgresql":
+        uri = postgres["uri"]
+        figures = tracking_load.load(uri, writers=16, epochs=4, processes=2, folder=tmp_path, timeout_s=240)
+    else:
+        port = free_port()
+        server = tracking_load.start_mlflow(f"sqlite:///{tmp_path / 'load.db'}", tmp_path, port, workers=2)
+        try:
+            figures = tracking_load.load(f"http://127.0.0.1:{port}", 16, 4, 2, tmp_path, 240)
+        finally:
+            tracking_load.stop(server)
+    assert not figures["timed_out"] and figures["errors"] == 0, figures
+    assert figures["runs"] == 16 and figures["runs_unfinished"] == 0 and figures["runs_duplicated"] == 0
+    assert figures["points_sent"] == 16 * 4 * 3 and figures["points_lost"] == 0 == figures["points_duplicated"]
