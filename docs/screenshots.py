@@ -1,10 +1,12 @@
-"""Screenshots of the MLflow UI for a sweep, taken with headless Chromium (Debian's `chromium`).
+"""Screenshots of the MLflow UI and of optuna-dashboard for a sweep, taken with headless Chromium
+(Debian's `chromium`).
 
     python docs/screenshots.py quick [--tracking-uri sqlite:///mlflow.db] [--out docs/screenshots]
 
 Starts `mlflow server` on a free loopback port over the store, then shoots the sweep's parent run
-page and its best trial's artifacts page into OUT. Without Chromium it says so and exits with 0
-(nothing to do here), so it can run anywhere.
+page and its best trial's artifacts page into OUT; then `python -m orchestrator dashboard` on
+another port and the study's page (``dashboard.png``) when the sweep has a study. Without Chromium
+it says so and exits with 0 (nothing to do here), so it can run anywhere.
 """
 
 from __future__ import annotations
@@ -28,6 +30,37 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_port(port: int, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+
+
+def shoot_dashboard(browser: str, sweep: str, uri: str, out: Path) -> None:
+    """optuna-dashboard on the sweep's study, one screenshot of the study page (none without a study)."""
+    port = free_port()
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "dashboard", sweep, "--port", str(port), "--tracking-uri", uri],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first = dashboard.stdout.readline().strip()
+        if not first.startswith("study "):
+            print(f"no dashboard screenshot: {first}")
+            return
+        wait_port(port)
+        shoot(browser, first.rsplit(" ", 1)[-1], out / "dashboard.png")
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
 
 
 def shoot(browser: str, url: str, path: Path) -> None:
@@ -84,11 +117,7 @@ def main() -> int:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.5)
+        wait_port(port)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         exp = parent.info.experiment_id
@@ -102,10 +131,11 @@ def main() -> int:
                 f"{base}/#/experiments/{exp}/runs/{best}/artifacts/{figure}{mode}",
                 out / "best_trial_artifacts.png",
             )
-        print(f"screenshots in {out}")
     finally:
         server.terminate()
         server.wait(timeout=30)
+    shoot_dashboard(browser, args.sweep, uri, out)
+    print(f"screenshots in {out}")
     return 0
 
 

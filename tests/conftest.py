@@ -69,6 +69,7 @@ LONGEST_FIRST = (
     "test_cluster_flow.py",
     "test_orchestrator.py",
     "test_workbench.py",
+    "test_postgres_tracking.py",
     "test_faults.py",
     "test_multinode.py",
     "test_sigterm.py",
