@@ -424,6 +424,8 @@ TARGETS = {
     "committee": ["--experiment", "x"],
     "committee show": ["show", "x"],
     "committee predict": ["predict", "models:/m@a", "{root}"],
+    "committee draws": ["draws", "--experiment", "x"],
+    "dashboard": ["x"],
 }
 for verb, target in TARGETS.items():
     argv = ["orchestrator", verb.split()[0], *target]
