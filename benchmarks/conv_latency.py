@@ -6,7 +6,9 @@ Latency depends on the architecture, not on trained weights, so every variant is
 init in this one process and timed with the same ``measure_latency`` the trials log (fp32, batch 1
 and ``--large-batch``, medians), in contiguous and channels_last memory formats, the variants
 interleaved over ``--rounds`` rounds so that drift in the machine's load hits all alike. The plain
-model (0 conv blocks) is the baseline. Prints one JSON object.
+model (0 conv blocks) is the baseline. Each round pairs every variant with the baseline, so the
+ratio to the baseline also comes per round, with its mean, sample sd and 95 % t interval over the
+rounds (``*_ratio_over_rounds``). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import platform
 import numpy as np
 import torch
 
+from analysis.stats import mean_spread
 from trainables.models import build_model, count_macs, count_params, resolve_spec
 from trainables.train import measure_latency
 
@@ -73,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         row["large_batch_vs_baseline"] = round(
             row["latency_ms_per_image_large_batch"] / ref["latency_ms_per_image_large_batch"], 3
         )
+        runs, base_runs = (
+            samples[(row["n_conv_blocks"], row["memory_format"])],
+            samples[(counts[0], row["memory_format"])],
+        )
+        for key, name in (("latency_ms_b1", "b1"), ("latency_ms_per_image_large_batch", "large_batch")):
+            spread = mean_spread([r[key] / b[key] for r, b in zip(runs, base_runs)])
+            row[f"{name}_ratio_over_rounds"] = {
+                "n": spread.n,
+                "mean": round(spread.mean, 3),
+                "sd": None if spread.sd is None else round(spread.sd, 3),
+                "ci95": None if spread.low is None else [round(spread.low, 3), round(spread.high, 3)],
+            }
     print(
         json.dumps(
             {
