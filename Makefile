@@ -44,4 +44,4 @@ demo: $(VENV)/.installed
 	@echo "(mlflow is installed in $(VENV)/bin: run \`source $(VENV)/bin/activate\` first)"
 
 clean-runs:
-	rm -rf runs mlflow.db mlartifacts
+	rm -rf runs mlflow.db optuna.db mlartifacts

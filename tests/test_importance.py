@@ -84,3 +84,23 @@ def test_study_urls_never_show_a_password(monkeypatch, tmp_path):
     assert study_storage(f"sqlite:///{tmp_path}/mlflow.db") == f"sqlite:///{tmp_path}/optuna.db"
     assert logged_study_url(f"sqlite:///{tmp_path}/optuna.db") is None  # no file: nothing is created by reading
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_study_left_by_another_sweep_of_the_same_name_is_replaced(tmp_path):
+    """`make clean-runs` or a deleted experiment frees a sweep name in MLflow; its old study must not
+    collect the new sweep's trials."""
+    from conftest import sweep_spec, write
+
+    from orchestrator.sweeps.spec import load_spec
+    from orchestrator.sweeps.study import study_id
+    from orchestrator.workbench.study_store import open_storage
+
+    spec = load_spec(write(tmp_path, sweep_spec("again")))
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    first = study_id(storage, spec, "parent-1")
+    storage.create_new_trial(first)
+    assert study_id(storage, spec, "parent-1") == first and len(storage.get_all_trials(first)) == 1  # resume
+    second = study_id(storage, spec, "parent-2")
+    assert storage.get_study_user_attrs(second)["mlflow_parent_run_id"] == "parent-2"
+    assert storage.get_all_trials(second) == []  # the earlier sweep's trial is gone with its study
+    assert [s.study_name for s in storage.get_all_studies()] == ["again"]

@@ -157,7 +157,12 @@ def build_tuner(context: TrialContext) -> tune.Tuner:
                     ),
                 ),
                 ProgressLines(lambda trial: spec.run_name(trial.config)),
-                StudyRecorder(spec, study_storage(context.tracking_uri), lambda trial: _run_id(context, trial)),
+                StudyRecorder(
+                    spec,
+                    study_storage(context.tracking_uri),
+                    context.parent_run_id,
+                    lambda trial: _run_id(context, trial),
+                ),
             ],
             verbose=tune_verbosity(),
         ),

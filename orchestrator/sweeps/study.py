@@ -5,7 +5,8 @@ axis values as parameters (categorical; a tied axis as its label without the see
 distributions as theirs, the seed and the MLflow run id as user attributes, val accuracy after every
 epoch as intermediate values, the sweep's metrics (``search.metrics``) as its final values, and its
 state: COMPLETE, PRUNED (stopped early by ASHA) or FAIL (after its last retry). The study is named
-after the sweep and lives in an RDB storage beside the tracking store (``study_storage``).
+after the sweep (user attribute ``mlflow_parent_run_id``: the sweep's parent run) and lives in an
+RDB storage beside the tracking store (``workbench.study_store.study_storage``).
 
 ``resume`` finds each Tune trial's Optuna trial by the ``tune_trial_id`` attribute: a trial that
 was running goes on in the same Optuna trial; one that ended is left as it is. A trial that failed
@@ -31,21 +32,28 @@ from orchestrator.workbench.study_store import open_storage
 TUNE_TRIAL = "tune_trial_id"
 RUN_ID = "mlflow_run_id"
 SEED = "seed"
+PARENT = "mlflow_parent_run_id"
 
 
 def _direction(mode: str) -> StudyDirection:
     return StudyDirection.MAXIMIZE if mode == "max" else StudyDirection.MINIMIZE
 
 
-def study_id(storage: RDBStorage, spec: SweepSpec) -> int:
-    """The sweep's study (created with the sweep's metric directions on first use)."""
+def study_id(storage: RDBStorage, spec: SweepSpec, parent_run_id: str) -> int:
+    """The sweep's study, created with the sweep's metric directions on first use. A study of the
+    same name left by another sweep (its MLflow runs deleted, so the name was free again) is
+    replaced: one study holds one sweep's trials."""
     try:
-        return storage.get_study_id_from_name(spec.name)
+        sid = storage.get_study_id_from_name(spec.name)
+        if storage.get_study_user_attrs(sid).get(PARENT) == parent_run_id:
+            return sid
+        storage.delete_study(sid)
     except KeyError:
-        directions = [_direction(m) for m in spec.metrics.values()]
-        sid = storage.create_new_study(directions, spec.name)
-        storage.set_study_user_attr(sid, "metrics", list(spec.metrics))
-        return sid
+        pass
+    sid = storage.create_new_study([_direction(m) for m in spec.metrics.values()], spec.name)
+    storage.set_study_user_attr(sid, "metrics", list(spec.metrics))
+    storage.set_study_user_attr(sid, PARENT, parent_run_id)
+    return sid
 
 
 def optuna_distribution(dist: Distribution) -> od.BaseDistribution:
@@ -103,8 +111,8 @@ class StudyRecorder(tune.Callback):
     keeps its callbacks in the experiment state and restores them on ``resume``); the storage and the
     map of Tune to Optuna trials are read from the storage on first use in each driver process."""
 
-    def __init__(self, spec: SweepSpec, storage_url: str, run_id_of=None):
-        self.spec, self.url, self.run_id_of = spec, storage_url, run_id_of
+    def __init__(self, spec: SweepSpec, storage_url: str, parent_run_id: str, run_id_of=None):
+        self.spec, self.url, self.parent, self.run_id_of = spec, storage_url, parent_run_id, run_id_of
         self._state: tuple | None = None
 
     def __getstate__(self) -> dict:
@@ -113,7 +121,7 @@ class StudyRecorder(tune.Callback):
     def _load(self) -> tuple[RDBStorage, int, dict[str, int], dict[str, int]]:
         if self._state is None:
             storage = open_storage(self.url)
-            sid = study_id(storage, self.spec)
+            sid = study_id(storage, self.spec, self.parent)
             ids: dict[str, int] = {}  # Tune trial id -> Optuna trial id
             failed: dict[str, int] = {}  # Tune trial id -> number of its failed Optuna trial
             for t in storage.get_all_trials(sid, deepcopy=False):
