@@ -88,3 +88,39 @@ def test_sixteen_concurrent_trials_lose_and_duplicate_nothing(postgres, tmp_path
     assert not figures["timed_out"] and figures["errors"] == 0, figures
     assert figures["runs"] == 16 and figures["runs_unfinished"] == 0 and figures["runs_duplicated"] == 0
     assert figures["points_sent"] == 16 * 4 * 3 and figures["points_lost"] == 0 == figures["points_duplicated"]
+
+
+def test_a_database_restart_under_the_server_loses_and_duplicates_nothing(tmp_path, monkeypatch):
+    """PostgreSQL stops under a running `mlflow server` (a failover, a restart): the server answers
+    500, the trial's spool keeps the writes and sends each once when the database is back."""
+    from mlflow.entities import Metric
+    from test_multinode import wait_for
+
+    from orchestrator.workbench.spool import Spool, is_transient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # see each 500 at once (trials allow 3)
+    server, db = tracking_load.start_postgres(tmp_path)
+    port = free_port()
+    mlflow = tracking_load.start_mlflow(db, tmp_path, port, workers=1)
+    try:
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        run_id = client.create_run(client.create_experiment("restart")).info.run_id
+        spool = Spool(client.tracking_uri, poll_s=0.5, wait_s=120)
+        batch = lambda e: [Metric("val_acc", 0.1 * e, 1_000 + e, e)]  # noqa: E731
+        spool.submit("epoch 0", lambda: client.log_batch(run_id, metrics=batch(0)))
+        spool.drain()
+        server.cleanup()  # the database goes away; the MLflow server stays up
+        with pytest.raises(Exception) as caught:
+            client.log_batch(run_id, metrics=batch(1))
+        assert is_transient(caught.value), caught.value
+        for e in (1, 2, 3):
+            spool.submit(f"epoch {e}", lambda e=e: client.log_batch(run_id, metrics=batch(e)))
+        wait_for(lambda: spool.outages == 1, 60, "the spool to meet the outage")
+        server = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")  # back, same data
+        spool.drain()
+        assert spool.outages == 1
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
+        assert steps == [0, 1, 2, 3]  # every epoch once, none lost in the outage
+    finally:
+        tracking_load.stop(mlflow)
+        server.cleanup()

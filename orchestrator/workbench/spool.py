@@ -1,7 +1,8 @@
 """A trial's MLflow writes, sent in order by a background thread and kept while the server is away.
 
 Training never waits for MLflow: ``submit`` queues a write and returns. When the tracking server
-does not answer (a transient error: connection refused, timeout, 5xx after MLflow's own retries),
+does not answer (a transient error: connection refused, timeout, 5xx after MLflow's own retries,
+an error answer that says the server's side failed: its database away, locked or overloaded),
 the writer keeps the write at the head of the queue, prints one warning line (Ray forwards it to
 the driver's console) and tries again every ``poll_s`` seconds; writes are never reordered or
 dropped. ``drain`` waits until everything is sent, at most ``wait_s`` seconds, which is what a
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import requests
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 
 SPOOL_RECORDS = 10_000  # writes kept while the server is away; one per epoch plus a few per trial
 WAIT_SECONDS = float(os.environ.get("UNITLAB_MLFLOW_WAIT_S", 3600))  # how long a finished trial waits for the server
@@ -34,6 +35,10 @@ TRIAL_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 
+
+# Error codes of a server that answered but could not do the write now (HTTP 5xx / 429): worth
+# retrying; a rejected request (4xx: a bad value, a missing run) is not.
+SERVER_SIDE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
 T = TypeVar("T")
 
@@ -48,6 +53,8 @@ def is_transient(exc: BaseException) -> bool:
         exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
     ):
         return True
+    if isinstance(exc, RestException) and exc.error_code in SERVER_SIDE_CODES:
+        return True  # the server answered that it failed (its database away or locked, overloaded)
     if isinstance(exc, MlflowException):
         text = str(exc)
         return "API request to" in text or "database is locked" in text or "Max retries exceeded" in text
