@@ -70,7 +70,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _correct(row: dict) -> np.ndarray:
-    probs, labels, _, _ = read_probs(Path(row["dir"]) / "probs_test.parquet")
+    _, labels, probs, _ = read_probs(Path(row["dir"]) / "probs_test.parquet")
     return probs.argmax(axis=1) == labels
 
 

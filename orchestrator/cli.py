@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--storage-path", default=None, help="Tune storage folder or URI (default: the spec's)")
     runs = commands.add_parser("runs", help="print a sweep's trials from MLflow")
     runs.add_argument("name", help="the sweep's name")
+    runs.add_argument(
+        "--versus",
+        metavar="VARIANT",
+        default=None,
+        help="also every other variant's test accuracy minus this one's (mean over seeds, 95 %% interval)",
+    )
     for sub in (sweep, resume, runs):
         add_tracking_uri(sub)
     add_analyze_parser(commands)
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "runs":
             client, uri = open_client(args.tracking_uri, create=False)
-            print(format_runs(client, args.name, uri))
+            print(format_runs(client, args.name, uri, args.versus))
             return 0
         if args.command == "sweep":
             return run_sweep(args.spec, args.address, args.tracking_uri, args.storage_path, args.new)

@@ -180,3 +180,39 @@ def test_draws_bad_input_is_one_line(store, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert err == f"error: {message}"
     assert len(store["client"].search_runs([store["exp"]], "tags.`unitlab.role` = 'committee_draws'")) == before
+
+
+def test_runs_versus_gives_each_variant_its_difference_over_images_and_seeds(store, capsys):
+    """`runs NAME --versus VARIANT`: the mean test difference over seeds with its two-level interval,
+    recomputed by brute force from the stored probabilities."""
+    client, exp = store["client"], store["exp"]
+    parent = client.create_run(exp, tags={"unitlab.role": "sweep", "unitlab.sweep": "heads"}).info.run_id
+    for key, run in store["runs"].items():
+        client.set_tag(run["id"], "mlflow.parentRunId", parent)
+        client.set_tag(run["id"], "unitlab.trial_id", f"{key[0]}_{key[1]}")
+        client.log_metric(run["id"], "test_acc", float((run["test"].argmax(1) == LABELS).mean()))
+        client.log_metric(run["id"], "val_acc", float((run["val"].argmax(1) == LABELS).mean()))
+    client.set_terminated(parent)
+    assert cli(["runs", "heads", "--versus", "heads=4", "--tracking-uri", store["uri"]]) == 0
+    out = capsys.readouterr().out
+    correct = {
+        v: np.stack([store["runs"][k]["test"].argmax(1) == LABELS for k in store["runs"] if k[0] == v])
+        for v in ("h2", "h4", "h8")
+    }
+    rng = np.random.default_rng(0)
+    a, b = correct["h8"].astype(float), correct["h4"].astype(float)
+    boot = []
+    for _ in range(2000):
+        images = rng.integers(0, N, size=N)
+        boot.append(a[rng.integers(0, 3, size=3)][:, images].mean() - b[rng.integers(0, 3, size=3)][:, images].mean())
+    low, high = np.percentile(boot, [2.5, 97.5])
+    line = next(x for x in out.splitlines() if "heads=8 minus heads=4" in x)
+    assert f"{100 * (a.mean() - b.mean()):+.2f} points" in line and "and 3 vs 3 models" in line
+    shown = [float(v) for v in line.split("95 % CI ")[1].split(",")[0].split(" to ")]
+    assert shown == [pytest.approx(100 * low, abs=1.0), pytest.approx(100 * high, abs=1.0)]
+    assert "heads=2 minus heads=4" in out and "and 4 vs 3 models" in out  # every seed of heads=2 counts here
+    assert cli(["runs", "heads", "--versus", "heads=5", "--tracking-uri", store["uri"]]) == 2
+    assert (
+        "--versus: no finished trial of variant 'heads=5' (variants: heads=2; heads=4; heads=8)"
+        in capsys.readouterr().err
+    )

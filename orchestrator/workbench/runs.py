@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import numpy as np
 from mlflow import MlflowClient
 
-from analysis.stats import mean_spread
+from analysis.stats import grouped_bootstrap, mean_spread
 from orchestrator.schema import SweepError
 from orchestrator.workbench.tracking import (
     CELL,
@@ -20,6 +24,7 @@ from orchestrator.workbench.tracking import (
     prune_runs,
     ui_links,
 )
+from trainables.probs import read_probs
 
 COLUMNS = (
     "trial",
@@ -163,8 +168,44 @@ def seed_spreads(rows: list[dict]) -> list[str]:
     return lines
 
 
-def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The table of a sweep's trials, a Pareto mark for multi-objective sweeps, and the MLflow UI command."""
+def test_answers(client: MlflowClient, run_ids: list[str]) -> np.ndarray:
+    """Per-image correctness on test of each run (rows), from its stored ``probs/probs_test.parquet``;
+    every run must have answered the same images in the same order."""
+    rows, reference = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id in run_ids:
+            path = client.download_artifacts(run_id, "probs/probs_test.parquet", tmp)
+            index, labels, probs, _ = read_probs(Path(path))
+            if reference is None:
+                reference = (labels, index)
+            elif not (np.array_equal(labels, reference[0]) and np.array_equal(index, reference[1])):
+                raise SweepError(f"run {run_id} answered other test images than {run_ids[0]}")
+            rows.append(probs.argmax(axis=1) == labels)
+    return np.stack(rows)
+
+
+def variant_differences(client: MlflowClient, rows: list[dict], baseline: str) -> list[str]:
+    """Every other variant's test accuracy minus ``baseline``'s, the mean over each one's finished
+    seeds, with a 95 % interval over the test images and the seeds (``analysis.stats.grouped_bootstrap``)."""
+    by_variant: dict[str, list[str]] = {}
+    for r in rows:
+        if r["status"] == "FINISHED" and r["test_acc"] is not None:
+            by_variant.setdefault(r["variant"], []).append(r["run_id"])
+    if baseline not in by_variant:
+        known = "; ".join(sorted(by_variant)) or "none finished"
+        raise SweepError(f"--versus: no finished trial of variant {baseline!r} (variants: {known})")
+    reference = test_answers(client, by_variant[baseline])
+    lines = []
+    for variant, run_ids in sorted(by_variant.items()):
+        if variant != baseline:
+            d = grouped_bootstrap(test_answers(client, run_ids), reference)
+            lines.append(f"{variant} minus {baseline}: {d.text()}")
+    return lines
+
+
+def format_runs(client: MlflowClient, name: str, tracking_uri: str, versus: str | None = None) -> str:
+    """The table of a sweep's trials, a Pareto mark for multi-objective sweeps, and the MLflow UI
+    command; with ``versus`` (a variant) every other variant's difference from it with its interval."""
     parent = find_parent(client, name)
     if parent is None:
         raise SweepError(f"runs {name}: no sweep of that name in {tracking_uri}")
@@ -180,6 +221,11 @@ def format_runs(client: MlflowClient, name: str, tracking_uri: str) -> str:
     spreads = seed_spreads(rows)
     if spreads:
         lines += ["variants with several seeds:", *[f"  {line}" for line in spreads]]
+    if versus is not None:
+        lines += [
+            "test accuracy differences (mean over seeds):",
+            *[f"  {x}" for x in variant_differences(client, rows, versus)],
+        ]
     pruned = prune_rows(client, parent)
     if pruned:
         lines += ["", _table(PRUNE_COLUMNS, pruned), f"{len(pruned)} pruned trials (nested under their parents' runs)"]
