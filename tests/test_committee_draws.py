@@ -169,7 +169,7 @@ def test_draws_calibrated_by_default_and_filtered(store, capsys):
     "extra, message",
     [
         (["--filter", "tags.`unitlab.variant` = 'heads=4'"], "committee draws: need at least 2 variants, found 1"),
-        (["--n-boot", "5"], "--n-boot: at least 100 bootstrap draws, got 5"),
+        (["--n-boot", "5"], "--n-boot: must be in [100, 100000], got 5"),
         (["--experiment", "nope"], "unknown experiment 'nope'"),
     ],
 )

@@ -115,7 +115,13 @@ def _commands() -> dict[str, tuple[argparse.ArgumentParser, typing.Callable[[lis
         "analysis.units": (analysis_parser(), analysis_main, ["--run-dir", "RUN", "--out", "OUT"]),
         "analysis.pruning": (prune_parser(), prune_main, ["--parent", "RUN", "--out", "OUT"]),
     }
-    positional = {"analyze": ["RUN"], "prune": ["RUN"], "committee": ["--experiment", "none"], "report": ["none"]}
+    positional = {
+        "analyze": ["RUN"],
+        "prune": ["RUN"],
+        "committee": ["--experiment", "none"],
+        "report": ["none"],
+        "dashboard": ["none"],
+    }
     for verb, parser in sub.choices.items():
         commands[f"orchestrator {verb}"] = (
             parser,

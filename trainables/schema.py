@@ -97,6 +97,13 @@ def check_seed(value: Any, where: str) -> int:
     return value
 
 
+def check_int(value: Any, where: str, low: int, high: int) -> int:
+    """``value`` as an integer in [low, high] (for hand-written flags), or one ``InputError`` line."""
+    value = _coerce(where, value, int)
+    _check_rule(where, value, {"low": low, "high": high})
+    return value
+
+
 def excerpt(value: Any) -> str:
     """A bounded ``repr(value)`` (never built whole: nested and shared values are cut while written),
     so an error line stays one short line whatever the value."""

@@ -25,7 +25,7 @@ from analysis.committees.draws import DrawComparison, compare_draws
 from orchestrator.committees.candidates import candidate_runs, load_runs
 from orchestrator.schema import CommitteeError
 from orchestrator.workbench.tracking import ROLE, SWEEP, add_tracking_uri, open_client, ui_links
-from trainables.schema import InputError, refuse
+from trainables.schema import InputError, check_int, refuse
 
 ROLE_DRAWS = "committee_draws"
 FIELDS = ("kind", "name", "members", "val_acc", "test_acc", "best_member_test_acc")
@@ -110,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     """Handle ``committee draws``; bad input gives one line on stderr and exit code 2."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        if args.n_boot < 100:
-            raise CommitteeError(f"--n-boot: at least 100 bootstrap draws, got {args.n_boot}")
+        check_int(args.n_boot, "--n-boot", 100, 100_000)
         client, uri = open_client(args.tracking_uri, create=False)
         run_ids = [r.strip() for r in (args.runs or "").split(",") if r.strip()]
         runs, home, label = candidate_runs(client, args.experiment, args.filter, run_ids)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from orchestrator.workbench.study_store import STUDY_STORAGE_ENV, open_storage, public_url, study_storage
 from orchestrator.workbench.tracking import STUDY, add_tracking_uri, find_parent, open_client
-from trainables.schema import InputError, refuse
+from trainables.schema import InputError, check_int, refuse
 
 
 def study_url(name: str, tracking_uri: str | None, explicit: str | None) -> tuple[str, int]:
@@ -42,6 +42,7 @@ def study_url(name: str, tracking_uri: str | None, explicit: str | None) -> tupl
 def run(args: argparse.Namespace) -> int:
     """Handle ``dashboard``: check the study, print its URL, serve until interrupted."""
     try:
+        check_int(args.port, "--port", 1, 65535)
         url, sid = study_url(args.name, args.tracking_uri, args.study_storage)
     except InputError as err:
         return refuse(err)
