@@ -118,6 +118,8 @@ def test_head_statistics_get_their_seed_spread():
     labels = mean_spread([h[0] for h in heads])
     assert line.startswith(f"heads=4 heads: labels per head {labels.mean:.1f} ± {labels.sd:.1f} (95 % CI")
     assert "heads per label 1.58 ± 0.11" in line and "its shuffled control 0.417 ± 0.004" in line
+    above = mean_spread([h[2] - h[3] for h in heads])
+    assert f"share above the control {above.mean:.3f} ± {above.sd:.3f}" in line
     del rows[0]["metrics"][keys[0]]  # a seed without it: that statistic is left out, not half-averaged
     assert "labels per head" not in seed_spreads(rows)[1]
 

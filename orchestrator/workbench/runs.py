@@ -163,6 +163,10 @@ def seed_spreads(rows: list[dict]) -> list[str]:
             for label, key, digits in HEAD_SPREADS
             if all(key in r.get("metrics", {}) for r in runs)
         ]
+        share, control = HEAD_SPREADS[2][1], HEAD_SPREADS[3][1]
+        if all(share in r.get("metrics", {}) and control in r["metrics"] for r in runs):
+            above = mean_spread([r["metrics"][share] - r["metrics"][control] for r in runs])
+            heads.append(f"share above the control {above.text(1.0, '', 3)}")  # paired within each seed
         if heads:
             lines.append(f"{variant} heads: " + "; ".join(heads))
     return lines
