@@ -31,8 +31,11 @@ def split_config(doc: dict[str, Any]) -> tuple[dict[str, Any], PrunePlan]:
     return train, PrunePlan.parse(doc.get("prune") or {})
 
 
-def run_config(path: str | Path, out: Path, parent: Path | None = None) -> dict[str, dict]:
-    """Train the parent if needed, then run every cell of the plan; returns summaries by cell label."""
+def run_config(
+    path: str | Path, out: Path, parent: Path | None = None, label_sets_file: Path | None = None
+) -> dict[str, dict]:
+    """Train the parent if needed, then run every cell of the plan; returns summaries by cell label.
+    ``label_sets_file`` (a ``label_sets.json`` of this parent) stands in for the first analysis."""
     train, plan = split_config(load_yaml(path))
     job = prepare(train)
     cells = plan.cells()
@@ -46,6 +49,8 @@ def run_config(path: str | Path, out: Path, parent: Path | None = None) -> dict[
             )
     summaries: dict[str, dict] = {}
     label_sets = None
+    if label_sets_file is not None:
+        label_sets = (next(iter(cells.values())).threshold, load_label_sets(label_sets_file))
     per_method = [c.method for c in cells.values()]
     for label, config in cells.items():
         folder = out / (config.method if per_method.count(config.method) == 1 else label.replace(",", "_"))
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = output_folder(args.out)
         if args.config:
-            run_config(args.config, out, Path(args.parent) if args.parent else None)
+            parent = Path(args.parent) if args.parent else None
+            run_config(args.config, out, parent, Path(args.label_sets) if args.label_sets else None)
             return 0
         if not args.parent:
             raise InputError("--parent or --config: one is required")

@@ -365,7 +365,8 @@ def run_prune_job(
     autocast, channels_last = device_flags(cfg, device)
 
     model.to(device)
-    loaders = make_loaders(splits, cfg, device, channels_last)
+    # the parent's seed drew the splits; the prune seed orders the fine-tuning batches and its randomness
+    loaders = make_loaders(splits, cfg.replace(seed=config.seed), device, channels_last)
     seconds: dict[str, float] = {}
     before = _accuracies(model, loaders)
 
@@ -387,6 +388,7 @@ def run_prune_job(
 
     out.path.mkdir(parents=True, exist_ok=True)
     ft_cfg = cfg.replace(
+        seed=config.seed,
         epochs=max(1, config.finetune_epochs),
         recipe=cfg.recipe.replace(
             lr=config.finetune_lr or 0.1 * cfg.recipe.lr, warmup_epochs=config.finetune_warmup_epochs
