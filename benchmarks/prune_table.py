@@ -5,8 +5,9 @@ and prints, per cell, the dilution of the pruned layers, parameters kept, whole 
 accuracy right after pruning and after fine-tuning (val and test, in %), the validation curve of the
 fine-tuning and its wall time, as a markdown table; ``--json`` prints the same rows as JSON.
 Where a method ran with several seeds (``prune.seeds``, or several folders: one per parent), a second table gives each method's mean ±
-sd over seeds and its test difference from the guided method with a 95 % interval over the test
-images and the seeds (``analysis.stats.grouped_bootstrap`` on the cells' stored probabilities).
+sd over seeds and its validation difference from the guided method with a 95 % interval over the
+validation images and the seeds (``analysis.stats.grouped_bootstrap`` on the cells' stored
+probabilities; validation, because the analysis that chose the guided masks read the test images).
 """
 
 from __future__ import annotations
@@ -70,20 +71,20 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _correct(row: dict) -> np.ndarray:
-    _, labels, probs, _ = read_probs(Path(row["dir"]) / "probs_test.parquet")
+    _, labels, probs, _ = read_probs(Path(row["dir"]) / "probs_val.parquet")
     return probs.argmax(axis=1) == labels
 
 
 def seed_table(rows: list[dict]) -> str | None:
-    """Per method and budget with several seeds: mean ± sd over seeds, and the test difference from
-    the guided method of the same budget with its interval over images and seeds; None without seeds."""
+    """Per method and budget with several seeds: mean ± sd over seeds, and the validation difference
+    from the guided method of the same budget with its interval over images and seeds; None without seeds."""
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["finetune_epochs"], r["method"]), []).append(r)
     if all(len(g) < 2 for g in groups.values()):
         return None
     lines = [
-        "| cell | FT epochs | seeds | test right after | val fine-tuned | test fine-tuned | test minus guided [95 % CI] |",
+        "| cell | FT epochs | seeds | test right after | val fine-tuned | test fine-tuned | val minus guided [95 % CI] |",
         "|---|---|---|---|---|---|---|",
     ]
     for (epochs, method), group in groups.items():
