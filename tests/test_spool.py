@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 
 from orchestrator.workbench.spool import Spool, TrackingUnavailable, call_when_up, is_transient
 
@@ -89,6 +89,9 @@ def test_an_unreachable_real_server_is_transient(monkeypatch):
         MlflowClient("http://127.0.0.1:9").get_run("0" * 32)
     assert is_transient(caught.value)
     assert not is_transient(MlflowException("RESOURCE_DOES_NOT_EXIST: run 123 not found"))
+    pool = "BAD_REQUEST: QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00"
+    assert is_transient(RestException({"error_code": "BAD_REQUEST", "message": pool}))  # the server was full
+    assert not is_transient(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad metric"}))
     assert not is_transient(PermissionError(30, "Read-only file system"))
 
 
