@@ -22,10 +22,22 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port never handed out before in this process.
+
+    The kernel may give a just-closed port again, so two calls in a row could
+    otherwise name the same port for two of a node's agents.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
