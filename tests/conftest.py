@@ -103,6 +103,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("UNITLAB_DOWNLOAD", "0")
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """MLflow's global tracking URI (and the MLFLOW_TRACKING_URI it exports) as it was before each test:
+    a test that points the fluent API at its own server must not send a later test there."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
+
+
 def stop_process(proc: subprocess.Popen, group: bool = False, grace_s: float = 30) -> None:
     """SIGTERM ``proc`` (its whole process group with ``group``: a server's workers too), then SIGKILL if
     it has not exited within ``grace_s``; a loaded machine can take longer than that to shut down."""

@@ -488,6 +488,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, assets, tmp_path,
 
 def test_unreachable_s3_storage_is_one_line_before_ray_starts(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unused")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unused")

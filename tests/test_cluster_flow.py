@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import REPO, stop_process
 from mlflow import MlflowClient
-from test_multinode import BIN, agent_ports, free_port, port_open, stop_processes_matching, wait_for
+from nodes import BIN, agent_ports, free_port, port_open, start_mlflow_server, stop_processes_matching, wait_for
 
 pytestmark = pytest.mark.slow
 BUCKET = "unitlab-cluster-test"
@@ -168,28 +168,7 @@ def autoscaling_cluster(tmp_path, s3):
             capture_output=True,
             timeout=180,
         )
-        server = subprocess.Popen(
-            [
-                BIN / "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(mlflow_port),
-                "--backend-store-uri",
-                f"sqlite:///{tmp_path / 'server.db'}",
-                "--artifacts-destination",
-                f"s3://{BUCKET}/mlflow",
-                "--serve-artifacts",
-                "--workers",
-                "1",
-            ],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: port_open(mlflow_port), 120, "mlflow server")
+        server = start_mlflow_server(tmp_path, mlflow_port, env=env, artifacts=f"s3://{BUCKET}/mlflow")
         wait_for(lambda: port_open(dash_port), 60, "ray dashboard")
         yield {
             "dashboard": f"http://127.0.0.1:{dash_port}",
@@ -201,7 +180,7 @@ def autoscaling_cluster(tmp_path, s3):
         }
     finally:
         if server is not None:
-            stop_process(server)
+            stop_process(server, group=True)
         # the head's client server names neither the temp folder nor 127.0.0.1 (it takes the host's IP)
         stop_processes_matching((str(ray_tmp), f"127.0.0.1:{gcs_port}", f":{gcs_port} "))
         shutil.rmtree(ray_tmp, ignore_errors=True)

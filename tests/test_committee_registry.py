@@ -124,6 +124,7 @@ def test_committee_predict_labels_a_folder_of_images(store, tmp_path, capsys):
     out = tmp_path / "pred.parquet"
     if not store["client"].search_registered_models("name = 'toy-committee'"):
         pytest.skip("needs the registered committee of the test above")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # --tracking-uri wins over the fluent API's
     assert (
         main(
             [

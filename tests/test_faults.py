@@ -14,35 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO, stop_process, sweep_spec, write
 from mlflow import MlflowClient
-from test_multinode import BIN, free_port, port_open, wait_for
+from nodes import free_port, start_mlflow_server, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [
-            BIN / "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--serve-artifacts",
-            "--workers",
-            "1",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_for(lambda: port_open(port), 120, "mlflow server")
-    return server
+    return start_mlflow_server(tmp_path, port)
 
 
 def stop_server(server: subprocess.Popen) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO, stop_process, synthetic_job
 from mlflow import MlflowClient
-from test_multinode import BIN, free_port, port_open, wait_for
+from nodes import BIN, free_port, port_open, wait_for
 
 from orchestrator.workbench.logged_model import MODEL_NAME, log_dataset, log_trial_model
 from trainables.config import prepare

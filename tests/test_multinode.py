@@ -7,61 +7,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, stop_process
 from mlflow import MlflowClient
+from nodes import BIN, agent_ports, free_port, port_open, start_mlflow_server, stop_processes_matching, wait_for
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port never handed out before in this process.
-
-    The kernel may give a just-closed port again, so two calls in a row could
-    otherwise name the same port for two of a node's agents.
-    """
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def agent_ports() -> list[str]:
-    """Free ports for a node's agents: the defaults (e.g. 52365) clash with any other Ray running here."""
-    return [
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-    ]
 
 
 @pytest.fixture
@@ -113,29 +69,8 @@ def cluster(tmp_path):
             cwd=tmp_path,
             capture_output=True,
         )
-        server = subprocess.Popen(
-            [
-                BIN / "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(mlflow_port),
-                "--backend-store-uri",
-                f"sqlite:///{tmp_path / 'server.db'}",
-                "--artifacts-destination",
-                str(tmp_path / "artifacts"),
-                "--serve-artifacts",
-                "--workers",
-                "1",
-            ],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = start_mlflow_server(tmp_path, mlflow_port, env=env)
         started.append(server)
-        wait_for(lambda: port_open(mlflow_port), 120, "mlflow server")
         wait_for(lambda: port_open(dash_port), 60, "ray dashboard")
         yield {
             "gcs": f"127.0.0.1:{gcs_port}",
@@ -146,37 +81,9 @@ def cluster(tmp_path):
     finally:
         for item in started:
             if isinstance(item, subprocess.Popen):
-                stop_process(item)
+                stop_process(item, group=True)
         stop_processes_matching((str(ray_tmp), f"127.0.0.1:{gcs_port}"))
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def stop_processes_matching(needles: tuple[str, ...]) -> None:
-    """Stop this test's Ray nodes only (``ray stop`` would also stop any other Ray on the machine):
-    the processes whose command line names the test's temp folder or GCS port."""
-
-    def ours() -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if any(needle in cmdline for needle in needles):
-                pids.append(int(proc.name))
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in ours():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while ours() and time.time() < deadline:
-            time.sleep(0.2)
 
 
 def raylets() -> dict[int, str]:

@@ -23,7 +23,7 @@ import torch
 import yaml
 from conftest import REPO, cli_args, sweep_spec, write
 from mlflow import MlflowClient
-from test_multinode import free_port
+from nodes import free_port
 
 from orchestrator.cli import main
 from orchestrator.sweeps.spec import FINAL_METRICS, load_spec, point_key

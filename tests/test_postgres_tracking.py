@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import REPO, sweep_spec, write
 from mlflow import MlflowClient
-from test_multinode import free_port
+from nodes import free_port
 
 pgserver = pytest.importorskip("pgserver", reason="pgserver (a pip-installed PostgreSQL) is not installed")
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -94,7 +94,7 @@ def test_a_database_restart_under_the_server_loses_and_duplicates_nothing(tmp_pa
     """PostgreSQL stops under a running `mlflow server` (a failover, a restart): the server answers
     500, the trial's spool keeps the writes and sends each once when the database is back."""
     from mlflow.entities import Metric
-    from test_multinode import wait_for
+    from nodes import wait_for
 
     from orchestrator.workbench.spool import Spool, is_transient
 

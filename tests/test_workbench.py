@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import REPO, sweep_spec, write
 from mlflow import MlflowClient
+from nodes import free_port
 from test_faults import start_server, stop_server
-from test_multinode import free_port
 
 from orchestrator.cli import main as orchestrator_main
 

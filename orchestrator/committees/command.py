@@ -405,8 +405,10 @@ def run(args: argparse.Namespace) -> int:
         if args.committee_command == "predict":
             out = output_file(args.out, "--out")
             open_client(args.tracking_uri, create=False)  # a registry that is not there: one line
-            os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(args.tracking_uri)
-            print(f"predictions: {predict_images(args.model_uri, Path(args.images), out, args.device)}")
+            uri = resolve_tracking_uri(args.tracking_uri)
+            print(
+                f"predictions: {predict_images(args.model_uri, Path(args.images), out, args.device, tracking_uri=uri)}"
+            )
             return 0
         if args.committee_command == "draws":
             return run_draws(args)

@@ -91,11 +91,16 @@ def decode(names: list[str], blobs: list[bytes], size: int) -> np.ndarray:
     return out
 
 
-def predict_images(model_uri: str, images: Path, out: Path, device: str = "auto", batch: int = 512) -> Path:
+def predict_images(
+    model_uri: str, images: Path, out: Path, device: str = "auto", batch: int = 512, tracking_uri: str | None = None
+) -> Path:
     """Label every image with the model on ``device`` (auto: the GPU when one is visible); writes the
-    output Parquet and returns its path."""
+    output Parquet and returns its path. ``tracking_uri``: the store a ``models:/`` or ``runs:/`` URI is
+    read from (MLflow's fluent API is pointed there; default: where it points already)."""
     device = pick_device(device, "--device").type
     names, blobs = read_images(images)  # the input is checked before the model loads
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)  # MLFLOW_TRACKING_URI alone loses to an earlier set_tracking_uri
     with tempfile.TemporaryDirectory(prefix="unitlab-predict-") as tmp:
         try:  # downloaded into tmp: MLflow writes a registered model's meta file where it loads it from
             with quiet_model_warnings():

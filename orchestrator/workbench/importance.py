@@ -16,7 +16,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.distributions import CategoricalDistribution  # noqa: E402
-from optuna.importance import FanovaImportanceEvaluator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState, create_trial  # noqa: E402
 
 from orchestrator.workbench.study_store import open_storage  # noqa: E402
@@ -88,7 +87,9 @@ def importance(trials: list[FrozenTrial], rows: list[dict]) -> Importance:
                 for (t, _), v in zip(joined, values)
             ]
         )
-        result.scores[objective] = optuna.importance.get_param_importances(
+        from optuna.importance import FanovaImportanceEvaluator, get_param_importances  # scikit-learn: here only
+
+        result.scores[objective] = get_param_importances(
             study, evaluator=FanovaImportanceEvaluator(seed=0), params=axes, normalize=True
         )
     return result
