@@ -427,3 +427,30 @@ def test_dashboard_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert main(["dashboard", "old", "--tracking-uri", uri]) == 2  # a sweep from before studies were recorded
     assert capsys.readouterr().err.strip().startswith(f"error: dashboard old: no study file {tmp_path / 'optuna.db'}")
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_verbose_travels_to_trials_in_their_context_not_their_environment(tmp_path, monkeypatch):
+    """On a cluster a trial's process does not inherit the driver's environment: ``--verbose`` is
+    captured in the context Ray ships to it."""
+    import logging
+    import pickle
+
+    from orchestrator.sweeps.callbacks import VERBOSE
+    from orchestrator.sweeps.trainable import QUIET_LOGGERS, TrialContext, take_trial_share
+
+    spec = load_spec(write(tmp_path, sweep_spec("loud")))
+    monkeypatch.setenv(VERBOSE, "1")
+    loud = TrialContext(spec, "sqlite:///x.db", "1", "parent")
+    monkeypatch.delenv(VERBOSE)
+    quiet = TrialContext(spec, "sqlite:///x.db", "1", "parent")
+    shipped = pickle.loads(pickle.dumps(loud))  # as Ray sends it to a trial process without the variable
+    logger = logging.getLogger(QUIET_LOGGERS[0])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    threads = torch.get_num_threads()  # take_trial_share sets this process's share
+    try:
+        take_trial_share(spec, shipped.verbose)
+        assert shipped.verbose and logger.level == logging.NOTSET
+        take_trial_share(spec, quiet.verbose)
+        assert not quiet.verbose and logger.level == logging.WARNING
+    finally:
+        torch.set_num_threads(threads)

@@ -103,7 +103,7 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
-VERBOSE = "UNITLAB_VERBOSE"  # set by ``python -m orchestrator --verbose``; trial processes inherit it
+VERBOSE = "UNITLAB_VERBOSE"  # set by ``python -m orchestrator --verbose``; trials get it in their context
 
 
 def verbose() -> bool:

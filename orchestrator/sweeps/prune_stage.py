@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -38,7 +38,7 @@ from analysis.pruning.job import (
 )
 from analysis.pruning.masks import needed_taps
 from analysis.units.results import load_label_sets
-from orchestrator.sweeps.callbacks import ChildRunCloser, ProgressLines, trial_dirname, tune_verbosity
+from orchestrator.sweeps.callbacks import ChildRunCloser, ProgressLines, trial_dirname, tune_verbosity, verbose
 from orchestrator.sweeps.spec import SweepSpec
 from orchestrator.sweeps.trainable import take_trial_share
 from orchestrator.workbench.analysis_log import analysed_at, fetch_run_dir
@@ -78,6 +78,7 @@ class PruneContext:
     spec: SweepSpec
     tracking_uri: str
     experiment_id: str
+    verbose: bool = field(default_factory=verbose)  # the driver's --verbose: a cluster's trials lack its env
 
 
 def prune_metrics(summary: dict) -> dict[str, float]:
@@ -158,7 +159,7 @@ class PruneRun(ChildRun):
 
 def prune_trial(config: dict, context: PruneContext) -> None:
     """Prune one finished trial with one cell, fine-tune, log; report each fine-tuning epoch to Tune."""
-    take_trial_share(context.spec)
+    take_trial_share(context.spec, context.verbose)
     client = connect(context.tracking_uri)
     parent = client.get_run(config["parent_run"])
     cell = context.spec.prune.cells[config["cell"]]

@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -50,6 +50,7 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    verbose: bool = field(default_factory=verbose)  # the driver's --verbose: a cluster's trials lack its env
 
 
 class EpochReporter:
@@ -91,14 +92,14 @@ def restore(checkpoint: tune.Checkpoint | None, folder: Path) -> tuple[Path | No
 QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage", "mlflow.pyfunc")
 
 
-def take_trial_share(spec: SweepSpec) -> None:
+def take_trial_share(spec: SweepSpec, loud: bool) -> None:
     """Inside a trial process: torch threads = its CPU share; with a fraction of a GPU
     (``resources.gpus`` < 1, trials packed on one GPU) this process's CUDA memory is capped at that
     fraction, so one trial's allocator cannot starve the others (each trial is its own process with
     its own CUDA context and default stream). Ray's "Checkpoint successfully created" line, one per
     epoch, and MLflow's "Validating input example" line, one per logged model, are muted unless
-    ``--verbose``: the sweep's console prints one line per epoch already."""
-    if not verbose():
+    ``--verbose`` (``loud``): the sweep's console prints one line per epoch already."""
+    if not loud:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(spec.threads)
@@ -109,7 +110,7 @@ def take_trial_share(spec: SweepSpec) -> None:
 def train_trial(config: dict, context: TrialContext) -> None:
     """Train the trial's cell; log its child run; report and checkpoint every epoch."""
     spec = context.spec
-    take_trial_share(spec)
+    take_trial_share(spec, context.verbose)
     cfg = spec.job(config)
     trial_id = tune.get_context().get_trial_id()
     tags = {
