@@ -56,9 +56,18 @@ def start_postgres(folder: Path):
     return server, f"postgresql+psycopg://postgres@/mlflow_load?host={socket_dir}"
 
 
-def start_mlflow(backend_uri: str, folder: Path, port: int, workers: int = 4) -> subprocess.Popen:
-    """`mlflow server` on 127.0.0.1:port over ``backend_uri`` (artifacts proxied to ``folder``)."""
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+def start_mlflow(
+    backend_uri: str,
+    folder: Path,
+    port: int,
+    workers: int = 4,
+    artifacts: str | None = None,
+    env: dict | None = None,
+) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over ``backend_uri``, proxying artifacts to ``artifacts``
+    (default ``folder/artifacts``), in its own session, its log in ``folder/server.log``; returns once
+    it answers ``/health``. ``env``: the server's environment (default this process's)."""
+    env = {**(os.environ if env is None else env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
@@ -70,7 +79,7 @@ def start_mlflow(backend_uri: str, folder: Path, port: int, workers: int = 4) ->
             "--backend-store-uri",
             backend_uri,
             "--artifacts-destination",
-            str(folder / "artifacts"),
+            artifacts or str(folder / "artifacts"),
             "--serve-artifacts",
             "--workers",
             str(workers),

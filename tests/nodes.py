@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import tracking_load  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -57,31 +59,8 @@ def agent_ports() -> list[str]:
 
 def start_mlflow_server(folder: Path, port: int, env: dict | None = None, artifacts: str | None = None):
     """`mlflow server` on 127.0.0.1:port (one worker) over a SQLite file in ``folder``, proxying artifacts
-    to ``artifacts`` (default ``folder/artifacts``), in its own session; returns once it listens."""
-    server = subprocess.Popen(
-        [
-            BIN / "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'server.db'}",
-            "--artifacts-destination",
-            artifacts or str(folder / "artifacts"),
-            "--serve-artifacts",
-            "--workers",
-            "1",
-        ],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_for(lambda: port_open(port), 120, "mlflow server")
-    return server
+    to ``artifacts`` (default ``folder/artifacts``): the load benchmark's server, in its own session."""
+    return tracking_load.start_mlflow(f"sqlite:///{folder / 'server.db'}", folder, port, 1, artifacts, env)
 
 
 def stop_processes_matching(needles: tuple[str, ...]) -> None:
